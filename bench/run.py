@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""zkfs benchmark harness: the same workloads on a local dir, zkfs, rclone crypt and
+gocryptfs, in one run on this machine. See bench/README.md.
+
+    python bench/run.py [--systems local,zkfs,rclone,gocryptfs] [--size-mib 1024]
+                        [--files 2000] [--runs 1] [--out bench/results] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from zkbench.util import REG, ensure_tools, log, mounts_under, safe_rmtree  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default="local,zkfs,rclone,gocryptfs",
+                    help="comma list of: local, zkfs, rclone, gocryptfs")
+    ap.add_argument("--size-mib", type=int, default=None, help="big file size (default 1024)")
+    ap.add_argument("--files", type=int, default=None, help="small files (default 2000)")
+    ap.add_argument("--runs", type=int, default=1, help="repeat everything; medians reported")
+    ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
+    ap.add_argument("--workdir", default=None,
+                    help="where temp dirs go (default: a new dir under /tmp)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 64 MiB file, 200 files, short crypto runs")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
+    ap.add_argument("--no-proxy", action="store_true",
+                    help="networked systems talk to their server directly (then the bytes "
+                         "sent during edit_middle are only estimated by the server's rchar)")
+    ap.add_argument("--rclone-write-back", default="0s",
+                    help="rclone --vfs-write-back (rclone's default is 5s, an idle delay "
+                         "before upload starts; 0s measures its upload pipeline; default 0s)")
+    ap.add_argument("--no-crypto", action="store_true", help="skip the crypto ceiling")
+    ap.add_argument("--skip-install", action="store_true",
+                    help="do not apt-get/pip install missing tools")
+    a = ap.parse_args(argv)
+    if a.size_mib is None:
+        a.size_mib = 64 if a.quick else 1024
+    if a.files is None:
+        a.files = 200 if a.quick else 2000
+    a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    return a
+
+
+def _on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def run_system(name: str, root: Path, opts, ds) -> dict:
+    from zkbench.systems import SYSTEMS, SystemUnavailable
+    from zkbench.workloads import WORKLOADS, Result
+
+    res = Result(name)
+    sys_ = SYSTEMS[name](root, opts)
+    log(f"== {name}: {sys_.description}")
+    try:
+        try:
+            sys_.setup()
+            sys_.mount()
+        except SystemUnavailable as e:
+            log(f"   {name} unavailable: {e}")
+            out = res.as_dict()
+            out["unavailable"] = str(e)
+            return out
+        done: set[str] = set()
+        for wname, fn, deps in WORKLOADS:
+            missing = [d for d in deps if d not in done]
+            if missing:
+                res.errors[wname] = f"skipped: {', '.join(missing)} failed"
+                continue
+            log(f"   {name}: {wname}")
+            t0 = time.monotonic()
+            try:
+                fn(sys_, ds, res)
+                done.add(wname)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - one workload failing must not stop the rest
+                res.errors[wname] = f"{type(e).__name__}: {e}"
+                log(f"   {name}: {wname} FAILED: {type(e).__name__}: {e}")
+                traceback.print_exc(file=sys.stderr)
+            log(f"   {name}: {wname} took {time.monotonic() - t0:.1f}s")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001
+        res.errors["setup"] = f"{type(e).__name__}: {e}"
+        log(f"   {name}: setup FAILED: {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        try:
+            sys_.teardown()
+        except Exception as e:  # noqa: BLE001
+            log(f"   {name}: teardown error: {e}")
+        if sys_.proxy:
+            sys_.proxy.close()
+    res.notes.extend(sys_.notes)
+    out = res.as_dict()
+    out["description"] = sys_.description
+    return out
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    from zkbench.systems import SYSTEMS
+    bad = [s for s in opts.systems if s not in SYSTEMS]
+    if bad:
+        print(f"unknown system(s): {', '.join(bad)}; choose from {', '.join(SYSTEMS)}",
+              file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        log("warning: not root; drop_caches and FUSE mounts may fail")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+
+    notes: list[str] = []
+    if not opts.skip_install:
+        notes += ensure_tools(need_apt=any(s != "local" for s in opts.systems))
+
+    from zkbench import report
+    from zkbench.cryptobench import crypto_ceiling
+    from zkbench.workloads import Dataset
+
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(opts.workdir) if opts.workdir else Path("/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="zkfs-bench-", dir=base))
+    log(f"work dir {work}")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t_start = time.monotonic()
+    runs: list[dict] = []
+    crypto: dict = {}
+    rc = 0
+    try:
+        ds = Dataset(work / "src", opts.size_mib, opts.files)
+        ds.generate()
+        if not opts.no_crypto:
+            crypto = crypto_ceiling(seconds=0.5 if opts.quick else 1.5)
+        for i in range(opts.runs):
+            for name in opts.systems:
+                root = work / f"run{i}-{name}"
+                r = run_system(name, root, opts, ds)
+                r["run"] = i
+                runs.append(r)
+                safe_rmtree(root) if not opts.keep else None
+    except KeyboardInterrupt:
+        log("interrupted")
+        rc = 130
+    except SystemExit as e:
+        log(f"terminated ({e.code})")
+        rc = int(e.code) if isinstance(e.code, int) else 1
+    finally:
+        REG.cleanup()
+        left = mounts_under(work)
+        if left:
+            log(f"WARNING: mounts left under {work}: {left}")
+        if not opts.keep:
+            safe_rmtree(work)
+        else:
+            log(f"kept {work}")
+
+    if not runs:
+        return rc or 1
+    elapsed = time.monotonic() - t_start
+    summary = report.summarize(runs, opts.systems)
+    header, rows = report.table_rows(summary, opts.systems)
+    table = report.render_table(header, rows)
+    title = (f"zkfs bench {started:%Y-%m-%d %H:%M}Z: {opts.size_mib} MiB file, {opts.files} "
+             f"files, {opts.runs} run(s), {os.cpu_count()} CPUs")
+    print()
+    print(title)
+    print("MB/s = 10^6 bytes/s. Ratio zkfs/X > 1 is good where higher is better, "
+          "< 1 is good where lower is better.")
+    print(table)
+    print()
+    if crypto:
+        print(report.crypto_table(crypto))
+        print()
+    for s in opts.systems:
+        sm = summary[s]
+        if sm["unavailable"]:
+            print(f"{s}: not measured: {sm['unavailable']}")
+        for c in sm["checks_failed"]:
+            print(f"{s}: CHECK FAILED {c['name']}: {c['detail']}")
+        for k, v in sm["errors"].items():
+            print(f"{s}: ERROR in {k}: {v}")
+        for n in sm["notes"]:
+            print(f"{s}: note: {n}")
+    all_notes = notes + [n for s in opts.systems for n in summary[s]["notes"]]
+    if crypto:
+        all_notes += crypto.get("notes", [])
+
+    report.write_csv(out_dir / "results.csv", header, rows)
+    if crypto:
+        report.write_crypto_csv(out_dir / "crypto.csv", crypto)
+    report.write_json(out_dir / "results.json", {
+        "meta": {"started": started.isoformat(), "elapsed_s": elapsed,
+                 "argv": sys.argv, "options": {k: v for k, v in vars(opts).items()},
+                 "python": sys.version, "platform": platform.platform(),
+                 "cpus": os.cpu_count(), "notes": notes,
+                 "metrics": [{"key": k, "workload": w, "label": l, "unit": u, "better": b}
+                             for k, w, l, u, b in report.METRICS]},
+        "systems": {r["system"]: r.get("description", "") for r in runs},
+        "summary": summary, "crypto": crypto, "runs": runs})
+    try:
+        report.write_chart(out_dir / "chart.png", summary, opts.systems, crypto, title)
+    except Exception as e:  # noqa: BLE001
+        log(f"chart failed: {e}")
+    print(f"wrote {out_dir}/results.csv, results.json, chart.png"
+          + (", crypto.csv" if crypto else "") + f" in {elapsed:.0f}s")
+    failed = any(summary[s]["errors"] or any(c.get("fatal", True)
+                                             for c in summary[s]["checks_failed"])
+                 for s in opts.systems)
+    return rc or (1 if failed else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

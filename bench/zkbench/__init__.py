@@ -1,0 +1,1 @@
+"""zkfs benchmark harness (see bench/README.md)."""

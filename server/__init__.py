@@ -1,0 +1,1 @@
+"""zkfs server: stores opaque ciphertext (metadata in sqlite, blobs on disk)."""

@@ -1,0 +1,79 @@
+"""Application factory: ``uvicorn --factory server.app:create_app``.
+
+Routers live under ``/api/v1``; the metadata store, blob store and settings hang
+off ``app.state`` and reach endpoints through the dependencies in
+:mod:`server.deps`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from fastapi import APIRouter, FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from . import errors, maintenance
+from .config import CLEANUP_INTERVAL, MAX_JSON_BYTES, Settings
+from .db import SqliteMetadataStore
+from .models import HealthResponse
+from .routers import accounts, blobs, fs, keys
+from .storage import LocalBlobStore
+
+log = logging.getLogger("zkfs.server")
+
+API_PREFIX = "/api/v1"
+SKIP_STARTUP_ENV = "ZKFS_STARTUP_DONE"
+
+
+async def _periodic_cleanup(app: FastAPI) -> None:
+    while True:
+        await asyncio.sleep(CLEANUP_INTERVAL)
+        try:
+            await run_in_threadpool(maintenance.expire, app.state.db, app.state.store)
+        except Exception:   # pragma: no cover - keep the loop alive
+            log.exception("periodic cleanup failed")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    if os.environ.get(SKIP_STARTUP_ENV) != "1":
+        await run_in_threadpool(maintenance.startup, app.state.db, app.state.store)
+    task = asyncio.create_task(_periodic_cleanup(app))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = (settings or Settings.from_env())
+    if not settings.secret_key:
+        settings = settings.with_secret()
+    db = SqliteMetadataStore(settings.db_path)
+    db.init_schema()
+    store = LocalBlobStore(settings.storage_dir)
+
+    app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, max_body_size=MAX_JSON_BYTES,
+                  docs_url=f"{API_PREFIX}/docs", openapi_url=f"{API_PREFIX}/openapi.json",
+                  redoc_url=None)
+    app.state.settings = settings
+    app.state.db = db
+    app.state.store = store
+    errors.install(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+
+    @api.get("/health", response_model=HealthResponse, tags=["health"])
+    def health():
+        return HealthResponse()
+
+    api.include_router(accounts.router)
+    api.include_router(fs.router)
+    api.include_router(keys.router)
+    api.include_router(blobs.router)
+    app.include_router(api)
+    return app

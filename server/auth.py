@@ -1,0 +1,122 @@
+"""Authentication: hashing of the client's auth key, JWTs, login throttling.
+
+The client never sends its password, only a key derived from it (``auth_key``);
+the server stores an argon2 hash of that. Tokens are HS256 JWTs with ``sub``
+(user id), ``iat``, ``exp`` and ``tv`` (token version: bumping it in the users
+table revokes every outstanding token of that user).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from functools import lru_cache
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from jose import ExpiredSignatureError, JWTError, jwt
+from passlib.context import CryptContext
+
+from . import errors as E
+from .config import Settings
+from .db import MetadataStore, UserRecord
+from .deps import get_db, get_settings
+from .models import KdfParams, TokenResponse
+
+ALGORITHM = "HS256"
+
+# The auth key is already a high-entropy argon2id output from the client, so the
+# server-side hash only needs to make a stolen database useless, not slow down
+# guessing of a weak password: moderate parameters keep logins cheap.
+pwd_context = CryptContext(schemes=["argon2"], argon2__memory_cost=19456,
+                           argon2__time_cost=2, argon2__parallelism=1)
+
+
+def hash_auth_key(auth_key: str) -> str:
+    return pwd_context.hash(auth_key)
+
+
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return pwd_context.hash(secrets.token_urlsafe(32))
+
+
+def verify_auth_key(auth_key: str, auth_hash: str | None) -> bool:
+    """Constant-work verification: unknown users are checked against a dummy hash."""
+    if auth_hash is None:
+        pwd_context.verify(auth_key, _dummy_hash())
+        return False
+    try:
+        return pwd_context.verify(auth_key, auth_hash)
+    except (ValueError, TypeError):
+        return False
+
+
+# ------------------------------------------------------------------ tokens
+def issue_token(settings: Settings, user_id: UUID, token_version: int) -> TokenResponse:
+    now = int(time.time())
+    claims = {"sub": str(user_id), "iat": now, "exp": now + settings.token_ttl_seconds,
+              "tv": token_version}
+    token = jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM)
+    return TokenResponse(access_token=token, expires_in=settings.token_ttl_seconds, user_id=user_id)
+
+
+def decode_token(settings: Settings, token: str) -> tuple[UUID, int]:
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("alg") != ALGORITHM:
+            raise E.token_invalid()
+        claims = jwt.decode(token, settings.secret_key, algorithms=[ALGORITHM],
+                            options={"require_exp": True, "require_iat": True, "require_sub": True})
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or exp <= time.time():
+            raise E.token_expired()
+        tv = claims.get("tv")
+        if not isinstance(tv, int) or isinstance(tv, bool):
+            raise E.token_invalid()
+        return UUID(claims["sub"]), tv
+    except ExpiredSignatureError:
+        raise E.token_expired() from None
+    except (JWTError, ValueError, TypeError, KeyError, AttributeError):
+        raise E.token_invalid() from None
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def current_user(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    db: Annotated[MetadataStore, Depends(get_db)],
+) -> UserRecord:
+    """The authenticated user; 401 for missing/invalid/expired/revoked tokens."""
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise E.token_invalid("missing bearer token")
+    user_id, tv = decode_token(settings, creds.credentials)
+    user = db.get_user(user_id)
+    if user is None or user.token_version != tv:
+        raise E.token_invalid()
+    return user
+
+
+CurrentUser = Annotated[UserRecord, Depends(current_user)]
+
+
+# ------------------------------------------------------------------ decoys
+DEFAULT_DECOY = KdfParams(salt=base64.b64encode(bytes(16)).decode(), memory_kib=65536,
+                          iterations=3, lanes=4)
+
+
+def decoy_kdf(settings: Settings, username: str, template: KdfParams | None) -> KdfParams:
+    """Stable fake KDF params for an unknown username (HMAC of the server secret)."""
+    t = template or DEFAULT_DECOY
+    salt_len = len(base64.b64decode(t.salt)) or 16
+    digest = hmac.new(bytes.fromhex(settings.secret_key), b"zkfs-kdf-decoy\0" + username.encode(),
+                      hashlib.sha512).digest()
+    salt = base64.b64encode(digest[:min(salt_len, 48)]).decode()
+    return KdfParams(alg=t.alg, salt=salt, memory_kib=t.memory_kib, iterations=t.iterations,
+                     lanes=t.lanes)

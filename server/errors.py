@@ -1,0 +1,137 @@
+"""Error type and exception handlers: every error body is ``{"detail", "code"}``.
+
+Codes and statuses are listed in docs/API.md. Handlers never echo request bodies,
+tokens or keys; unexpected exceptions become a generic 500 ``internal`` (the
+traceback goes to the server log only).
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("zkfs.server")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a machine-readable code."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+# Small constructors so call sites read like the table in docs/API.md.
+def invalid(detail: str = "invalid request") -> ApiError:
+    return ApiError(400, "invalid", detail)
+
+
+def bad_credentials() -> ApiError:
+    return ApiError(401, "bad_credentials", "invalid username or key")
+
+
+def token_invalid(detail: str = "invalid token") -> ApiError:
+    return ApiError(401, "token_invalid", detail, {"WWW-Authenticate": "Bearer"})
+
+
+def token_expired() -> ApiError:
+    return ApiError(401, "token_expired", "token expired", {"WWW-Authenticate": "Bearer"})
+
+
+def not_found(detail: str = "not found") -> ApiError:
+    return ApiError(404, "not_found", detail)
+
+
+def exists(detail: str = "already exists") -> ApiError:
+    return ApiError(409, "exists", detail)
+
+
+def conflict(detail: str = "version conflict") -> ApiError:
+    return ApiError(409, "conflict", detail)
+
+
+def not_empty(detail: str = "directory not empty") -> ApiError:
+    return ApiError(409, "not_empty", detail)
+
+
+def not_dir(detail: str = "not a directory") -> ApiError:
+    return ApiError(409, "not_dir", detail)
+
+
+def is_dir(detail: str = "is a directory") -> ApiError:
+    return ApiError(409, "is_dir", detail)
+
+
+def invalid_move(detail: str = "cannot move a directory into itself") -> ApiError:
+    return ApiError(409, "invalid_move", detail)
+
+
+def in_use(detail: str = "in use") -> ApiError:
+    return ApiError(409, "in_use", detail)
+
+
+def too_large(detail: str = "body too large") -> ApiError:
+    return ApiError(413, "too_large", detail)
+
+
+def throttled(retry_after: int) -> ApiError:
+    return ApiError(429, "throttled", "too many failed logins",
+                    {"Retry-After": str(max(1, int(retry_after)))})
+
+
+def no_space(detail: str = "no space left") -> ApiError:
+    return ApiError(507, "no_space", detail)
+
+
+_HTTP_CODES = {
+    400: "invalid", 401: "token_invalid", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "invalid",
+    416: "invalid_range", 422: "validation", 429: "throttled", 507: "no_space",
+}
+
+
+def _body(status: int, code: str, detail: str, headers=None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+def _one_line_validation(exc: RequestValidationError) -> str:
+    errs = exc.errors()
+    if not errs:
+        return "validation failed"
+    first = errs[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    # Only the message, never the offending input (it could be key material).
+    msg = str(first.get("msg", "invalid value")).replace("\n", " ")
+    text = f"{loc}: {msg}" if loc else msg
+    if len(errs) > 1:
+        text += f" (and {len(errs) - 1} more)"
+    return text[:500]
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError):
+        return _body(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        return _body(422, "validation", _one_line_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        return _body(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(req: Request, exc: Exception):
+        # Starlette re-raises after sending this, so uvicorn logs the traceback.
+        log.error("internal error on %s %s: %s", req.method, req.url.path, type(exc).__name__)
+        return _body(500, "internal", "internal server error")

@@ -1,0 +1,253 @@
+"""Pydantic models: the complete wire contract of /api/v1 (so /docs is exact).
+
+Binary values travel as standard base64 strings (``B64`` fields). Every id is a
+UUID; name hashes are 64 lowercase hex chars (HMAC-SHA256, computed by the
+client). The server never interprets any encrypted field.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Limits on client-supplied sizes (base64 text lengths).
+MAX_META_B64 = 256 * 1024          # encrypted inode attributes incl. xattrs
+MAX_NAME_B64 = 1024                # encrypted dentry name (255-byte name + overhead)
+MAX_KEY_B64 = 512                  # a wrapped key
+MAX_MANIFEST_B64 = 8 * 1024 * 1024  # manifest of a ~150 GiB file at 1 MiB chunks
+MAX_INLINE_B64 = 2 * 1024 * 1024   # inline blob data carried in one ops request
+MAX_OPS = 1000
+
+B64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+NameHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(BaseModel):
+    """Every error body. ``code`` is machine-readable (see docs/API.md)."""
+    detail: str
+    code: str
+
+
+# ---------------------------------------------------------------- accounts
+class KdfParams(Strict):
+    alg: Literal["argon2id"] = "argon2id"
+    salt: Annotated[B64, Field(max_length=64)]
+    memory_kib: int = Field(ge=8, le=4 * 1024 * 1024)
+    iterations: int = Field(ge=1, le=64)
+    lanes: int = Field(ge=1, le=64)
+
+
+class MasterKeyRecord(Strict):
+    """One generation of the master key: wrapped by the password KEK, plus the
+    namespace key wrapped by this master key."""
+    gen: int = Field(ge=1)
+    wrapped_master: Annotated[B64, Field(max_length=MAX_KEY_B64)]
+    wrapped_namespace: Annotated[B64, Field(max_length=MAX_KEY_B64)]
+
+
+class RegisterRequest(Strict):
+    username: Username
+    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    kdf: KdfParams
+    master_key: MasterKeyRecord
+    root_inode: UUID
+    root_meta: Annotated[B64, Field(max_length=MAX_META_B64)]
+
+
+class RegisterResponse(BaseModel):
+    user_id: UUID
+
+
+class KdfLookupResponse(BaseModel):
+    """Salt and parameters for a username. Unknown names get a stable decoy so
+    this endpoint does not reveal whether an account exists."""
+    kdf: KdfParams
+
+
+class LoginRequest(Strict):
+    username: Username
+    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    user_id: UUID
+
+
+class AccountResponse(BaseModel):
+    user_id: UUID
+    username: str
+    kdf: KdfParams
+    current_gen: int
+    master_keys: list[MasterKeyRecord]
+    root_inode: UUID
+
+
+class PasswordChangeRequest(Strict):
+    current_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    new_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    new_kdf: KdfParams
+    # Every generation re-wrapped under the new KEK (same gens as stored).
+    master_keys: list[MasterKeyRecord] = Field(max_length=64)
+
+
+class NewMasterKeyRequest(Strict):
+    master_key: MasterKeyRecord   # gen must be current_gen + 1; becomes current
+
+
+class KeyUpdate(Strict):
+    inode: UUID
+    gen: int = Field(ge=1)
+    wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)]
+
+
+class KeyBatchRequest(Strict):
+    keys: list[KeyUpdate] = Field(max_length=MAX_OPS)
+
+
+class WrappedKeyResponse(BaseModel):
+    inode: UUID
+    gen: int
+    wrapped_key: str
+
+
+class KeyListResponse(BaseModel):
+    keys: list[WrappedKeyResponse]
+
+
+# ---------------------------------------------------------------- namespace
+class InodeOut(BaseModel):
+    id: UUID
+    is_dir: bool
+    version: int
+    nlink: int
+    meta: str                       # B64 encrypted attributes
+    manifest: str | None = None     # B64, only from GET /fs/inodes/{id}
+
+
+class EntryOut(BaseModel):
+    name_hash: str
+    name: str                       # B64 encrypted name
+    inode: InodeOut
+
+
+class EntryList(BaseModel):
+    entries: list[EntryOut]
+
+
+class StatfsResponse(BaseModel):
+    quota_bytes: int | None
+    used_bytes: int
+    free_bytes: int                 # what this account may still store
+
+
+class ChangesResponse(BaseModel):
+    seq: int
+    inodes: list[UUID]              # inodes (incl. directories) changed after ?since
+
+
+# Ops: one POST /fs/ops applies a list of these in a single transaction.
+class InlineBlob(Strict):
+    blob_id: UUID
+    data: Annotated[B64, Field(max_length=MAX_INLINE_B64)]
+
+
+class OpCreate(Strict):
+    op: Literal["create"]
+    inode: UUID
+    is_dir: bool
+    meta: Annotated[B64, Field(max_length=MAX_META_B64)]
+    parent: UUID
+    name_hash: NameHash
+    name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
+    key_gen: int | None = Field(default=None, ge=1)
+    wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)] | None = None
+
+
+class OpLink(Strict):
+    op: Literal["link"]
+    inode: UUID
+    parent: UUID
+    name_hash: NameHash
+    name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
+
+
+class OpUnlink(Strict):
+    op: Literal["unlink"]
+    parent: UUID
+    name_hash: NameHash
+    expect_inode: UUID | None = None
+    keep_orphan: bool = False       # inode kept (nlink 0) until delete_inode
+
+
+class OpRmdir(Strict):
+    op: Literal["rmdir"]
+    parent: UUID
+    name_hash: NameHash
+    expect_inode: UUID | None = None
+
+
+class OpRename(Strict):
+    op: Literal["rename"]
+    src_parent: UUID
+    src_hash: NameHash
+    dst_parent: UUID
+    dst_hash: NameHash
+    dst_name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
+    noreplace: bool = False
+    keep_orphan: bool = False       # for a replaced target still open
+
+
+class OpSetMeta(Strict):
+    op: Literal["setmeta"]
+    inode: UUID
+    base_version: int
+    meta: Annotated[B64, Field(max_length=MAX_META_B64)]
+
+
+class OpCommit(Strict):
+    op: Literal["commit"]
+    inode: UUID
+    base_version: int
+    meta: Annotated[B64, Field(max_length=MAX_META_B64)]
+    manifest: Annotated[B64, Field(max_length=MAX_MANIFEST_B64)]
+    blobs: list[UUID] = Field(max_length=1_000_000)   # every blob the new manifest references
+    inline: list[InlineBlob] = Field(default_factory=list, max_length=64)
+
+
+class OpDeleteInode(Strict):
+    op: Literal["delete_inode"]
+    inode: UUID
+
+
+Op = Annotated[
+    Union[OpCreate, OpLink, OpUnlink, OpRmdir, OpRename, OpSetMeta, OpCommit, OpDeleteInode],
+    Field(discriminator="op"),
+]
+
+
+class OpsRequest(Strict):
+    ops: list[Op] = Field(min_length=1, max_length=MAX_OPS)
+
+
+class OpResult(BaseModel):
+    inode: UUID | None = None
+    version: int | None = None
+
+
+class OpsResponse(BaseModel):
+    seq: int
+    results: list[OpResult]
+
+
+# ---------------------------------------------------------------- misc
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"

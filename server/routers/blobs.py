@@ -1,0 +1,124 @@
+"""Blob objects: streamed upload (staged until a commit references them) and
+streamed, range-capable download."""
+from __future__ import annotations
+
+import re
+from typing import Annotated, AsyncIterator
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from .. import errors as E
+from ..auth import CurrentUser
+from ..models import Error
+from .common import DbDep, SettingsDep, StoreDep
+
+router = APIRouter(prefix="/blobs", tags=["blobs"],
+                   responses={401: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}})
+
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+class _Unsatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` for a single ``bytes=`` range, None to serve the whole body
+    (absent, malformed or multi-range headers are ignored, as RFC 9110 allows)."""
+    if not header:
+        return None
+    m = _RANGE_RE.match(header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:                       # suffix: last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(0, size - n), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _Unsatisfiable
+    end = min(size, int(last) + 1) if last else size
+    return start, end
+
+
+@router.put("/{inode}/{blob_id}", status_code=201,
+            responses={409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}})
+async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUser,
+                   db: DbDep, store: StoreDep, settings: SettingsDep):
+    """Raw body, streamed to disk (temp file, fsync, rename); 201 when stored."""
+    limit = settings.max_blob_bytes
+    declared = None
+    if request.headers.get("content-length"):
+        try:
+            declared = int(request.headers["content-length"])
+        except ValueError:
+            raise E.invalid("bad Content-Length") from None
+        if declared > limit:
+            raise E.too_large(f"blob larger than {limit} bytes")
+    used = await run_in_threadpool(db.check_blob_target, user.id, inode, blob_id)
+    quota_left = None if settings.quota_bytes is None else settings.quota_bytes - used
+    if declared is not None:
+        if quota_left is not None and declared > quota_left:
+            raise E.no_space("quota exceeded")
+        if declared > store.free_bytes():
+            raise E.no_space("server storage is full")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            received += len(chunk)
+            if received > limit:
+                raise E.too_large(f"blob larger than {limit} bytes")
+            if quota_left is not None and received > quota_left:
+                raise E.no_space("quota exceeded")
+            yield chunk
+
+    try:
+        staged = await store.stage_stream(user.id, inode, blob_id, chunks(), limit)
+    except ClientDisconnect:
+        raise E.invalid("client disconnected during upload") from None
+    try:
+        await run_in_threadpool(db.add_blob, user.id, inode, blob_id, staged.size,
+                                settings.quota_bytes, staged.commit)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.done()
+    return Response(status_code=201)
+
+
+@router.get("/{inode}/{blob_id}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       206: {"content": {"application/octet-stream": {}}},
+                       416: {"model": Error}})
+def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, store: StoreDep,
+             range_: Annotated[str | None, Header(alias="range")] = None):
+    rec = db.get_blob(user.id, inode, blob_id)
+    if rec is None:
+        raise E.not_found("no such blob")
+    size = rec.size
+    try:
+        rng = parse_range(range_, size)
+    except _Unsatisfiable:
+        return JSONResponse({"detail": "range not satisfiable", "code": "invalid_range"},
+                            status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    start, end = rng if rng is not None else (0, size)
+    body = store.open_range(user.id, inode, blob_id, start, end)
+    headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes",
+               "Cache-Control": "private, max-age=31536000, immutable"}
+    status = 200
+    if rng is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return StreamingResponse(body, status_code=status, headers=headers,
+                             media_type="application/octet-stream")

@@ -1,0 +1,57 @@
+"""Shared router helpers."""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Iterable
+from uuid import UUID
+
+from fastapi import Depends
+
+from .. import errors as E
+from ..config import Settings
+from ..db import MetadataStore
+from ..deps import get_db, get_settings, get_store
+from ..storage import BlobStore, Staged
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[MetadataStore, Depends(get_db)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+
+
+def b64decode(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise E.invalid(f"{what} is not valid base64") from None
+
+
+def commit_all(staged: list[Staged]):
+    def run() -> None:
+        for s in staged:
+            s.commit()
+    return run
+
+
+def discard_all(staged: Iterable[Staged]) -> None:
+    for s in staged:
+        s.discard()
+
+
+def done_all(staged: Iterable[Staged]) -> None:
+    for s in staged:
+        s.done()
+
+
+def drop_objects(store: BlobStore, user: UUID, blobs: list[tuple[UUID, UUID]],
+                 inodes: list[UUID]) -> None:
+    """Remove storage objects whose metadata is already gone (after a commit)."""
+    gone = set(inodes)
+    by_inode: dict[UUID, list[UUID]] = {}
+    for ino, blob in blobs:
+        if ino not in gone:
+            by_inode.setdefault(ino, []).append(blob)
+    for ino, ids in by_inode.items():
+        store.delete_blobs(user, ino, ids)
+    for ino in inodes:
+        store.delete_inode(user, ino)

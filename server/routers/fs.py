@@ -1,0 +1,115 @@
+"""Namespace: inodes, directory listings, statfs, change feed and the ops batch."""
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Path, Query
+
+from .. import errors as E
+from ..auth import CurrentUser
+from ..db import EntryRecord, InodeRecord
+from ..models import (ChangesResponse, EntryList, EntryOut, Error, InodeOut, NameHash, OpResult,
+                      OpsRequest, OpsResponse, StatfsResponse)
+from ..storage import Staged
+from .common import (DbDep, SettingsDep, StoreDep, b64decode, commit_all, discard_all, done_all,
+                     drop_objects)
+
+log = logging.getLogger("zkfs.server")
+
+router = APIRouter(prefix="/fs", tags=["namespace"],
+                   responses={401: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}})
+
+
+def _inode_out(rec: InodeRecord, with_manifest: bool = False) -> InodeOut:
+    return InodeOut(id=rec.id, is_dir=rec.is_dir, version=rec.version, nlink=rec.nlink,
+                    meta=rec.meta, manifest=rec.manifest if with_manifest else None)
+
+
+def _entry_out(rec: EntryRecord) -> EntryOut:
+    return EntryOut(name_hash=rec.name_hash, name=rec.name, inode=_inode_out(rec.inode))
+
+
+@router.get("/inodes/{inode}", response_model=InodeOut)
+def get_inode(inode: UUID, user: CurrentUser, db: DbDep):
+    rec = db.get_inode(user.id, inode)
+    if rec is None:
+        raise E.not_found("no such inode")
+    return _inode_out(rec, with_manifest=True)
+
+
+@router.get("/dirs/{inode}/entries", response_model=EntryList)
+def list_entries(inode: UUID, user: CurrentUser, db: DbDep):
+    entries = db.list_entries(user.id, inode)
+    if entries is None:
+        raise E.not_found("no such directory")
+    return EntryList(entries=[_entry_out(e) for e in entries])
+
+
+@router.get("/dirs/{inode}/entries/{name_hash}", response_model=EntryOut)
+def lookup_entry(inode: UUID, name_hash: Annotated[NameHash, Path()], user: CurrentUser, db: DbDep):
+    rec = db.lookup_entry(user.id, inode, name_hash)
+    if rec is None:
+        raise E.not_found("no such entry")
+    return _entry_out(rec)
+
+
+@router.get("/statfs", response_model=StatfsResponse)
+def statfs(user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep):
+    used = db.used_bytes(user.id)
+    free = store.free_bytes()
+    if settings.quota_bytes is not None:
+        free = max(0, min(free, settings.quota_bytes - used))
+    return StatfsResponse(quota_bytes=settings.quota_bytes, used_bytes=used, free_bytes=free)
+
+
+@router.get("/changes", response_model=ChangesResponse)
+def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0)] = 0):
+    seq, ids = db.changes(user.id, since)
+    return ChangesResponse(seq=seq, inodes=ids)
+
+
+@router.post("/ops", response_model=OpsResponse,
+             responses={400: {"model": Error}, 409: {"model": Error}, 507: {"model": Error}})
+def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
+              settings: SettingsDep):
+    """All ops in one transaction: all or nothing (see docs/API.md)."""
+    # Decode everything first so a bad request touches nothing.
+    inline: list[tuple[UUID, UUID, bytes]] = []
+    keys: list[tuple[UUID, bytes]] = []
+    inline_sizes: dict[tuple[UUID, UUID], int] = {}
+    for i, op in enumerate(body.ops):
+        if op.op == "commit":
+            for ib in op.inline:
+                if (op.inode, ib.blob_id) in inline_sizes:
+                    raise E.invalid(f"op {i}: inline blob {ib.blob_id} given twice")
+                data = b64decode(ib.data, f"op {i}: inline blob {ib.blob_id}")
+                inline_sizes[(op.inode, ib.blob_id)] = len(data)
+                inline.append((op.inode, ib.blob_id, data))
+        elif op.op == "create" and op.wrapped_key is not None:
+            keys.append((op.inode, b64decode(op.wrapped_key, f"op {i}: wrapped_key")))
+    total = sum(inline_sizes.values())
+    if total and total > store.free_bytes():
+        raise E.no_space("server storage is full")
+    if total and settings.quota_bytes is not None and total > settings.quota_bytes:
+        raise E.no_space("quota exceeded")
+
+    staged: list[Staged] = []
+    try:
+        for ino, blob, data in inline:
+            staged.append(store.stage_bytes(user.id, ino, blob, data))
+        for ino, data in keys:
+            staged.append(store.stage_key(user.id, ino, data))
+        outcome = db.apply_ops(user.id, body.ops, inline_sizes, settings.quota_bytes,
+                               pre_commit=commit_all(staged) if staged else None)
+    except BaseException:
+        discard_all(staged)
+        raise
+    done_all(staged)
+    try:
+        drop_objects(store, user.id, outcome.drop_blobs, outcome.drop_inodes)
+    except OSError:   # pragma: no cover - garbage only, metadata is already consistent
+        log.warning("could not remove some unreferenced objects")
+    return OpsResponse(seq=outcome.seq,
+                       results=[OpResult(inode=i, version=v) for i, v in outcome.results])

@@ -1,0 +1,353 @@
+"""Blob storage: opaque, immutable objects addressed by (user, inode, blob) UUIDs.
+
+Layout of :class:`LocalBlobStore`::
+
+    <root>/<user_uuid>/<inode_uuid>/<blob_uuid>   chunk objects
+    <root>/<user_uuid>/<inode_uuid>/key           the inode's wrapped file key
+
+Paths are only ever built from :class:`uuid.UUID` objects. Every write goes to a
+``*.tmp`` file in the target directory, is fsynced, then renamed into place.
+Writes happen in two steps (:meth:`BlobStore.stage_stream` / ``stage_bytes`` give
+a :class:`Staged` object; :meth:`Staged.commit` renames it in place) so that the
+metadata transaction that makes an object visible can decide whether it lands.
+"""
+from __future__ import annotations
+
+import abc
+import errno
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Iterator
+from uuid import UUID
+
+import anyio
+
+from .errors import ApiError, no_space, not_found, too_large
+
+log = logging.getLogger("zkfs.server")
+
+KEY_OBJECT = "key"
+_WRITE_BUFFER = 1024 * 1024
+_READ_CHUNK = 256 * 1024
+
+
+class Staged(abc.ABC):
+    """An object written durably but not yet visible under its final name."""
+
+    size: int
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make it visible (atomic replace). Idempotent."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Undo it, whether or not it was committed (a replaced object is restored).
+        Never raises."""
+
+    def done(self) -> None:
+        """Call once the metadata that references it is committed."""
+
+
+class BlobStore(abc.ABC):
+    """Narrow interface so another backend (e.g. S3) can be plugged in."""
+
+    # -- writes
+    @abc.abstractmethod
+    async def stage_stream(self, user: UUID, inode: UUID, blob: UUID,
+                           chunks: AsyncIterator[bytes], max_bytes: int) -> Staged: ...
+
+    @abc.abstractmethod
+    def stage_bytes(self, user: UUID, inode: UUID, blob: UUID, data: bytes) -> Staged: ...
+
+    @abc.abstractmethod
+    def stage_key(self, user: UUID, inode: UUID, data: bytes) -> Staged: ...
+
+    async def put_stream(self, user: UUID, inode: UUID, blob: UUID,
+                         chunks: AsyncIterator[bytes], max_bytes: int) -> int:
+        staged = await self.stage_stream(user, inode, blob, chunks, max_bytes)
+        try:
+            staged.commit()
+        except BaseException:
+            staged.discard()
+            raise
+        return staged.size
+
+    def put_bytes(self, user: UUID, inode: UUID, blob: UUID, data: bytes) -> int:
+        staged = self.stage_bytes(user, inode, blob, data)
+        try:
+            staged.commit()
+        except BaseException:
+            staged.discard()
+            raise
+        return staged.size
+
+    # -- reads
+    @abc.abstractmethod
+    def open_range(self, user: UUID, inode: UUID, blob: UUID,
+                   start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)``. Opens eagerly: raises not_found if missing."""
+
+    @abc.abstractmethod
+    def size(self, user: UUID, inode: UUID, blob: UUID) -> int | None: ...
+
+    @abc.abstractmethod
+    def get_key(self, user: UUID, inode: UUID) -> bytes | None: ...
+
+    # -- deletes
+    @abc.abstractmethod
+    def delete_blobs(self, user: UUID, inode: UUID, blobs: Iterable[UUID]) -> None: ...
+
+    @abc.abstractmethod
+    def delete_inode(self, user: UUID, inode: UUID) -> None: ...
+
+    @abc.abstractmethod
+    def delete_user(self, user: UUID) -> None: ...
+
+    # -- maintenance
+    @abc.abstractmethod
+    def free_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    def cleanup_temp(self) -> int:
+        """Remove every leftover temp file (call at start only). Returns count."""
+
+
+def _u(value: UUID) -> str:
+    if not isinstance(value, UUID):
+        raise TypeError("storage paths are built from uuid.UUID objects only")
+    return str(value)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:   # pragma: no cover
+        log.warning("could not remove %s: %s", path, e.strerror)
+
+
+class _LocalStaged(Staged):
+    def __init__(self, tmp: Path, final: Path, size: int, keep_backup: bool = False) -> None:
+        self.tmp, self.final, self.size = tmp, final, size
+        self.keep_backup = keep_backup
+        self.backup: Path | None = None
+        self.committed = False
+        self.discarded = False
+
+    def commit(self) -> None:
+        if self.committed:
+            return
+        try:
+            if self.keep_backup:
+                backup = self.tmp.with_name(self.tmp.name[:-4] + ".bak.tmp")
+                try:
+                    os.link(self.final, backup)
+                    self.backup = backup
+                except FileNotFoundError:
+                    pass
+            os.replace(self.tmp, self.final)
+            _fsync_dir(self.final.parent)
+        except OSError as e:
+            raise _as_no_space(e) from None
+        self.committed = True
+
+    def done(self) -> None:
+        if self.backup is not None:
+            _unlink(self.backup)
+            self.backup = None
+
+    def discard(self) -> None:
+        if self.discarded:
+            return
+        self.discarded = True
+        if self.committed and self.backup is not None:
+            try:
+                os.replace(self.backup, self.final)
+                self.backup = None
+                return
+            except OSError:   # pragma: no cover
+                pass
+        _unlink(self.final if self.committed else self.tmp)
+        if self.backup is not None:
+            _unlink(self.backup)
+        try:   # drop the inode directory if this left it empty
+            os.rmdir(self.final.parent)
+        except OSError:
+            pass
+
+
+def _as_no_space(e: OSError) -> ApiError:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        log.error("storage write failed: %s", e.strerror)
+    return no_space("server storage is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else "storage write failed")
+
+
+class LocalBlobStore(BlobStore):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- paths
+    def _inode_dir(self, user: UUID, inode: UUID) -> Path:
+        return self.root / _u(user) / _u(inode)
+
+    def _path(self, user: UUID, inode: UUID, blob: UUID) -> Path:
+        return self._inode_dir(user, inode) / _u(blob)
+
+    def _open_tmp(self, final: Path) -> tuple[Path, int]:
+        """Create the temp file next to ``final`` (directory created as needed)."""
+        for attempt in range(3):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+            try:
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:      # directory removed concurrently, retry
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- writes
+    async def stage_stream(self, user, inode, blob, chunks, max_bytes) -> Staged:
+        final = self._path(user, inode, blob)
+        try:
+            tmp, fd = self._open_tmp(final)
+        except OSError as e:
+            raise _as_no_space(e) from None
+        size = 0
+        buf = bytearray()
+        try:
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_large(f"blob larger than {max_bytes} bytes")
+                    buf += chunk
+                    if len(buf) >= _WRITE_BUFFER:
+                        data, buf = bytes(buf), bytearray()
+                        await anyio.to_thread.run_sync(_write_all, fd, data)
+                if buf:
+                    await anyio.to_thread.run_sync(_write_all, fd, bytes(buf))
+                await anyio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            _unlink(tmp)
+            if isinstance(e, OSError):
+                raise _as_no_space(e) from None
+            raise
+        return _LocalStaged(tmp, final, size)
+
+    def _stage(self, final: Path, data: bytes, keep_backup: bool = False) -> Staged:
+        try:
+            tmp, fd = self._open_tmp(final)
+        except OSError as e:
+            raise _as_no_space(e) from None
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _unlink(tmp)
+            raise _as_no_space(e) from None
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return _LocalStaged(tmp, final, len(data), keep_backup)
+
+    def stage_bytes(self, user, inode, blob, data) -> Staged:
+        return self._stage(self._path(user, inode, blob), data)
+
+    def stage_key(self, user, inode, data) -> Staged:
+        # A key may replace an older one: keep a backup until done()/discard().
+        return self._stage(self._inode_dir(user, inode) / KEY_OBJECT, data, keep_backup=True)
+
+    # -- reads
+    def open_range(self, user, inode, blob, start, end) -> Iterator[bytes]:
+        try:
+            f = open(self._path(user, inode, blob), "rb")
+        except FileNotFoundError:
+            raise not_found("blob not found") from None
+        return _RangeReader(f, start, end)
+
+    def size(self, user, inode, blob) -> int | None:
+        try:
+            return self._path(user, inode, blob).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def get_key(self, user, inode) -> bytes | None:
+        try:
+            return (self._inode_dir(user, inode) / KEY_OBJECT).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- deletes
+    def delete_blobs(self, user, inode, blobs) -> None:
+        d = self._inode_dir(user, inode)
+        for b in blobs:
+            _unlink(d / _u(b))
+
+    def delete_inode(self, user, inode) -> None:
+        shutil.rmtree(self._inode_dir(user, inode), ignore_errors=True)
+
+    def delete_user(self, user) -> None:
+        shutil.rmtree(self.root / _u(user), ignore_errors=True)
+
+    # -- maintenance
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def cleanup_temp(self) -> int:
+        n = 0
+        for p in self.root.rglob("*.tmp"):
+            if p.is_file() or p.is_symlink():
+                _unlink(p)
+                n += 1
+        return n
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _RangeReader:
+    """Iterator over a byte range of an open file; closes the file when done."""
+
+    def __init__(self, f, start: int, end: int) -> None:
+        self.f = f
+        self.remaining = max(0, end - start)
+        f.seek(start)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while self.remaining > 0:
+                data = self.f.read(min(_READ_CHUNK, self.remaining))
+                if not data:
+                    break
+                self.remaining -= len(data)
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.f.close()

@@ -1,0 +1,179 @@
+"""Account key hierarchy: password -> (auth key, KEK) -> master keys -> namespace
+and file keys. register, login, password change and master-key rotation."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+from . import crypto
+from .api import ApiClient
+from .crypto import IntegrityError, KdfParams, NamespaceKey, PasswordKeys
+from .errors import ServerError, TamperedError, ZkfsError
+from .format import Attrs, b64decode, b64encode
+
+
+def kdf_to_wire(p: KdfParams) -> dict:
+    return {"alg": "argon2id", "salt": b64encode(p.salt), "memory_kib": p.memory_kib,
+            "iterations": p.iterations, "lanes": p.lanes}
+
+
+def kdf_from_wire(d: dict) -> KdfParams:
+    return KdfParams(salt=b64decode(d["salt"]), memory_kib=d["memory_kib"],
+                     iterations=d["iterations"], lanes=d["lanes"])
+
+
+def default_kdf() -> KdfParams:
+    """Argon2id, 64 MiB, t=3, p=4 (~0.15 s here). ZKFS_KDF_MEMORY_KIB lowers it for tests."""
+    return KdfParams.new(memory_kib=int(os.environ.get("ZKFS_KDF_MEMORY_KIB", 65536)))
+
+
+@dataclass
+class Keyring:
+    """The unwrapped master keys (by generation) and the namespace key."""
+    masters: dict[int, bytes]
+    current_gen: int
+    namespace: NamespaceKey
+
+    @classmethod
+    def unlock(cls, account: dict, kek: bytes) -> "Keyring":
+        masters: dict[int, bytes] = {}
+        namespace = None
+        try:
+            for rec in account["master_keys"]:
+                gen = rec["gen"]
+                masters[gen] = crypto.unwrap_key(kek, b64decode(rec["wrapped_master"]), crypto.master_context(gen))
+                if gen == account["current_gen"]:
+                    namespace = NamespaceKey(crypto.unwrap_key(
+                        masters[gen], b64decode(rec["wrapped_namespace"]), crypto.namespace_context(gen)))
+        except IntegrityError:
+            raise ZkfsError("the saved keys no longer open this account (password changed elsewhere?): "
+                            "run `client.py login` again") from None
+        if namespace is None:
+            raise TamperedError("the server sent no key for the current generation")
+        return cls(masters=masters, current_gen=account["current_gen"], namespace=namespace)
+
+    def wrap_file_key(self, inode: UUID, key: bytes) -> tuple[int, bytes]:
+        gen = self.current_gen
+        return gen, crypto.wrap_key(self.masters[gen], key, crypto.file_key_context(inode))
+
+    def unwrap_file_key(self, inode: UUID, gen: int, wrapped: bytes) -> bytes:
+        master = self.masters.get(gen)
+        if master is None:
+            raise TamperedError(f"file {inode} names an unknown key generation {gen}")
+        try:
+            return crypto.unwrap_key(master, wrapped, crypto.file_key_context(inode))
+        except IntegrityError:
+            raise TamperedError(f"the key of file {inode} was tampered with or swapped") from None
+
+
+def master_record(kek: bytes, gen: int, master: bytes, namespace: NamespaceKey) -> dict:
+    return {
+        "gen": gen,
+        "wrapped_master": b64encode(crypto.wrap_key(kek, master, crypto.master_context(gen))),
+        "wrapped_namespace": b64encode(crypto.wrap_key(master, namespace.raw, crypto.namespace_context(gen))),
+    }
+
+
+def root_attrs(uid: int = 0, gid: int = 0) -> Attrs:
+    now = time.time_ns()
+    return Attrs(mode=stat.S_IFDIR | 0o755, uid=uid, gid=gid, atime_ns=now, mtime_ns=now, ctime_ns=now)
+
+
+def register(api: ApiClient, username: str, password: str) -> UUID:
+    params = default_kdf()
+    keys = crypto.derive_password_keys(password, params)
+    master, namespace = crypto.random_key(), NamespaceKey.generate()
+    root = uuid4()
+    body = {
+        "username": username, "auth_key": b64encode(keys.auth_key), "kdf": kdf_to_wire(params),
+        "master_key": master_record(keys.kek, 1, master, namespace),
+        "root_inode": str(root),
+        "root_meta": b64encode(root_attrs(os.getuid(), os.getgid()).encrypt(namespace, root)),
+    }
+    try:
+        return UUID(api.register(body)["user_id"])
+    except ServerError as exc:
+        if exc.code == "exists":
+            raise ZkfsError(f"username {username!r} is already taken") from None
+        raise
+
+
+def derive(api: ApiClient, username: str, password: str) -> PasswordKeys:
+    return crypto.derive_password_keys(password, kdf_from_wire(api.kdf(username)))
+
+
+def login(api: ApiClient, username: str, keys: PasswordKeys) -> dict:
+    """Exchange the auth key for a token. Returns the token response."""
+    try:
+        return api.login(username, b64encode(keys.auth_key))
+    except ServerError as exc:
+        if exc.code == "bad_credentials":
+            raise ZkfsError("login failed: wrong username or password", errno=exc.errno) from None
+        if exc.code == "throttled":
+            raise ZkfsError("too many failed logins: wait a few minutes and try again") from None
+        raise
+
+
+def change_password(api: ApiClient, username: str, current: PasswordKeys, new_password: str) -> tuple[PasswordKeys, dict]:
+    """Re-wrap every master key generation under the new KEK: O(1) in files."""
+    account = api.account()
+    keyring = Keyring.unlock(account, current.kek)
+    params = default_kdf()
+    new = crypto.derive_password_keys(new_password, params)
+    records = []
+    for rec in account["master_keys"]:
+        gen = rec["gen"]
+        records.append({"gen": gen,
+                        "wrapped_master": b64encode(crypto.wrap_key(new.kek, keyring.masters[gen], crypto.master_context(gen))),
+                        "wrapped_namespace": rec["wrapped_namespace"]})
+    try:
+        token = api.change_password({
+            "current_auth_key": b64encode(current.auth_key), "new_auth_key": b64encode(new.auth_key),
+            "new_kdf": kdf_to_wire(params), "master_keys": records,
+        })
+    except ServerError as exc:
+        if exc.code == "bad_credentials":
+            raise ZkfsError("the current password is wrong") from None
+        raise
+    return new, token
+
+
+def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
+    """New master key generation; every file key re-wrapped, no content touched.
+
+    Resumable: the new generation becomes current first, so a crash leaves every
+    file readable under one generation or the other; rerunning finishes the job.
+    """
+    account = api.account()
+    keyring = Keyring.unlock(account, kek)
+    old_gens = sorted(keyring.masters)
+    new_gen = keyring.current_gen + 1
+    master = crypto.random_key()
+    api.add_master_key(master_record(kek, new_gen, master, keyring.namespace))
+    keyring.masters[new_gen] = master
+    keyring.current_gen = new_gen
+    keys = api.list_keys()
+    batch: list[dict] = []
+    rewrapped = 0
+    for entry in keys:
+        inode = UUID(entry["inode"])
+        if entry["gen"] == new_gen:
+            continue
+        file_key = keyring.unwrap_file_key(inode, entry["gen"], b64decode(entry["wrapped_key"]))
+        gen, wrapped = keyring.wrap_file_key(inode, file_key)
+        batch.append({"inode": str(inode), "gen": gen, "wrapped_key": b64encode(wrapped)})
+        if len(batch) == 500:
+            api.put_keys(batch)
+            rewrapped += len(batch)
+            batch = []
+            if progress:
+                progress(rewrapped)
+    if batch:
+        api.put_keys(batch)
+        rewrapped += len(batch)
+    for gen in old_gens:
+        api.delete_master_key(gen)
+    return {"generation": new_gen, "files": rewrapped}

@@ -1,0 +1,168 @@
+"""HTTP client for the /api/v1 contract (docs/API.md). Knows nothing about crypto.
+
+Idempotent requests are retried with backoff when the server cannot be reached
+(a restart should not surface to the user); a request that changes state is
+retried only when it provably never reached the server (connect failure).
+An expired token is renewed once through the ``reauth`` callback.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+from uuid import UUID
+
+import httpx
+import tenacity
+
+from .errors import ServerError, Unreachable
+
+log = logging.getLogger(__name__)
+
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_TRANSPORT = (httpx.TransportError,)
+
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str | None = None, *, retry_seconds: float = 5.0,
+                 timeout: float = 60.0, reauth: Callable[[], str] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.reauth = reauth
+        self.retry_seconds = retry_seconds
+        self._http = httpx.Client(
+            base_url=self.base_url + "/api/v1", timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+        )
+        self._reauth_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------ plumbing
+    def _send(self, method: str, path: str, *, idempotent: bool, headers: dict | None = None,
+              **kw) -> httpx.Response:
+        headers = headers or {}
+        retryable = _TRANSPORT if idempotent else _NEVER_SENT
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(retryable),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+            stop=tenacity.stop_after_delay(self.retry_seconds),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._http.request(method, path, headers=self._headers() | headers, **kw)
+        except _TRANSPORT as exc:
+            raise Unreachable(f"cannot reach the server at {self.base_url} ({exc.__class__.__name__})") from None
+        raise AssertionError("unreachable")
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(self, method: str, path: str, *, idempotent: bool | None = None, **kw) -> httpx.Response:
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        sent_token = self.token
+        resp = self._send(method, path, idempotent=idempotent, **kw)
+        if resp.status_code == 401 and self.reauth and sent_token and self._is_token_error(resp):
+            with self._reauth_lock:
+                if self.token == sent_token:      # another thread may have renewed it already
+                    self.token = self.reauth()
+            resp = self._send(method, path, idempotent=idempotent, **kw)
+        if resp.status_code >= 400:
+            raise self._error(resp)
+        return resp
+
+    @staticmethod
+    def _is_token_error(resp: httpx.Response) -> bool:
+        try:
+            return resp.json().get("code") in ("token_expired", "token_invalid")
+        except ValueError:
+            return False
+
+    @staticmethod
+    def _error(resp: httpx.Response) -> ServerError:
+        try:
+            body = resp.json()
+            return ServerError(resp.status_code, str(body.get("code", "error")), str(body.get("detail", "")))
+        except (ValueError, AttributeError):
+            return ServerError(resp.status_code, "http", f"server answered HTTP {resp.status_code}")
+
+    def _json(self, method: str, path: str, **kw) -> Any:
+        resp = self.request(method, path, **kw)
+        return resp.json() if resp.content else None
+
+    # ------------------------------------------------------------ accounts
+    def kdf(self, username: str) -> dict:
+        return self._json("GET", "/auth/kdf", params={"username": username})["kdf"]
+
+    def register(self, body: dict) -> dict:
+        return self._json("POST", "/users", json=body)
+
+    def login(self, username: str, auth_key_b64: str) -> dict:
+        return self._json("POST", "/auth/login", json={"username": username, "auth_key": auth_key_b64})
+
+    def logout(self) -> None:
+        self.request("POST", "/auth/logout", idempotent=True)
+
+    def account(self) -> dict:
+        return self._json("GET", "/account")
+
+    def change_password(self, body: dict) -> dict:
+        return self._json("PUT", "/account/password", json=body, idempotent=False)
+
+    def add_master_key(self, record: dict) -> None:
+        self.request("POST", "/account/master-keys", json={"master_key": record})
+
+    def delete_master_key(self, gen: int) -> None:
+        self.request("DELETE", f"/account/master-keys/{gen}")
+
+    def delete_account(self) -> None:
+        self.request("DELETE", "/account")
+
+    # ------------------------------------------------------------ keys
+    def get_key(self, inode: UUID) -> dict:
+        return self._json("GET", f"/fs/inodes/{inode}/key")
+
+    def list_keys(self) -> list[dict]:
+        return self._json("GET", "/keys")["keys"]
+
+    def put_keys(self, keys: list[dict]) -> None:
+        self.request("PUT", "/keys", json={"keys": keys})
+
+    # ------------------------------------------------------------ namespace
+    def get_inode(self, inode: UUID) -> dict:
+        return self._json("GET", f"/fs/inodes/{inode}")
+
+    def list_dir(self, inode: UUID) -> list[dict]:
+        return self._json("GET", f"/fs/dirs/{inode}/entries")["entries"]
+
+    def lookup(self, parent: UUID, name_hash: str) -> dict:
+        return self._json("GET", f"/fs/dirs/{parent}/entries/{name_hash}")
+
+    def statfs(self) -> dict:
+        return self._json("GET", "/fs/statfs")
+
+    def changes(self, since: int) -> dict:
+        return self._json("GET", "/fs/changes", params={"since": since})
+
+    def ops(self, ops: list[dict]) -> dict:
+        return self._json("POST", "/fs/ops", json={"ops": ops})
+
+    # ------------------------------------------------------------ blobs
+    def put_blob(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+        try:
+            self.request("PUT", f"/blobs/{inode}/{blob_id}", content=data,
+                         headers={"Content-Type": "application/octet-stream"})
+        except ServerError as exc:
+            # A retried PUT whose first attempt landed: blobs are immutable, so done.
+            if exc.code != "exists":
+                raise
+
+    def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None) -> bytes:
+        headers = {}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        return self.request("GET", f"/blobs/{inode}/{blob_id}", headers=headers).content

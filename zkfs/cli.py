@@ -1,0 +1,375 @@
+"""`client.py`: the zkfs command line. Every error is one line on stderr and a
+non-zero exit status; nothing is ever printed as a traceback."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import stat
+import sys
+import time
+from pathlib import Path
+from uuid import uuid4
+
+from tqdm import tqdm
+
+from . import account
+from .api import ApiClient
+from .errors import ZkfsError
+from .session import open_vault
+from .state import LocalState
+from .transfer import download_file, file_sha256, upload_file
+from .vault import Node, Vault, new_attrs, split_path
+
+
+# ---------------------------------------------------------------- passwords
+def read_password(args, prompt: str = "Password: ", *, confirm: bool = False) -> str:
+    if getattr(args, "password", None):
+        return args.password
+    if args.password_stdin:
+        return _stdin_line()
+    pw = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Repeat password: ") != pw:
+        raise ZkfsError("passwords do not match")
+    return pw
+
+
+def _stdin_line() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise ZkfsError("expected a password on standard input")
+    return line.rstrip("\r\n")
+
+
+def _check_password(pw: str) -> str:
+    if len(pw) < 8:
+        raise ZkfsError("password must be at least 8 characters")
+    return pw
+
+
+def _progress(total: int, desc: str):
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               disable=None, leave=False, file=sys.stderr)
+    return bar
+
+
+# ---------------------------------------------------------------- commands
+def cmd_register(args, state: LocalState) -> None:
+    password = _check_password(read_password(args, confirm=True))
+    api = ApiClient(args.server or state.config()["server"])
+    account.register(api, args.username, password)
+    print(f"registered {args.username}")
+    _login(api, state, args.username, password)
+
+
+def cmd_login(args, state: LocalState) -> None:
+    api = ApiClient(args.server or state.config()["server"])
+    _login(api, state, args.username, read_password(args))
+
+
+def _login(api: ApiClient, state: LocalState, username: str, password: str) -> None:
+    keys = account.derive(api, username, password)
+    token = account.login(api, username, keys)
+    api.token = token["access_token"]
+    account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
+    state.save_config(server=api.base_url, username=username, token=token["access_token"])
+    state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
+    print(f"logged in as {username}")
+
+
+def cmd_logout(args, state: LocalState) -> None:
+    cfg = state.config()
+    if cfg.get("token"):
+        try:
+            ApiClient(cfg["server"], cfg["token"], retry_seconds=1).logout()
+        except ZkfsError:
+            pass        # the local secrets go regardless: that is what logout promises here
+    state.forget_login()
+    print("logged out")
+
+
+def cmd_passwd(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    username = state.keys()["username"]
+    if args.password_stdin:
+        current, new = _stdin_line(), _stdin_line()
+    else:
+        current = getpass.getpass("Current password: ")
+        new = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat new password: ") != new:
+            raise ZkfsError("passwords do not match")
+    _check_password(new)
+    keys = account.derive(vault.api, username, current)
+    new_keys, token = account.change_password(vault.api, username, keys, new)
+    state.save_config(token=token["access_token"])
+    state.save_keys(user_id=token["user_id"], username=username, auth_key=new_keys.auth_key, kek=new_keys.kek)
+    print("password changed")
+
+
+def cmd_rotate_key(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    username = state.keys()["username"]
+    keys = account.derive(vault.api, username, read_password(args, "Current password: "))
+    try:
+        account.Keyring.unlock(vault.api.account(), keys.kek)
+    except ZkfsError:
+        raise ZkfsError("wrong password") from None
+    start = time.perf_counter()
+    result = account.rotate_master_key(vault.api, keys.kek)
+    print(f"master key rotated to generation {result['generation']}: "
+          f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
+
+
+def _remote_dir(vault: Vault, path: str, *, create: bool) -> Node:
+    node = vault.get(vault.root)
+    for part in split_path(path):
+        child = vault.lookup(node.id, part)
+        if child is None:
+            if not create:
+                raise ZkfsError(f"{path}: no such directory on the server")
+            inode = uuid4()
+            vault.apply([vault.op_create(node.id, part, inode, new_attrs(stat.S_IFDIR | 0o755))])
+            child = vault.get(inode)
+        elif not child.is_dir:
+            raise ZkfsError(f"{path}: not a directory")
+        node = child
+    return node
+
+
+def _join(*parts: str) -> str:
+    return "/" + "/".join(p for part in parts for p in split_path(part))
+
+
+def cmd_upload(args, state: LocalState) -> None:
+    src = Path(args.path)
+    if not src.exists():
+        raise ZkfsError(f"{src}: no such file or directory")
+    vault = open_vault(state)
+    if src.is_dir():
+        if not args.recursive:
+            raise ZkfsError(f"{src} is a directory (use -r)")
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        for path in files:
+            rel = path.relative_to(src).parent.as_posix()
+            _upload_one(vault, state, path, _join(args.to or "/", src.name, rel))
+    else:
+        _upload_one(vault, state, src, args.to or "/")
+    vault.ledger.flush()
+
+
+def _upload_one(vault: Vault, state: LocalState, src: Path, remote_dir: str) -> None:
+    remote = _join(remote_dir, src.name)
+    sha = file_sha256(src)
+    record = state.uploads().get(remote)
+    if record and record["sha256"] == sha:
+        existing = vault.lookup(_remote_dir(vault, remote_dir, create=False).id, src.name)
+        if existing is not None and str(existing.id) == record["uuid"] and existing.attrs.size == record["size"]:
+            print(f"skipped {remote} (unchanged)")
+            return
+    parent = _remote_dir(vault, remote_dir, create=True)
+    with _progress(src.stat().st_size, src.name) as bar:
+        node, uploaded_sha = upload_file(vault, src, parent, src.name, bar.update)
+    if uploaded_sha != sha:
+        raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
+    state.record_upload(remote, node.id, sha, node.attrs.size)
+    print(f"uploaded {remote} ({node.attrs.size} bytes)")
+
+
+def cmd_download(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    node, remote = _find(vault, state, args.name)
+    if node.is_dir:
+        raise ZkfsError(f"{remote} is a directory")
+    if not node.attrs.is_reg:
+        raise ZkfsError(f"{remote} is not a regular file")
+    name = split_path(remote)[-1]
+    if args.output:
+        dest = Path(args.output)
+        if dest.is_dir():
+            dest = dest / name
+    else:
+        dest = Path(state.config()["download_dir"]).expanduser() / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _progress(node.attrs.size, name) as bar:
+        download_file(vault, node, dest, bar.update)
+    vault.ledger.flush()
+    print(f"downloaded {remote} -> {dest}")
+
+
+def _find(vault: Vault, state: LocalState, name: str) -> tuple[Node, str]:
+    """A path from the root, or a bare name recorded in uploaded_file.json."""
+    if "/" not in name:
+        matches = [p for p in state.uploads() if split_path(p)[-1] == name]
+        if len(matches) == 1:
+            return vault.resolve(matches[0]), matches[0]
+        if len(matches) > 1 and _join(name) not in matches:
+            raise ZkfsError(f"{name} is ambiguous: {', '.join(sorted(matches))}")
+    return vault.resolve(name), _join(name)
+
+
+def cmd_ls(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    node = vault.resolve(args.path)
+    entries = vault.listdir(node.id) if node.is_dir else [(split_path(args.path)[-1], node)]
+    for name, child in sorted(entries, key=lambda e: e[0]):
+        a = child.attrs
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(a.mtime_ns / 1e9))
+        suffix = "/" if child.is_dir else ""
+        print(f"{stat.filemode(a.mode)} {a.size:>12} {when} {name}{suffix}")
+    vault.ledger.flush()
+
+
+def cmd_mkdir(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    _remote_dir(vault, args.path, create=True)
+    print(f"created {_join(args.path)}")
+
+
+def cmd_rm(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    parts = split_path(args.path)
+    if not parts:
+        raise ZkfsError("refusing to remove the root")
+    parent = vault.resolve("/".join(parts[:-1]))
+    node = vault.lookup(parent.id, parts[-1])
+    if node is None:
+        raise ZkfsError(f"{args.path}: no such file or directory on the server")
+    if node.is_dir and not args.recursive:
+        raise ZkfsError(f"{args.path} is a directory (use -r)")
+    _remove(vault, parent, parts[-1], node)
+    for remote in list(state.uploads()):
+        if remote == _join(args.path) or remote.startswith(_join(args.path) + "/"):
+            state.forget_upload(remote)
+    print(f"removed {_join(args.path)}")
+
+
+def _remove(vault: Vault, parent: Node, name: str, node: Node) -> None:
+    if node.is_dir:
+        for child_name, child in vault.listdir(node.id):
+            _remove(vault, node, child_name, child)
+        vault.apply([vault.op_rmdir(parent.id, name)])
+    else:
+        vault.apply([vault.op_unlink(parent.id, name)])
+
+
+def cmd_mv(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    src, dst = split_path(args.src), split_path(args.dst)
+    if not src or not dst:
+        raise ZkfsError("cannot move the root")
+    src_parent = vault.resolve("/".join(src[:-1]))
+    node = vault.lookup(src_parent.id, src[-1])
+    if node is None:
+        raise ZkfsError(f"{args.src}: no such file or directory on the server")
+    target_parent = vault.resolve("/".join(dst[:-1]))
+    existing = vault.lookup(target_parent.id, dst[-1])
+    if existing is not None and existing.is_dir:
+        target_parent, dst = existing, dst + [src[-1]]
+    vault.apply([vault.op_rename(node.id, src_parent.id, src[-1], target_parent.id, dst[-1])])
+    print(f"moved {_join(args.src)} -> {_join(*dst)}")
+
+
+def cmd_df(args, state: LocalState) -> None:
+    vault = open_vault(state)
+    s = vault.api.statfs()
+    quota = "unlimited" if s["quota_bytes"] is None else f"{s['quota_bytes']} bytes"
+    print(f"used {s['used_bytes']} bytes, free {s['free_bytes']} bytes, quota {quota}")
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="client.py", description=(
+        "zkfs: zero-knowledge encrypted cloud storage. Everything is encrypted here before it "
+        "leaves this machine. State lives in $ZKFS_HOME (default ~/.zkfs)."))
+    p.add_argument("--debug", action="store_true", help="log HTTP requests and show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def pw_args(sp, positional=True):
+        if positional:
+            sp.add_argument("password", nargs="?", help="password (prefer the prompt or --password-stdin)")
+        sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+    sp = sub.add_parser("register", help="create an account (and log in)")
+    sp.add_argument("username")
+    pw_args(sp)
+    sp.add_argument("--server", help="server URL, saved in config.json")
+    sp.set_defaults(func=cmd_register)
+
+    sp = sub.add_parser("login", help="log in and save the token and keys (0600)")
+    sp.add_argument("username")
+    pw_args(sp)
+    sp.add_argument("--server", help="server URL, saved in config.json")
+    sp.set_defaults(func=cmd_login)
+
+    sp = sub.add_parser("logout", help="forget the token and keys on this machine")
+    sp.set_defaults(func=cmd_logout)
+
+    sp = sub.add_parser("upload", help="encrypt and upload a file (or a folder with -r)")
+    sp.add_argument("path")
+    sp.add_argument("--to", metavar="DIR", help="remote folder (created if missing), default /")
+    sp.add_argument("-r", "--recursive", action="store_true")
+    sp.set_defaults(func=cmd_upload)
+
+    sp = sub.add_parser("download", help="download and decrypt a file")
+    sp.add_argument("name", help="remote path, or a name recorded by upload")
+    sp.add_argument("-o", "--output", help="file or folder (default: download_dir from config.json)")
+    sp.set_defaults(func=cmd_download)
+
+    sp = sub.add_parser("ls", help="list a remote folder")
+    sp.add_argument("path", nargs="?", default="/")
+    sp.set_defaults(func=cmd_ls)
+
+    sp = sub.add_parser("mkdir", help="create a remote folder (and its parents)")
+    sp.add_argument("path")
+    sp.set_defaults(func=cmd_mkdir)
+
+    sp = sub.add_parser("mv", help="rename or move a remote file or folder (atomic)")
+    sp.add_argument("src")
+    sp.add_argument("dst")
+    sp.set_defaults(func=cmd_mv)
+
+    sp = sub.add_parser("rm", help="remove a remote file (or folder with -r)")
+    sp.add_argument("path")
+    sp.add_argument("-r", "--recursive", action="store_true")
+    sp.set_defaults(func=cmd_rm)
+
+    sp = sub.add_parser("df", help="show used and free space")
+    sp.set_defaults(func=cmd_df)
+
+    sp = sub.add_parser("passwd", help="change the password (re-wraps one key, no file touched)")
+    sp.add_argument("--password-stdin", action="store_true",
+                    help="read the current password, then the new one, one per line")
+    sp.set_defaults(func=cmd_passwd)
+
+    sp = sub.add_parser("rotate-key", help="new master key; re-wraps every file key, no content re-encrypted")
+    pw_args(sp, positional=False)
+    sp.set_defaults(func=cmd_rotate_key)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    state = LocalState()
+    try:
+        args.func(args, state)
+        return 0
+    except ZkfsError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
+        return 1
+    except Exception as exc:   # last resort: still one line, never a traceback
+        if args.debug:
+            raise
+        print(f"error: unexpected {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 2

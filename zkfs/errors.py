@@ -1,0 +1,42 @@
+"""Client-side errors: each carries one clear line for the CLI and an errno for the mount."""
+from __future__ import annotations
+
+import errno as E
+
+
+class ZkfsError(Exception):
+    errno = E.EIO
+
+    def __init__(self, message: str, *, errno: int | None = None):
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class ServerError(ZkfsError):
+    """The server answered with an error body {detail, code}."""
+
+    ERRNO_BY_CODE = {
+        "invalid": E.EINVAL, "validation": E.EINVAL, "bad_credentials": E.EACCES,
+        "token_invalid": E.EACCES, "token_expired": E.EACCES, "not_found": E.ENOENT,
+        "exists": E.EEXIST, "conflict": E.EAGAIN, "not_empty": E.ENOTEMPTY,
+        "not_dir": E.ENOTDIR, "is_dir": E.EISDIR, "invalid_move": E.EINVAL,
+        "in_use": E.EBUSY, "too_large": E.EFBIG, "throttled": E.EAGAIN, "no_space": E.ENOSPC,
+    }
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail, errno=self.ERRNO_BY_CODE.get(code, E.EIO))
+        self.status = status
+        self.code = code
+
+
+class Unreachable(ZkfsError):
+    """No answer from the server (down, refused, timed out)."""
+
+
+class TamperedError(ZkfsError):
+    """Ciphertext or metadata from the server failed verification."""
+
+
+class NotLoggedIn(ZkfsError):
+    errno = E.EACCES

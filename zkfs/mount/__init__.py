@@ -1,0 +1,1 @@
+"""The FUSE frontend: mount.py's filesystem."""

@@ -1,0 +1,103 @@
+"""Chunk I/O for the mount: cached, deduplicated, read-ahead and bounded write-behind."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from uuid import UUID
+
+from ..crypto import BinaryFernet
+from ..format import ChunkRef, Manifest
+from ..vault import Vault
+from .cache import CiphertextCache, PlainCache
+
+
+class BlockStore:
+    def __init__(self, vault: Vault, tokens: CiphertextCache, plain: PlainCache,
+                 workers: int = 4, max_uploads_in_flight: int = 8):
+        self.vault = vault
+        self.tokens = tokens
+        self.plain = plain
+        self._readers = ThreadPoolExecutor(workers, thread_name_prefix="zkfs-read")
+        self._writers = ThreadPoolExecutor(workers, thread_name_prefix="zkfs-write")
+        self._upload_slots = threading.BoundedSemaphore(max_uploads_in_flight)
+        self._inflight: dict[UUID, Future] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True, cancel_futures=True)
+        self._writers.shutdown(wait=True)
+
+    # ------------------------------------------------------------ reads
+    def read(self, inode: UUID, manifest: Manifest, index: int) -> bytes:
+        ref = manifest.chunks[index]
+        if ref.is_hole:
+            return bytes(manifest.chunk_length(index))
+        data = self.plain.get(ref.blob_id)
+        if data is not None:
+            return data
+        with self._lock:
+            fut = self._inflight.get(ref.blob_id)
+            if fut is None:
+                fut = Future()
+                self._inflight[ref.blob_id] = fut
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return fut.result()
+        try:
+            data = self._load(inode, manifest, index, ref)
+            fut.set_result(data)
+            return data
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(ref.blob_id, None)
+
+    def _load(self, inode: UUID, manifest: Manifest, index: int, ref: ChunkRef) -> bytes:
+        token = self.tokens.get(ref.blob_id)
+        fetched = token is None
+        if fetched:
+            token = self.vault.fetch_chunk_token(inode, ref)
+        data = self.vault.open_chunk(inode, manifest, index, token)   # verifies before caching
+        if fetched:
+            self.tokens.put(ref.blob_id, token)
+        self.plain.put(ref.blob_id, data)
+        return data
+
+    def prefetch(self, inode: UUID, manifest: Manifest, indices) -> None:
+        for i in indices:
+            ref = manifest.chunks[i]
+            if ref.is_hole or self.plain.get(ref.blob_id) is not None:
+                continue
+            with self._lock:
+                if ref.blob_id in self._inflight:
+                    continue
+            self._readers.submit(self._quiet_read, inode, manifest, i)
+
+    def _quiet_read(self, inode: UUID, manifest: Manifest, index: int) -> None:
+        try:
+            self.read(inode, manifest, index)
+        except Exception:
+            pass    # the foreground read will raise and log it
+
+    # ------------------------------------------------------------ writes
+    def upload(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:
+        ref, token = self.vault.upload_chunk_token(inode, cipher, plain)
+        if token is not None:
+            self.tokens.put(ref.blob_id, token)
+            self.plain.put(ref.blob_id, bytes(plain))
+        return ref
+
+    def upload_async(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> Future:
+        """Start an upload; blocks while too many are in flight (bounded memory)."""
+        self._upload_slots.acquire()
+        try:
+            fut = self._writers.submit(self.upload, inode, cipher, plain)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        fut.add_done_callback(lambda _: self._upload_slots.release())
+        return fut

@@ -1,0 +1,195 @@
+"""`mount.py`: mount the encrypted store as a folder, or unmount it.
+
+`mount.py MOUNTPOINT` checks the login, starts the filesystem daemon in the
+background and returns once the mount answers; `--foreground` keeps it attached.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ZkfsError
+from ..session import open_vault
+from ..state import LocalState
+
+log = logging.getLogger("zkfs.mount")
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("ib")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mount.py", description=(
+        "Mount the zkfs encrypted store at MOUNTPOINT. Uses the login saved by `client.py login`."))
+    p.add_argument("mountpoint")
+    p.add_argument("--unmount", "-u", action="store_true", help="unmount (also cleans up a dead mount)")
+    p.add_argument("--server", help="server URL (default: the one saved at login)")
+    p.add_argument("--password-file", help="read the password from this file (unattended mounts)")
+    p.add_argument("--cache-dir", help="ciphertext cache and encrypted spool (default: $ZKFS_HOME/cache/...)")
+    p.add_argument("--cache-size", default="1G", help="ciphertext cache bound, e.g. 512M, 2G (default 1G)")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in, with the kernel enforcing modes (allow_other,default_permissions)")
+    p.add_argument("--foreground", "-f", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def _cache_dir(args, state: LocalState) -> Path:
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    tag = hashlib.sha256(os.path.realpath(args.mountpoint).encode()).hexdigest()[:16]
+    return state.root / "cache" / tag
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1].encode().decode("unicode_escape") == target for line in f)
+
+
+def unmount(mountpoint: str) -> None:
+    if not _is_mounted(mountpoint):
+        raise ZkfsError(f"{mountpoint} is not mounted")
+    pidfile = _pidfile_for(mountpoint)
+    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
+    done = subprocess.run([fusermount, "-u", mountpoint], capture_output=True, text=True)
+    if done.returncode != 0 and _is_mounted(mountpoint):
+        # Busy or dead ("Transport endpoint is not connected"): detach lazily.
+        done = subprocess.run([fusermount, "-u", "-z", mountpoint], capture_output=True, text=True)
+        if done.returncode != 0 and _is_mounted(mountpoint):
+            raise ZkfsError(f"cannot unmount {mountpoint}: {done.stderr.strip()}")
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _alive(pid):   # the daemon commits and exits
+        time.sleep(0.05)
+    pidfile.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _pidfile_for(mountpoint: str) -> Path:
+    tag = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return LocalState().root / "run" / f"mount-{tag}.pid"
+
+
+def _password(args) -> str | None:
+    if not args.password_file:
+        return None
+    try:
+        return Path(args.password_file).read_text().splitlines()[0]
+    except (OSError, IndexError) as exc:
+        raise ZkfsError(f"cannot read the password file {args.password_file}: {exc}") from None
+
+
+def serve(args) -> None:
+    """Run the filesystem in this process until unmounted."""
+    import fuse  # libfuse2 is needed only here
+
+    from .fs import ZkfsOperations
+
+    class _Ops(fuse.fuse_operations):
+        # fusepy leaves these off. utime_omit_ok: else libfuse2 drops mtime-only
+        # updates (tar, touch -m). nullpath_ok: ops on unlinked open files.
+        def __init__(self):
+            super().__init__()
+            self.flag_utime_omit_ok = 1
+            self.flag_nullpath_ok = 1
+
+    fuse.fuse_operations = _Ops
+    state = LocalState()
+    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=60)
+    cache = _cache_dir(args, state)
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ops = ZkfsOperations(vault, cache, _parse_size(args.cache_size), read_only=args.read_only)
+    pidfile = _pidfile_for(args.mountpoint)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(str(os.getpid()))
+    options = dict(foreground=True, nothreads=False, fsname="zkfs", subtype="zkfs",
+                   big_writes=True, max_write=128 * 1024, max_read=128 * 1024, use_ino=True,
+                   attr_timeout=1.0, entry_timeout=1.0, hard_remove=True, auto_cache=True)
+    if args.read_only:
+        options["ro"] = True
+    if args.allow_other:
+        options.update(allow_other=True, default_permissions=True)
+    log.info("mounting at %s", args.mountpoint)
+    fuse.FUSE(ops, args.mountpoint, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        if args.unmount:
+            unmount(args.mountpoint)
+            print(f"unmounted {args.mountpoint}")
+            return 0
+        mp = Path(args.mountpoint)
+        if not mp.is_dir():
+            raise ZkfsError(f"{mp}: not a directory")
+        if _is_mounted(args.mountpoint):
+            raise ZkfsError(f"{mp} is already mounted (use --unmount)")
+        if args.foreground:
+            serve(args)
+            return 0
+        return _spawn(args)
+    except ZkfsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _spawn(args) -> int:
+    """Check the login here (clear errors), then run the daemon detached and wait for it."""
+    state = LocalState()
+    open_vault(state, server=args.server, password=_password(args), retry_seconds=2).api.close()
+    log_dir = state.root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"mount-{_pidfile_for(args.mountpoint).stem.split('-')[1]}.log"
+    argv = [sys.executable, "-m", "zkfs.mount", *sys.argv[1:], "--foreground"]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, cwd=os.getcwd())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise ZkfsError(f"the mount failed: {tail[0]} (log: {log_path})")
+        if _is_mounted(args.mountpoint):
+            try:
+                os.stat(args.mountpoint)
+                print(f"mounted at {args.mountpoint} (log: {log_path})")
+                return 0
+            except OSError:
+                pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise ZkfsError(f"the mount did not come up within 60 s (log: {log_path})")

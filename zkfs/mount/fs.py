@@ -1,0 +1,557 @@
+"""FUSE operations (fusepy, libfuse2 high-level API). Translates POSIX calls into
+vault operations; it holds no cryptography and no wire format."""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import fuse
+
+from ..errors import ServerError, TamperedError, ZkfsError
+from ..format import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, Attrs, Manifest, NameTooLong, encode_name
+from ..vault import Node, Vault, new_attrs
+from .blocks import BlockStore
+from .cache import CiphertextCache, EncryptedSpool, PlainCache
+from .namespace import FsError, MetaCache
+from .openfile import ConflictError, MemoryBudget, OpenFile, PendingCreate
+
+log = logging.getLogger(__name__)
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+XATTR_CREATE, XATTR_REPLACE = 1, 2
+MAX_XATTR_VALUE = 64 * 1024
+_UNSET_ID = (-1, 0xFFFFFFFF)
+
+
+def _errors(method):
+    """Every operation: server/crypto failures become the right errno and a log line."""
+    @functools.wraps(method)
+    def wrapper(self, path, *args):
+        try:
+            return method(self, path, *args)
+        except OSError:
+            raise
+        except TamperedError as exc:
+            log.error("%s %s: integrity check failed: %s", method.__name__, path, exc)
+            raise FsError(errno.EIO) from None
+        except ServerError as exc:
+            if exc.errno == errno.EIO or exc.code == "no_space":
+                log.error("%s %s: server: %s", method.__name__, path, exc)
+            raise FsError(exc.errno) from None
+        except ZkfsError as exc:
+            log.error("%s %s: %s", method.__name__, path, exc)
+            raise FsError(exc.errno) from None
+        except Exception:
+            log.exception("%s %s failed", method.__name__, path)
+            raise FsError(errno.EIO) from None
+    return wrapper
+
+
+def ino(inode: UUID) -> int:
+    return (inode.int & 0x7FFF_FFFF_FFFF_FFFF) | 2
+
+
+class ZkfsOperations(fuse.Operations):
+    use_ns = True
+
+    def __init__(self, vault: Vault, cache_dir: Path, cache_bytes: int, *, read_only: bool = False,
+                 write_buffer_bytes: int = 64 << 20, poll_interval: float = 1.0):
+        self.vault = vault
+        self.read_only = read_only
+        self.meta = MetaCache(vault)
+        self.blocks = BlockStore(vault, CiphertextCache(cache_dir / "chunks", cache_bytes),
+                                 PlainCache(32 << 20))
+        self.spool = EncryptedSpool(cache_dir)
+        self.budget = MemoryBudget(write_buffer_bytes)
+        self.poll_interval = poll_interval
+        self.ns_lock = threading.RLock()
+        self.open_files: dict[UUID, OpenFile] = {}
+        self.handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._stop = threading.Event()
+        self._hostname = socket.gethostname()
+
+    # ------------------------------------------------------------ lifecycle
+    def init(self, path):
+        self.meta.poll_changes()
+        self.meta.start_poller(self.poll_interval, self._stop)
+
+    def destroy(self, path):
+        self._stop.set()
+        for of in list(self.open_files.values()):
+            try:
+                self._commit(of, None)
+            except OSError:
+                log.error("unmount: could not commit inode %s", of.id)
+        self.blocks.close()
+        self.spool.close()
+        self.vault.ledger.close()
+
+    # ------------------------------------------------------------ helpers
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def _stat(self, node: Node) -> dict:
+        of = self.open_files.get(node.id)
+        a, size = (of.attrs, of.size) if of is not None else (node.attrs, node.attrs.size)
+        return {
+            "st_mode": a.mode, "st_ino": ino(node.id), "st_nlink": max(node.nlink, 0 if of and of.unlinked else 1),
+            "st_uid": a.uid, "st_gid": a.gid, "st_rdev": a.rdev, "st_size": size,
+            "st_atime": a.atime_ns, "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns,
+            "st_blocks": (size + 511) // 512, "st_blksize": 128 * 1024,
+        }
+
+    def _check_name(self, name: str) -> None:
+        try:
+            encode_name(name)
+        except NameTooLong:
+            raise FsError(errno.ENAMETOOLONG) from None
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+
+    def _new_attrs(self, parent: Node, mode: int, **kw) -> Attrs:
+        uid, gid, _ = fuse.fuse_get_context()
+        if parent.attrs.mode & stat.S_ISGID:             # BSD group semantics of setgid dirs
+            gid = parent.attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return new_attrs(mode, uid=uid, gid=gid, **kw)
+
+    def _apply(self, ops: list[dict], touched_dirs: list[Node], nlink_delta: dict[UUID, int] | None = None) -> list[dict]:
+        """Apply ops plus an mtime/ctime update of each touched directory, in one
+        transaction; retried once with fresh directory versions on a CAS race."""
+        for attempt in range(3):
+            now = time.time_ns()
+            dirs = {d.id: d for d in touched_dirs}
+            dir_ops, new_dir_attrs = [], {}
+            for d in dirs.values():
+                attrs = d.attrs.evolve(mtime_ns=now, ctime_ns=now)
+                dir_ops.append(self.vault.op_setmeta(d.id, d.version, attrs))
+                new_dir_attrs[d.id] = attrs
+            try:
+                results = self.vault.apply(ops + dir_ops)
+            except ServerError as exc:
+                if exc.code == "conflict" and attempt < 2:
+                    touched_dirs = [self.meta.node(d, fresh=True) for d in dirs]
+                    continue
+                raise
+            for d, res in zip(dirs.values(), results[len(ops):]):
+                attrs = new_dir_attrs[d.id]
+                nlink = d.nlink + (nlink_delta or {}).get(d.id, 0)
+                self.meta.put_node(Node(d.id, True, res["version"], nlink, attrs))
+            return results[:len(ops)]
+        raise AssertionError("unreachable")
+
+    def _open_file(self, node: Node) -> OpenFile:
+        of = self.open_files.get(node.id)
+        if of is None:
+            of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
+                          self.vault.file_cipher(node.id), None)
+            self.open_files[node.id] = of
+        return of
+
+    def _new_handle(self, of: OpenFile) -> int:
+        with self.ns_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = of
+            of.handles += 1
+            return fh
+
+    def _commit(self, of: OpenFile, path: str | None) -> None:
+        if of.unlinked:
+            return                       # nobody can see it any more: nothing to publish
+        try:
+            node = of.commit()
+        except ConflictError:
+            self._save_conflict_copy(of, path)
+            return
+        except ZkfsError as exc:
+            log.error("commit of %s failed (data kept for retry): %s", path or of.id, exc)
+            raise FsError(errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO) from None
+        if node is not None:
+            cached = self.meta._nodes.get(node.id)
+            node.nlink = cached[0].nlink if cached else 1
+            self.meta.put_node(node)
+
+    def _save_conflict_copy(self, of: OpenFile, path: str | None) -> None:
+        """Someone else committed this file first: keep both. Theirs stays under the
+        name; ours becomes a clearly named sibling, created atomically with its content."""
+        try:
+            parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(of.id))
+        except OSError:
+            parent, name = self.meta.node(self.vault.root), Path(path or str(of.id)).name
+        stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+        stamp = time.strftime("%Y-%m-%d %H%M%S")
+        copy_name = f"{stem} (conflict {stamp} {self._hostname}){dot}{ext}"[-MAX_NAME_BYTES:]
+        new_id = uuid4()
+        cipher, key_fields = self.vault.new_file_key(new_id)
+        attrs = of.attrs.evolve(size=0, manifest_digest=None)
+        copy = OpenFile(self.vault, self.blocks, self.spool, self.budget, Node(new_id, False, 0, 1, attrs),
+                        cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, key_fields))
+        offset = 0
+        for chunk in of.snapshot_chunks():
+            copy.write(offset, chunk)
+            offset += len(chunk)
+        copy.attrs = of.attrs.evolve(size=offset)
+        copy.commit()
+        self.meta.forget(parent.id)
+        log.warning("conflict: %s changed elsewhere; this version was saved as %s", path or of.id, copy_name)
+        try:
+            of.rebase(self.vault.get(of.id))
+        except ServerError:
+            of.unlinked = True           # deleted elsewhere: our version lives on in the copy
+
+    def _setattr(self, path: str, change, fh: int | None = None) -> None:
+        self._writable()
+        with self.ns_lock:
+            of = self.handles.get(fh) if fh else None
+            node = None if of else self.meta.resolve(path)
+            of = of or self.open_files.get(node.id)
+            if of is not None and (of.meta_dirty or of.content_dirty or of.unlinked):
+                with of.lock:
+                    change(of.attrs)
+                    of.attrs.ctime_ns = time.time_ns()
+                    of.meta_dirty = True
+                return
+            for attempt in range(3):
+                node = self.meta.node(node.id if node else of.id, fresh=attempt > 0)
+                attrs = node.attrs.evolve()
+                change(attrs)
+                attrs.ctime_ns = time.time_ns()
+                try:
+                    res = self.vault.apply([self.vault.op_setmeta(node.id, node.version, attrs)])[0]
+                except ServerError as exc:
+                    if exc.code == "conflict" and attempt < 2:
+                        continue
+                    raise
+                new = Node(node.id, node.is_dir, res["version"], node.nlink, attrs)
+                self.meta.put_node(new)
+                if of is not None:
+                    of.adopt_attrs(new)
+                return
+
+    # ------------------------------------------------------------ attributes
+    @_errors
+    def getattr(self, path, fh=None):
+        of = self.handles.get(fh) if fh else None
+        if of is not None:
+            cached = self.meta._nodes.get(of.id)
+            nlink = 0 if of.unlinked else (cached[0].nlink if cached else 1)
+            return self._stat(Node(of.id, False, of.base_version, nlink, of.attrs))
+        return self._stat(self.meta.resolve(path))
+
+    @_errors
+    def readdir(self, path, fh):
+        node = self.meta.resolve(path)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        yield "."
+        yield ".."
+        for name, child in self.meta.listdir(node.id):
+            yield name, {"st_mode": child.attrs.mode, "st_ino": ino(child.id)}, 0
+
+    @_errors
+    def access(self, path, amode):
+        node = self.meta.resolve(path)
+        if amode == os.F_OK:
+            return 0
+        uid, gid, _ = fuse.fuse_get_context()
+        mode = node.attrs.mode
+        if uid == 0:
+            if amode & os.X_OK and not node.is_dir and not mode & 0o111:
+                raise FsError(errno.EACCES)
+            return 0
+        shift = 6 if uid == node.attrs.uid else 3 if gid == node.attrs.gid else 0
+        if (amode & 7) & ~((mode >> shift) & 7):
+            raise FsError(errno.EACCES)
+        return 0
+
+    @_errors
+    def chmod(self, path, mode):
+        def change(a: Attrs):
+            a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(mode)
+        self._setattr(path, change)
+
+    @_errors
+    def chown(self, path, uid, gid):
+        def change(a: Attrs):
+            if uid not in _UNSET_ID:
+                a.uid = uid
+            if gid not in _UNSET_ID:
+                a.gid = gid
+            if not stat.S_ISDIR(a.mode) and (uid not in _UNSET_ID or gid not in _UNSET_ID):
+                # Linux clears set-user-ID (and set-group-ID if group-executable) on chown.
+                a.mode &= ~stat.S_ISUID
+                if a.mode & stat.S_IXGRP:
+                    a.mode &= ~stat.S_ISGID
+        self._setattr(path, change)
+
+    @_errors
+    def utimens(self, path, times=None):
+        now = time.time_ns()
+        atime, mtime = times if times else (UTIME_NOW, UTIME_NOW)
+
+        def change(a: Attrs):
+            if atime != UTIME_OMIT:
+                a.atime_ns = now if atime == UTIME_NOW else atime
+            if mtime != UTIME_OMIT:
+                a.mtime_ns = now if mtime == UTIME_NOW else mtime
+        self._setattr(path, change)
+
+    @_errors
+    def setxattr(self, path, name, value, options, position=0):
+        if len(value) > MAX_XATTR_VALUE:
+            raise FsError(errno.E2BIG)
+        node = self.meta.resolve(path)
+        exists = name in self._attrs_of(node).xattrs
+        if options & XATTR_CREATE and exists:
+            raise FsError(errno.EEXIST)
+        if options & XATTR_REPLACE and not exists:
+            raise FsError(errno.ENODATA)
+
+        def change(a: Attrs):
+            a.xattrs[name] = bytes(value)
+        self._setattr(path, change)
+
+    @_errors
+    def getxattr(self, path, name, position=0):
+        value = self._attrs_of(self.meta.resolve(path)).xattrs.get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    @_errors
+    def listxattr(self, path):
+        return list(self._attrs_of(self.meta.resolve(path)).xattrs)
+
+    @_errors
+    def removexattr(self, path, name):
+        if name not in self._attrs_of(self.meta.resolve(path)).xattrs:
+            raise FsError(errno.ENODATA)
+        self._setattr(path, lambda a: a.xattrs.pop(name, None))
+
+    def _attrs_of(self, node: Node) -> Attrs:
+        of = self.open_files.get(node.id)
+        return of.attrs if of is not None else node.attrs
+
+    @_errors
+    def statfs(self, path):
+        s = self.vault.api.statfs()
+        bsize = 4096
+        total = (s["used_bytes"] + s["free_bytes"]) // bsize
+        free = s["free_bytes"] // bsize
+        return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": total, "f_bfree": free,
+                "f_bavail": free, "f_files": 1 << 32, "f_ffree": (1 << 32) - 1,
+                "f_favail": (1 << 32) - 1, "f_namemax": MAX_NAME_BYTES}
+
+    # ------------------------------------------------------------ namespace
+    @_errors
+    def mkdir(self, path, mode):
+        self._writable()
+        with self.ns_lock:
+            parent, name = self.meta.resolve_parent(path)
+            self._check_name(name)
+            attrs = self._new_attrs(parent, stat.S_IFDIR | stat.S_IMODE(mode))
+            inode = uuid4()
+            self._apply([self.vault.op_create(parent.id, name, inode, attrs)], [parent], {parent.id: 1})
+            self.meta.set_entry(parent.id, name, Node(inode, True, 1, 2, attrs))
+
+    def _make_node(self, path: str, mode: int, *, rdev: int = 0, target: bytes = b"") -> tuple[Node, OpenFile | None]:
+        self._writable()
+        with self.ns_lock:
+            parent, name = self.meta.resolve_parent(path)
+            self._check_name(name)
+            attrs = self._new_attrs(parent, mode, rdev=rdev, target=target)
+            inode = uuid4()
+            key_fields, cipher = None, None
+            if stat.S_ISREG(mode):
+                cipher, key_fields = self.vault.new_file_key(inode)
+            self._apply([self.vault.op_create(parent.id, name, inode, attrs, key_fields)], [parent])
+            node = Node(inode, False, 1, 1, attrs)
+            self.meta.set_entry(parent.id, name, node)
+            of = None
+            if cipher is not None:
+                of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher, Manifest(inode))
+                self.open_files[inode] = of
+            return node, of
+
+    @_errors
+    def create(self, path, mode, fi=None):
+        _, of = self._make_node(path, stat.S_IFREG | stat.S_IMODE(mode))
+        return self._new_handle(of)
+
+    @_errors
+    def mknod(self, path, mode, dev):
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        node, of = self._make_node(path, fmt | stat.S_IMODE(mode), rdev=dev)
+        if of is not None and of.handles == 0:
+            self.open_files.pop(node.id, None)
+
+    @_errors
+    def symlink(self, target, source):
+        raw = source.encode("utf-8", "surrogateescape")
+        if len(raw) > MAX_SYMLINK_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
+        self._make_node(target, stat.S_IFLNK | 0o777, target=raw)
+
+    @_errors
+    def readlink(self, path):
+        node = self.meta.resolve(path)
+        if not stat.S_ISLNK(node.attrs.mode):
+            raise FsError(errno.EINVAL)
+        return node.attrs.target.decode("utf-8", "surrogateescape")
+
+    @_errors
+    def link(self, target, source):
+        self._writable()
+        with self.ns_lock:
+            node = self.meta.resolve(source)
+            if node.is_dir:
+                raise FsError(errno.EPERM)
+            parent, name = self.meta.resolve_parent(target)
+            self._check_name(name)
+            self._apply([self.vault.op_link(node.id, parent.id, name)], [parent])
+            self.meta.forget(node.id)
+            self.meta.set_entry(parent.id, name, self.meta.node(node.id))
+
+    @_errors
+    def unlink(self, path):
+        self._writable()
+        with self.ns_lock:
+            parent, name = self.meta.resolve_parent(path)
+            node = self.meta.lookup(parent.id, name)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            of = self.open_files.get(node.id)
+            self._apply([self.vault.op_unlink(parent.id, name, keep_orphan=of is not None, expect=node.id)], [parent])
+            self.meta.set_entry(parent.id, name, None)
+            self.meta.forget(node.id)
+            if of is not None and node.nlink <= 1:
+                of.unlinked = True
+
+    @_errors
+    def rmdir(self, path):
+        self._writable()
+        with self.ns_lock:
+            parent, name = self.meta.resolve_parent(path)
+            node = self.meta.lookup(parent.id, name)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            self._apply([self.vault.op_rmdir(parent.id, name)], [parent], {parent.id: -1})
+            self.meta.set_entry(parent.id, name, None)
+            self.meta.forget(node.id)
+
+    @_errors
+    def rename(self, old, new):
+        self._writable()
+        with self.ns_lock:
+            src_parent, src_name = self.meta.resolve_parent(old)
+            dst_parent, dst_name = self.meta.resolve_parent(new)
+            self._check_name(dst_name)
+            node = self.meta.lookup(src_parent.id, src_name)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            target = self.meta.lookup(dst_parent.id, dst_name)
+            target_open = target is not None and target.id in self.open_files
+            delta = {}
+            if node.is_dir and src_parent.id != dst_parent.id:
+                delta = {src_parent.id: -1, dst_parent.id: 1}
+            if target is not None and target.is_dir:
+                delta[dst_parent.id] = delta.get(dst_parent.id, 0) - 1
+            self._apply([self.vault.op_rename(node.id, src_parent.id, src_name, dst_parent.id, dst_name,
+                                              keep_orphan=target_open)], [src_parent, dst_parent], delta)
+            self.meta.set_entry(src_parent.id, src_name, None)
+            self.meta.set_entry(dst_parent.id, dst_name, node)
+            if target is not None and target.id != node.id:
+                self.meta.forget(target.id)
+                if target_open and target.nlink <= 1:
+                    self.open_files[target.id].unlinked = True
+
+    # ------------------------------------------------------------ files
+    @_errors
+    def open(self, path, flags):
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            self._writable()
+        with self.ns_lock:
+            node = self.meta.resolve(path)
+            if node.id not in self.open_files:
+                node = self.meta.node(node.id, fresh=True)      # close-to-open consistency
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            return self._new_handle(self._open_file(node))
+
+    @_errors
+    def read(self, path, size, offset, fh):
+        return self.handles[fh].read(offset, size)
+
+    @_errors
+    def write(self, path, data, offset, fh):
+        return self.handles[fh].write(offset, data)
+
+    @_errors
+    def truncate(self, path, length, fh=None):
+        self._writable()
+        of = self.handles.get(fh) if fh else None
+        if of is not None:
+            of.truncate(length)
+            return
+        with self.ns_lock:
+            node = self.meta.resolve(path)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            fh = self._new_handle(self._open_file(self.meta.node(node.id, fresh=node.id not in self.open_files)))
+        try:
+            self.handles[fh].truncate(length)
+            self._commit(self.handles[fh], path)
+        finally:
+            self.release(path, fh)
+
+    @_errors
+    def flush(self, path, fh):
+        self._commit(self.handles[fh], path)
+
+    @_errors
+    def fsync(self, path, datasync, fh):
+        self._commit(self.handles[fh], path)
+
+    @_errors
+    def release(self, path, fh):
+        with self.ns_lock:
+            of = self.handles.pop(fh)
+            of.handles -= 1
+            if of.handles > 0:
+                return
+        try:
+            self._commit(of, path)
+        finally:
+            with self.ns_lock:
+                if of.handles == 0 and self.open_files.get(of.id) is of:
+                    if not (of.meta_dirty or of.content_dirty) or of.unlinked:
+                        del self.open_files[of.id]
+                        if of.unlinked:
+                            self._drop_orphan(of)
+
+    def _drop_orphan(self, of: OpenFile) -> None:
+        of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))
+        try:
+            self.vault.apply([self.vault.op_delete_inode(of.id)])
+        except ServerError as exc:
+            if exc.code not in ("in_use", "not_found"):   # in_use: another name appeared
+                log.warning("could not delete orphan %s: %s", of.id, exc)

@@ -1,0 +1,151 @@
+"""Metadata cache of the mount: verified nodes and directory entries by id, path
+resolution over them, and invalidation from the server's change feed so that
+other mounts' changes show up within about a second."""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from uuid import UUID
+
+from ..errors import ZkfsError
+from ..vault import Node, Vault, split_path
+
+log = logging.getLogger(__name__)
+
+
+class FsError(OSError):
+    def __init__(self, code: int):
+        super().__init__(code, "")
+
+
+class MetaCache:
+    def __init__(self, vault: Vault, ttl: float = 30.0):
+        self.vault = vault
+        self.ttl = ttl
+        self.lock = threading.RLock()
+        self._nodes: dict[UUID, tuple[Node, float]] = {}
+        self._entries: dict[tuple[UUID, str], tuple[UUID | None, float]] = {}
+        self._listed: dict[UUID, tuple[list[str], float]] = {}
+        self._seq: int | None = None
+
+    # ------------------------------------------------------------ nodes
+    def node(self, inode: UUID, *, fresh: bool = False) -> Node:
+        with self.lock:
+            hit = self._nodes.get(inode)
+            if hit and not fresh and time.monotonic() - hit[1] < self.ttl:
+                return hit[0]
+        node = self.vault.get(inode)
+        self.put_node(node)
+        return node
+
+    def put_node(self, node: Node) -> None:
+        with self.lock:
+            node.manifest_token = None      # manifests are fetched on open, not cached here
+            self._nodes[node.id] = (node, time.monotonic())
+
+    def forget(self, inode: UUID) -> None:
+        with self.lock:
+            self._nodes.pop(inode, None)
+            self._listed.pop(inode, None)
+            for key in [k for k in self._entries if k[0] == inode]:
+                del self._entries[key]
+
+    # ------------------------------------------------------------ entries
+    def lookup(self, parent: UUID, name: str) -> Node | None:
+        with self.lock:
+            hit = self._entries.get((parent, name))
+            if hit and time.monotonic() - hit[1] < self.ttl:
+                if hit[0] is None:
+                    return None
+                cached = self._nodes.get(hit[0])
+                if cached and time.monotonic() - cached[1] < self.ttl:
+                    return cached[0]
+        node = self.vault.lookup(parent, name)
+        with self.lock:
+            self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
+            if node:
+                self.put_node(node)
+        return node
+
+    def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
+        with self.lock:
+            self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
+            if node:
+                self.put_node(node)
+            self._listed.pop(parent, None)
+
+    def listdir(self, parent: UUID) -> list[tuple[str, Node]]:
+        with self.lock:
+            hit = self._listed.get(parent)
+            now = time.monotonic()
+            if hit and now - hit[1] < self.ttl:
+                out = []
+                for name in hit[0]:
+                    entry = self._entries.get((parent, name))
+                    node = self._nodes.get(entry[0]) if entry and entry[0] else None
+                    if node is None:
+                        break
+                    out.append((name, node[0]))
+                else:
+                    return out
+        entries = self.vault.listdir(parent)
+        with self.lock:
+            now = time.monotonic()
+            for key in [k for k in self._entries if k[0] == parent]:
+                del self._entries[key]
+            for name, node in entries:
+                self._entries[(parent, name)] = (node.id, now)
+                self._nodes[node.id] = (node, now)
+            self._listed[parent] = ([n for n, _ in entries], now)
+        return entries
+
+    # ------------------------------------------------------------ paths
+    def resolve(self, path: str) -> Node:
+        node = self.node(self.vault.root)
+        for part in split_path(path):
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            child = self.lookup(node.id, part)
+            if child is None:
+                raise FsError(errno.ENOENT)
+            node = child
+        return node
+
+    def resolve_parent(self, path: str) -> tuple[Node, str]:
+        parts = split_path(path)
+        if not parts:
+            raise FsError(errno.EBUSY)         # the root has no parent entry
+        parent = self.resolve("/".join(parts[:-1]))
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return parent, parts[-1]
+
+    # ------------------------------------------------------------ change feed
+    def poll_changes(self) -> None:
+        """Drop everything another writer changed since the last poll."""
+        if self._seq is None:
+            self._seq = self.vault.api.changes(0)["seq"]
+            return
+        feed = self.vault.api.changes(self._seq)
+        with self.lock:
+            for raw in feed["inodes"]:
+                self.forget(UUID(str(raw)))
+            self._seq = feed["seq"]
+
+    def start_poller(self, interval: float, stop: threading.Event, on_change=None) -> threading.Thread:
+        def run():
+            while not stop.wait(interval):
+                try:
+                    before = self._seq
+                    self.poll_changes()
+                    if on_change and before != self._seq:
+                        on_change()
+                except ZkfsError as exc:
+                    log.warning("change feed: %s", exc)
+                except Exception:
+                    log.exception("change feed failed")
+        t = threading.Thread(target=run, name="zkfs-changes", daemon=True)
+        t.start()
+        return t

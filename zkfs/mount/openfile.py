@@ -1,0 +1,372 @@
+"""The state of one open regular file, shared by all its handles.
+
+Writes land in per-chunk plaintext buffers. A chunk written through to its end
+is encrypted and uploaded at once as a *staged* blob (invisible to everyone
+until committed), so a long sequential write streams out while it happens and
+memory stays bounded; buffers beyond the memory budget spill to the encrypted
+spool. ``commit`` (flush, fsync, last close) uploads what is left and swaps
+the file to the new manifest in one compare-and-swap on the server: either the
+whole new version becomes visible or none of it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID, uuid4
+
+from ..crypto import BinaryFernet
+from ..errors import ServerError
+from ..format import HOLE_REF, ChunkRef, Manifest, seal_chunk
+from ..vault import Node, Vault, any_nonzero
+from .blocks import BlockStore
+from .cache import EncryptedSpool
+
+log = logging.getLogger(__name__)
+
+INLINE_MAX = 64 * 1024
+
+
+class ConflictError(Exception):
+    """The file changed on the server since this version was opened."""
+
+
+class MemoryBudget:
+    """Dirty plaintext held in memory across all open files."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+
+    def over(self) -> bool:
+        return self.used > self.max_bytes
+
+
+@dataclass
+class PendingCreate:
+    parent: UUID
+    name: str
+    key_fields: dict
+
+
+class OpenFile:
+    def __init__(self, vault: Vault, blocks: BlockStore, spool: EncryptedSpool, budget: MemoryBudget,
+                 node: Node, cipher: BinaryFernet, manifest: Manifest | None,
+                 pending: PendingCreate | None = None):
+        self.vault = vault
+        self.blocks = blocks
+        self.spool = spool
+        self.budget = budget
+        self.id = node.id
+        self.cipher = cipher
+        self.lock = threading.RLock()
+        self.handles = 0
+        self.unlinked = False
+        self.pending = pending
+        self._reset_base(node, manifest)
+        self.attrs = node.attrs.evolve()
+        self.meta_dirty = pending is not None
+        self._last_read_chunk = -2
+
+    def _reset_base(self, node: Node, manifest: Manifest | None) -> None:
+        self.base_version = node.version
+        self._base_manifest = manifest
+        self.size = node.attrs.size
+        self.floor = node.attrs.size          # base bytes at or past floor read as zeros
+        self.dirty: dict[int, bytearray] = {}
+        self.spilled: dict[int, Path] = {}
+        self.staged: dict[int, Future] = {}
+        # Plaintext of staged chunks whose upload has not succeeded yet: a failed
+        # upload goes back to ``dirty`` instead of being lost.
+        self._unconfirmed: dict[int, bytes] = {}
+        self._upload_failed = False
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def cs(self) -> int:
+        return self.base_manifest.chunk_size
+
+    @property
+    def base_manifest(self) -> Manifest:
+        if self._base_manifest is None:
+            self._base_manifest = self.vault.manifest(self.vault.get(self.id))
+        return self._base_manifest
+
+    @property
+    def content_dirty(self) -> bool:
+        return bool(self.dirty or self.spilled or self.staged) or self.size != self.floor \
+            or self.floor != self.base_manifest.size
+
+    def chunk_len(self, i: int) -> int:
+        return max(0, min(self.cs, self.size - i * self.cs))
+
+    def _base_view(self, i: int) -> bytes:
+        """Chunk i as the base version has it, cut at ``floor``, sized for ``size``."""
+        n = self.chunk_len(i)
+        base = self.base_manifest
+        start = i * self.cs
+        if i >= len(base.chunks) or start >= self.floor:
+            return bytes(n)
+        data = self.blocks.read(self.id, base, i)
+        keep = min(len(data), self.floor - start, n)
+        return data[:keep] + bytes(n - keep) if keep < len(data) or keep < n else data
+
+    def _settle(self, i: int) -> ChunkRef | None:
+        """Wait for chunk i's upload. On failure its plaintext returns to ``dirty``."""
+        fut = self.staged[i]
+        try:
+            ref = fut.result()
+        except Exception:
+            del self.staged[i]
+            plain = self._unconfirmed.pop(i)
+            self.dirty[i] = bytearray(plain)
+            self.budget.add(len(plain))
+            self._upload_failed = True
+            return None
+        self._unconfirmed.pop(i, None)
+        return ref
+
+    def _staged_view(self, i: int) -> bytes:
+        ref = self._settle(i)
+        if ref is None:
+            return bytes(self.dirty[i])
+        m = Manifest(self.id, size=(i + 1) * self.cs, chunk_size=self.cs, chunks=[ref] * (i + 1))
+        return self.blocks.read(self.id, m, i)
+
+    def _take_buffer(self, i: int) -> bytearray:
+        """A writable buffer for chunk i, materialised from wherever it lives now."""
+        buf = self.dirty.get(i)
+        if buf is not None:
+            return buf
+        if i in self.spilled:
+            buf = self.spool.take(self.spilled.pop(i))
+        elif i in self.staged:
+            data = self._staged_view(i)
+            if i in self.dirty:                 # its upload had failed
+                return self.dirty[i]
+            buf = bytearray(data)
+            del self.staged[i]
+        else:
+            buf = bytearray(self._base_view(i))
+        self.dirty[i] = buf
+        self.budget.add(len(buf))
+        return buf
+
+    def _drop_buffer(self, i: int) -> None:
+        buf = self.dirty.pop(i, None)
+        if buf is not None:
+            self.budget.add(-len(buf))
+        path = self.spilled.pop(i, None)
+        if path is not None:
+            self.spool.discard(path)
+        self.staged.pop(i, None)
+        self._unconfirmed.pop(i, None)
+
+    def _view(self, i: int) -> bytes:
+        """Current plaintext of chunk i, sized to chunk_len(i)."""
+        n = self.chunk_len(i)
+        if i in self.dirty:
+            buf = self.dirty[i]
+            return bytes(buf[:n]) + bytes(max(0, n - len(buf)))
+        if i in self.spilled:
+            buf = self._take_buffer(i)
+            return bytes(buf[:n]) + bytes(max(0, n - len(buf)))
+        if i in self.staged:
+            data = self._staged_view(i)
+            return data[:n] + bytes(max(0, n - len(data)))
+        return self._base_view(i)
+
+    # ------------------------------------------------------------ I/O
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            end = min(self.size, offset + length)
+            if offset >= end:
+                return b""
+            first, last = offset // self.cs, (end - 1) // self.cs
+            if first == self._last_read_chunk + 1 or first == self._last_read_chunk:
+                self._readahead(last + 1)
+            self._last_read_chunk = last
+            parts = []
+            for i in range(first, last + 1):
+                data = self._view(i)
+                lo = max(offset, i * self.cs) - i * self.cs
+                hi = min(end, (i + 1) * self.cs) - i * self.cs
+                parts.append(data[lo:hi])
+            return b"".join(parts)
+
+    def _readahead(self, start: int) -> None:
+        base = self.base_manifest
+        wanted = [i for i in range(start, min(start + 8, len(base.chunks)))
+                  if i * self.cs < self.floor and i not in self.dirty and i not in self.staged]
+        if wanted:
+            self.blocks.prefetch(self.id, base, wanted)
+
+    def write(self, offset: int, data: bytes) -> int:
+        with self.lock:
+            end = offset + len(data)
+            self.size = max(self.size, end)   # a partial old last chunk is zero-padded by _base_view
+            pos = offset
+            while pos < end:
+                i = pos // self.cs
+                lo = pos - i * self.cs
+                hi = min(self.cs, end - i * self.cs)
+                buf = self._take_buffer(i)
+                if len(buf) < hi:
+                    self.budget.add(hi - len(buf))
+                    buf.extend(bytes(hi - len(buf)))
+                buf[lo:hi] = data[pos - offset: pos - offset + hi - lo]
+                if hi == self.cs and len(buf) == self.cs:
+                    self._stage(i)
+                pos += hi - lo
+            now = time.time_ns()
+            self.attrs.mtime_ns = self.attrs.ctime_ns = now
+            self.meta_dirty = True
+            self._spill_if_needed()
+            return len(data)
+
+    def truncate(self, length: int) -> None:
+        with self.lock:
+            if length < self.size:
+                last = length // self.cs
+                for i in [i for i in (*self.dirty, *self.spilled, *self.staged) if i * self.cs >= length]:
+                    self._drop_buffer(i)
+                if length % self.cs and last in (*self.dirty, *self.spilled, *self.staged):
+                    buf = self._take_buffer(last)
+                    keep = length - last * self.cs
+                    self.budget.add(-(len(buf) - min(len(buf), keep)))
+                    del buf[keep:]
+                self.floor = min(self.floor, length)
+            self.size = length
+            self.attrs.mtime_ns = self.attrs.ctime_ns = time.time_ns()
+            self.meta_dirty = True
+
+    def _stage(self, i: int) -> None:
+        """Upload chunk i now (write-behind), unless uploads are failing: then it
+        stays dirty (and may spill) until a commit can succeed."""
+        if self._upload_failed:
+            return
+        plain = bytes(self.dirty.pop(i))
+        self.budget.add(-len(plain))
+        self._unconfirmed[i] = plain
+        self.staged[i] = self.blocks.upload_async(self.id, self.cipher, plain)
+
+    def _spill_if_needed(self) -> None:
+        while self.budget.over() and self.dirty:
+            i = next(iter(self.dirty))
+            buf = self.dirty.pop(i)
+            self.budget.add(-len(buf))
+            self.spilled[i] = self.spool.put(buf)
+
+    # ------------------------------------------------------------ commit
+    def commit(self) -> Node | None:
+        """Make the current content and attributes the server's version.
+        Raises ConflictError if someone else committed first (state is kept)."""
+        with self.lock:
+            if not (self.meta_dirty or self.pending or self.content_dirty):
+                return None
+            ops: list[dict] = []
+            base_version = self.base_version
+            if self.pending:
+                created = self.attrs.evolve(size=0, manifest_digest=None)
+                ops.append(self.vault.op_create(self.pending.parent, self.pending.name, self.id,
+                                                created, self.pending.key_fields))
+                base_version = 1
+            if self.content_dirty or self.pending:
+                manifest, inline = self._build_manifest()
+                attrs = self.attrs.evolve()
+                ops.append(self.vault.op_commit(self.id, base_version, attrs, manifest, inline))
+            else:
+                manifest, attrs = self.base_manifest, self.attrs.evolve()
+                ops.append(self.vault.op_setmeta(self.id, base_version, attrs))
+            try:
+                results = self.vault.apply(ops)
+            except ServerError as exc:
+                if exc.code == "conflict" or (exc.code == "not_found" and not self.pending):
+                    raise ConflictError(str(exc)) from None
+                raise
+            version = results[-1]["version"]
+            node = Node(self.id, False, version, 1 if self.pending else 0, attrs.evolve(version=version))
+            for i in {*self.dirty, *self.spilled, *self.staged}:
+                self._drop_buffer(i)
+            self._reset_base(node, manifest)
+            self.attrs = node.attrs.evolve()
+            self.pending = None
+            self.meta_dirty = False
+            return node
+
+    def _build_manifest(self) -> tuple[Manifest, list[tuple[UUID, bytes]]]:
+        base = self.base_manifest
+        count = -(-self.size // self.cs)
+        refs: list[ChunkRef | None] = [None] * count
+        uploads: dict[int, bytes] = {}
+        for i in range(count):
+            if i in self.staged or i in self.dirty or i in self.spilled:
+                continue
+            if i < len(base.chunks) and base.chunk_length(i) == self.chunk_len(i) \
+                    and i * self.cs + base.chunk_length(i) <= self.floor:
+                refs[i] = base.chunks[i]          # unchanged: not uploaded again
+            else:
+                uploads[i] = self._base_view(i)   # cut by a truncate or padded by growth
+        for i in [*self.dirty, *self.spilled]:
+            if i < count:
+                uploads[i] = self._view(i)
+        inline: list[tuple[UUID, bytes]] = []
+        if len(uploads) == 1 and not self.staged and len(next(iter(uploads.values()))) <= INLINE_MAX:
+            (i, plain), = uploads.items()
+            refs[i], token = self._seal_inline(plain)
+            if token is not None:
+                inline.append((refs[i].blob_id, token))
+        else:
+            self._upload_failed = False
+            for i, plain in uploads.items():
+                self._drop_buffer(i)
+                self._unconfirmed[i] = plain
+                self.staged[i] = self.blocks.upload_async(self.id, self.cipher, plain)
+        failed = False
+        for i in list(self.staged):
+            ref = self._settle(i)
+            if i < count:
+                refs[i] = ref
+            failed |= ref is None
+        if failed:
+            raise OSError(5, "uploading chunks failed; the data is kept for a retry")
+        self._upload_failed = False
+        return Manifest(self.id, size=self.size, chunk_size=self.cs, chunks=refs), inline
+
+    def _seal_inline(self, plain: bytes) -> tuple[ChunkRef, bytes | None]:
+        if not any_nonzero(plain):
+            return HOLE_REF, None
+        token, ref = seal_chunk(self.cipher, plain, uuid4())
+        self.blocks.tokens.put(ref.blob_id, token)
+        return ref, token
+
+    def snapshot_chunks(self):
+        """Yield this handle's current content chunk by chunk (for a conflict copy)."""
+        with self.lock:
+            for i in range(-(-self.size // self.cs)):
+                yield self._view(i)
+
+    def rebase(self, node: Node) -> None:
+        """Drop our changes (saved elsewhere, e.g. as a conflict copy) and follow ``node``."""
+        with self.lock:
+            for i in {*self.dirty, *self.spilled, *self.staged}:
+                self._drop_buffer(i)
+            self._reset_base(node, None)
+            self.attrs = node.attrs.evolve()
+            self.pending = None
+            self.meta_dirty = False
+
+    def adopt_attrs(self, node: Node) -> None:
+        """Our own setmeta (chmod, utimens...) on a clean open file moved the base version."""
+        with self.lock:
+            self.base_version = node.version
+            size = self.size
+            self.attrs = node.attrs.evolve(size=size)

@@ -1,0 +1,47 @@
+"""Open an authenticated, unlocked vault from the saved login or a password."""
+from __future__ import annotations
+
+from uuid import UUID
+
+from . import account
+from .api import ApiClient
+from .crypto import PasswordKeys
+from .errors import ServerError, ZkfsError
+from .state import LocalState, VersionLedger
+from .vault import Vault
+
+
+def open_vault(state: LocalState, *, server: str | None = None, password: str | None = None,
+               retry_seconds: float = 5.0) -> Vault:
+    """With ``password``, derive keys afresh (unattended mounts); otherwise use
+    the keys saved by `client.py login`. Tokens are renewed transparently."""
+    cfg = state.config()
+    url = server or cfg["server"]
+    api = ApiClient(url, cfg.get("token") if not password else None, retry_seconds=retry_seconds)
+    if password is not None:
+        username = cfg.get("username")
+        if not username:
+            raise ZkfsError("no username saved: run `client.py login USERNAME` once")
+        keys = account.derive(api, username, password)
+    else:
+        saved = state.keys()
+        username = saved["username"]
+        keys = PasswordKeys(auth_key=saved["auth_key"], kek=saved["kek"])
+
+    def relogin() -> str:
+        token = account.login(api, username, keys)["access_token"]
+        if password is None:
+            state.save_config(token=token)
+        return token
+
+    api.reauth = relogin
+    if api.token is None:
+        api.token = relogin()
+    try:
+        acct = api.account()
+    except ServerError as exc:
+        if exc.status == 401:
+            raise ZkfsError("the saved login is no longer valid: run `client.py login` again") from None
+        raise
+    keyring = account.Keyring.unlock(acct, keys.kek)
+    return Vault(api, keyring, UUID(acct["root_inode"]), VersionLedger(state.root / "versions.db"))

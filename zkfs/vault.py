@@ -1,0 +1,241 @@
+"""The encrypted namespace and content, as the CLI and the mount both see it.
+
+A ``Vault`` turns server records into verified plaintext (``Node``s, names,
+chunks) and plaintext intentions into server ops. Every record from the server
+is authenticated and checked against the version ledger before it is used.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+from . import crypto
+from .account import Keyring
+from .api import ApiClient
+from .crypto import BinaryFernet, IntegrityError
+from .errors import ServerError, TamperedError, ZkfsError
+from .format import (Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode, open_chunk,
+                     open_name, seal_chunk, seal_name, encode_name)
+from .state import VersionLedger
+
+
+@dataclass
+class Node:
+    id: UUID
+    is_dir: bool
+    version: int
+    nlink: int
+    attrs: Attrs
+    manifest_token: bytes | None = None
+
+
+class Vault:
+    def __init__(self, api: ApiClient, keyring: Keyring, root: UUID, ledger: VersionLedger):
+        self.api = api
+        self.keyring = keyring
+        self.ns = keyring.namespace
+        self.root = root
+        self.ledger = ledger
+        self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
+        self._keys_lock = threading.Lock()
+
+    # ------------------------------------------------------------ reading
+    def node_from_wire(self, d: dict) -> Node:
+        inode = UUID(d["id"])
+        try:
+            attrs = Attrs.decrypt(self.ns, b64decode(d["meta"]), inode, d["version"])
+        except IntegrityError as exc:
+            raise TamperedError(f"attributes of inode {inode} failed verification: {exc}") from None
+        if attrs.is_dir != d["is_dir"]:
+            raise TamperedError(f"inode {inode}: server's type disagrees with its attributes")
+        self.ledger.check(inode, d["version"])
+        manifest = d.get("manifest")
+        return Node(inode, d["is_dir"], d["version"], d["nlink"], attrs,
+                    b64decode(manifest) if manifest else None)
+
+    def get(self, inode: UUID) -> Node:
+        return self.node_from_wire(self.api.get_inode(inode))
+
+    def _entry(self, parent: UUID, d: dict) -> tuple[str, Node]:
+        node = self.node_from_wire(d["inode"])
+        try:
+            name = open_name(self.ns, b64decode(d["name"]), parent=parent, inode=node.id, name_hash=d["name_hash"])
+        except IntegrityError as exc:
+            raise TamperedError(f"an entry of directory {parent} failed verification: {exc}") from None
+        return name, node
+
+    def lookup(self, parent: UUID, name: str) -> Node | None:
+        try:
+            d = self.api.lookup(parent, self.name_hash(parent, name))
+        except ServerError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        found, node = self._entry(parent, d)
+        if found != name:
+            raise TamperedError(f"lookup of an entry in {parent} returned another name")
+        return node
+
+    def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
+        return [self._entry(inode, d) for d in self.api.list_dir(inode)]
+
+    def resolve(self, path: str) -> Node:
+        node = self.get(self.root)
+        for part in split_path(path):
+            if not node.is_dir:
+                raise ZkfsError(f"{path}: not a directory", errno=20)
+            child = self.lookup(node.id, part)
+            if child is None:
+                raise ZkfsError(f"{path}: no such file or directory on the server", errno=2)
+            node = child
+        return node
+
+    def name_hash(self, parent: UUID, name: str) -> str:
+        return self.ns.name_hash(parent, encode_name(name))
+
+    # ------------------------------------------------------------ content
+    def file_cipher(self, inode: UUID) -> BinaryFernet:
+        with self._keys_lock:
+            cipher = self._file_keys.get(inode)
+            if cipher is not None:
+                self._file_keys.move_to_end(inode)
+                return cipher
+        d = self.api.get_key(inode)
+        key = self.keyring.unwrap_file_key(inode, d["gen"], b64decode(d["wrapped_key"]))
+        cipher = BinaryFernet(key)
+        with self._keys_lock:
+            self._file_keys[inode] = cipher
+            while len(self._file_keys) > 4096:
+                self._file_keys.popitem(last=False)
+        return cipher
+
+    def new_file_key(self, inode: UUID) -> tuple[BinaryFernet, dict]:
+        """A fresh per-file key and the create-op fields that store it wrapped."""
+        key = crypto.random_key()
+        gen, wrapped = self.keyring.wrap_file_key(inode, key)
+        cipher = BinaryFernet(key)
+        with self._keys_lock:
+            self._file_keys[inode] = cipher
+        return cipher, {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+
+    def manifest(self, node: Node) -> Manifest:
+        if node.attrs.manifest_digest is None:
+            return Manifest(inode=node.id)
+        if node.manifest_token is None:
+            node = self.get(node.id)
+        token = node.manifest_token or b""
+        if crypto.digest(token) != node.attrs.manifest_digest:
+            raise TamperedError(f"manifest of inode {node.id} does not match its attributes")
+        try:
+            manifest = Manifest.decrypt(self.file_cipher(node.id), token, node.id)
+        except IntegrityError as exc:
+            raise TamperedError(f"manifest of inode {node.id} failed verification: {exc}") from None
+        if manifest.size != node.attrs.size:
+            raise TamperedError(f"inode {node.id}: manifest size disagrees with its attributes")
+        return manifest
+
+    def fetch_chunk_token(self, inode: UUID, ref: ChunkRef) -> bytes:
+        try:
+            return self.api.get_blob(inode, ref.blob_id)
+        except ServerError as exc:
+            if exc.code == "not_found":
+                raise TamperedError(f"a chunk of inode {inode} is missing on the server") from None
+            raise
+
+    def open_chunk(self, inode: UUID, manifest: Manifest, index: int, token: bytes) -> bytes:
+        try:
+            return open_chunk(self.file_cipher(inode), token, manifest.chunks[index], manifest.chunk_length(index))
+        except IntegrityError as exc:
+            raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
+
+    def read_chunk(self, inode: UUID, manifest: Manifest, index: int) -> bytes:
+        ref = manifest.chunks[index]
+        if ref.is_hole:
+            return bytes(manifest.chunk_length(index))
+        return self.open_chunk(inode, manifest, index, self.fetch_chunk_token(inode, ref))
+
+    def upload_chunk(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:
+        """Encrypt and store one chunk as a new (staged) blob; all-zero chunks are holes."""
+        return self.upload_chunk_token(inode, cipher, plain)[0]
+
+    def upload_chunk_token(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> tuple[ChunkRef, bytes | None]:
+        if not any_nonzero(plain):
+            return HOLE_REF, None
+        token, ref = seal_chunk(cipher, plain, uuid4())
+        self.api.put_blob(inode, ref.blob_id, token)
+        return ref, token
+
+    # ------------------------------------------------------------ ops
+    def apply(self, ops: list[dict]) -> list[dict]:
+        results = self.api.ops(ops)["results"]
+        for op, res in zip(ops, results):
+            if res.get("inode") and res.get("version"):
+                self.ledger.check(UUID(res["inode"]), res["version"])
+        return results
+
+    def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, key_fields: dict | None = None) -> dict:
+        attrs.version = 1
+        op = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir,
+              "meta": b64encode(attrs.encrypt(self.ns, inode)), "parent": str(parent),
+              "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
+        return op | (key_fields or {})
+
+    def op_link(self, inode: UUID, parent: UUID, name: str) -> dict:
+        return {"op": "link", "inode": str(inode), "parent": str(parent),
+                "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
+
+    def op_unlink(self, parent: UUID, name: str, *, keep_orphan: bool = False, expect: UUID | None = None) -> dict:
+        op = {"op": "unlink", "parent": str(parent), "name_hash": self.name_hash(parent, name),
+              "keep_orphan": keep_orphan}
+        return op | ({"expect_inode": str(expect)} if expect else {})
+
+    def op_rmdir(self, parent: UUID, name: str) -> dict:
+        return {"op": "rmdir", "parent": str(parent), "name_hash": self.name_hash(parent, name)}
+
+    def op_rename(self, inode: UUID, src_parent: UUID, src_name: str, dst_parent: UUID, dst_name: str,
+                  *, noreplace: bool = False, keep_orphan: bool = False) -> dict:
+        return {"op": "rename", "src_parent": str(src_parent), "src_hash": self.name_hash(src_parent, src_name),
+                "dst_parent": str(dst_parent), "dst_hash": self.name_hash(dst_parent, dst_name),
+                "dst_name": b64encode(seal_name(self.ns, inode, dst_name)),
+                "noreplace": noreplace, "keep_orphan": keep_orphan}
+
+    def op_setmeta(self, node_id: UUID, base_version: int, attrs: Attrs) -> dict:
+        attrs.version = base_version + 1
+        return {"op": "setmeta", "inode": str(node_id), "base_version": base_version,
+                "meta": b64encode(attrs.encrypt(self.ns, node_id))}
+
+    def op_commit(self, node_id: UUID, base_version: int, attrs: Attrs, manifest: Manifest,
+                  inline: list[tuple[UUID, bytes]] = ()) -> dict:
+        token = manifest.encrypt(self.file_cipher(node_id))
+        attrs.size = manifest.size
+        attrs.manifest_digest = crypto.digest(token)
+        attrs.version = base_version + 1
+        return {"op": "commit", "inode": str(node_id), "base_version": base_version,
+                "meta": b64encode(attrs.encrypt(self.ns, node_id)), "manifest": b64encode(token),
+                "blobs": [str(b) for b in manifest.blob_ids()],
+                "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]}
+
+    def op_delete_inode(self, inode: UUID) -> dict:
+        return {"op": "delete_inode", "inode": str(inode)}
+
+
+def new_attrs(mode: int, *, uid: int | None = None, gid: int | None = None, rdev: int = 0,
+              target: bytes = b"") -> Attrs:
+    now = time.time_ns()
+    return Attrs(mode=mode, uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid,
+                 rdev=rdev, atime_ns=now, mtime_ns=now, ctime_ns=now, target=target,
+                 size=len(target) if stat.S_ISLNK(mode) else 0)
+
+
+def split_path(path: str) -> list[str]:
+    return [p for p in path.split("/") if p and p != "."]
+
+
+def any_nonzero(data: bytes) -> bool:
+    # bytes.count on a zero byte runs at memory speed; only all-zero chunks are holes.
+    return data.count(0) != len(data)
