@@ -41,9 +41,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-proxy", action="store_true",
                     help="networked systems talk to their server directly (then the bytes "
                          "sent during edit_middle are only estimated by the server's rchar)")
-    ap.add_argument("--rclone-write-back", default="0s",
-                    help="rclone --vfs-write-back (rclone's default is 5s, an idle delay "
-                         "before upload starts; 0s measures its upload pipeline; default 0s)")
+    ap.add_argument("--rclone-write-back", default="5s",
+                    help="rclone --vfs-write-back: idle delay after close before the upload "
+                         "starts (default: rclone's own default, 5s; counted in 'settled'. "
+                         "Note: 0s loses files renamed right after close, e.g. by rsync)")
+    ap.add_argument("--zkfs-keep-cache", action="store_true",
+                    help="keep zkfs's local ciphertext cache across the cold remounts "
+                         "(default: wiped, like rclone's VFS cache, so cold reads hit the server)")
     ap.add_argument("--no-crypto", action="store_true", help="skip the crypto ceiling")
     ap.add_argument("--skip-install", action="store_true",
                     help="do not apt-get/pip install missing tools")
@@ -123,6 +127,7 @@ def main(argv=None) -> int:
         return 2
     if os.geteuid() != 0:
         log("warning: not root; drop_caches and FUSE mounts may fail")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
@@ -195,7 +200,8 @@ def main(argv=None) -> int:
         if sm["unavailable"]:
             print(f"{s}: not measured: {sm['unavailable']}")
         for c in sm["checks_failed"]:
-            print(f"{s}: CHECK FAILED {c['name']}: {c['detail']}")
+            kind = "CHECK FAILED" if c.get("fatal", True) else "behaviour check failed"
+            print(f"{s}: {kind}: {c['name']}: {c['detail']}")
         for k, v in sm["errors"].items():
             print(f"{s}: ERROR in {k}: {v}")
         for n in sm["notes"]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import logging.config
 import os
 import sys
 
@@ -22,15 +24,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_config(level: str) -> dict:
+    """uvicorn's logging config plus the ``zkfs`` loggers (applied in every worker)."""
+    from uvicorn.config import LOGGING_CONFIG
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    lvl = "DEBUG" if level == "trace" else level.upper()
+    cfg["loggers"]["zkfs"] = {"handlers": ["default"], "level": lvl, "propagate": False}
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.workers < 1:
         sys.exit("--workers must be >= 1")
     if args.quota_bytes is not None and args.quota_bytes < 0:
         sys.exit("--quota-bytes must be >= 0")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO)
-                        if args.log_level != "trace" else logging.DEBUG,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = _log_config(args.log_level)
+    logging.config.dictConfig(log_config)
 
     settings = Settings.build(args.data_dir, quota_bytes=args.quota_bytes)
     os.environ.update(settings.to_env())        # read by every worker's create_app()
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     uvicorn.run("server.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, loop="auto", http="auto",
-                timeout_graceful_shutdown=10, server_header=False)
+                timeout_graceful_shutdown=10, server_header=False, log_config=log_config)
 
 
 if __name__ == "__main__":

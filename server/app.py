@@ -14,7 +14,7 @@ import os
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from . import errors, maintenance
+from . import auth, errors, maintenance
 from .config import CLEANUP_INTERVAL, MAX_JSON_BYTES, Settings
 from .db import SqliteMetadataStore
 from .models import HealthResponse
@@ -53,17 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = (settings or Settings.from_env())
     if not settings.secret_key:
         settings = settings.with_secret()
+    auth.dummy_hash()      # computed up front so the first unknown-user login is not faster
     db = SqliteMetadataStore(settings.db_path)
     db.init_schema()
     store = LocalBlobStore(settings.storage_dir)
 
-    app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, max_body_size=MAX_JSON_BYTES,
-                  docs_url=f"{API_PREFIX}/docs", openapi_url=f"{API_PREFIX}/openapi.json",
-                  redoc_url=None)
+    app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, redoc_url=None,
+                  description="Zero-knowledge storage API: every stored value is opaque "
+                              "ciphertext. Semantics: docs/API.md.")
     app.state.settings = settings
     app.state.db = db
     app.state.store = store
     errors.install(app)
+    app.add_middleware(errors.BodyLimitMiddleware, limit=MAX_JSON_BYTES,
+                       exempt_prefix=f"{API_PREFIX}/blobs/")
 
     api = APIRouter(prefix=API_PREFIX)
 

@@ -41,14 +41,14 @@ def hash_auth_key(auth_key: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _dummy_hash() -> str:
+def dummy_hash() -> str:
     return pwd_context.hash(secrets.token_urlsafe(32))
 
 
 def verify_auth_key(auth_key: str, auth_hash: str | None) -> bool:
     """Constant-work verification: unknown users are checked against a dummy hash."""
     if auth_hash is None:
-        pwd_context.verify(auth_key, _dummy_hash())
+        pwd_context.verify(auth_key, dummy_hash())
         return False
     try:
         return pwd_context.verify(auth_key, auth_hash)

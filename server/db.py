@@ -760,7 +760,7 @@ class _OpsTx:
 
     def _expect(self, ent, expect: UUID | None) -> None:
         if expect is not None and ent[0] != _s(expect):
-            raise E.conflict("entry now names another inode")
+            raise E.not_found("the entry no longer names the expected inode")
 
     def op_unlink(self, op: OpUnlink, _inline):
         parent = _s(op.parent)

@@ -115,6 +115,40 @@ def _one_line_validation(exc: RequestValidationError) -> str:
     return text[:500]
 
 
+class BodyLimitMiddleware:
+    """Caps request bodies (except under ``exempt_prefix``, whose routes stream and
+    enforce their own limit) with a ``too_large`` error in the usual shape."""
+
+    def __init__(self, app, limit: int, exempt_prefix: str) -> None:
+        self.app, self.limit, self.exempt_prefix = app, limit, exempt_prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefix):
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.limit:
+                    response = _body(413, "too_large", "request body too large")
+                    return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # Re-raised by FastAPI's body reader, then mapped by _http below.
+                    raise StarletteHTTPException(413, "request body too large")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
@@ -129,6 +163,11 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         return _body(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(OverflowError)
+    async def _overflow(_req: Request, _exc: OverflowError):
+        # e.g. an integer too large for sqlite: a client error, not a server fault
+        return _body(400, "invalid", "integer out of range")
 
     @app.exception_handler(Exception)
     async def _internal(req: Request, exc: Exception):

@@ -139,6 +139,14 @@ def _unlink(path: Path) -> None:
         log.warning("could not remove %s: %s", path, e.strerror)
 
 
+def _rmdir_if_empty(path: Path) -> None:
+    """Remove an inode directory left empty (a concurrent writer re-creates it)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 class _LocalStaged(Staged):
     def __init__(self, tmp: Path, final: Path, size: int, keep_backup: bool = False) -> None:
         self.tmp, self.final, self.size = tmp, final, size
@@ -183,10 +191,7 @@ class _LocalStaged(Staged):
         _unlink(self.final if self.committed else self.tmp)
         if self.backup is not None:
             _unlink(self.backup)
-        try:   # drop the inode directory if this left it empty
-            os.rmdir(self.final.parent)
-        except OSError:
-            pass
+        _rmdir_if_empty(self.final.parent)
 
 
 def _as_no_space(e: OSError) -> ApiError:
@@ -246,6 +251,7 @@ class LocalBlobStore(BlobStore):
                 os.close(fd)
         except BaseException as e:
             _unlink(tmp)
+            _rmdir_if_empty(final.parent)
             if isinstance(e, OSError):
                 raise _as_no_space(e) from None
             raise
@@ -262,11 +268,11 @@ class LocalBlobStore(BlobStore):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as e:
+        except BaseException as e:
             _unlink(tmp)
-            raise _as_no_space(e) from None
-        except BaseException:
-            _unlink(tmp)
+            _rmdir_if_empty(final.parent)
+            if isinstance(e, OSError):
+                raise _as_no_space(e) from None
             raise
         return _LocalStaged(tmp, final, len(data), keep_backup)
 
@@ -302,6 +308,7 @@ class LocalBlobStore(BlobStore):
         d = self._inode_dir(user, inode)
         for b in blobs:
             _unlink(d / _u(b))
+        _rmdir_if_empty(d)     # e.g. staged chunks of an inode that was never created
 
     def delete_inode(self, user, inode) -> None:
         shutil.rmtree(self._inode_dir(user, inode), ignore_errors=True)

@@ -23,6 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 API = "/api/v1"
+if str(REPO) not in sys.path:      # `server` and `zkfs` importable however pytest is started
+    sys.path.insert(0, str(REPO))
 
 
 def free_port() -> int:
@@ -147,9 +149,11 @@ def make_server(tmp_path_factory):
 
 
 @pytest.fixture
-def server(make_server) -> ServerProcess:
-    """A fresh server (own data dir) for this test only."""
-    return make_server()
+def server(request, make_server) -> ServerProcess:
+    """A fresh server (own data dir) for this test only. Parametrize it indirectly
+    with a dict of ``make_server`` keyword arguments to customise it, e.g.
+    ``@pytest.mark.parametrize("server", [{"quota_bytes": 10_000}], indirect=True)``."""
+    return make_server(**getattr(request, "param", {}))
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +165,7 @@ def shared_server(tmp_path_factory):
         yield srv.start()
     finally:
         srv.stop()
+
+
+# Client machines and FUSE mounts (see harness.py).
+from harness import account, make_machine, make_mount  # noqa: E402,F401

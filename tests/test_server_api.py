@@ -368,7 +368,7 @@ def test_unlink_rmdir(shared_server):
     assert_error(a.ops({"op": "rmdir", "parent": str(a.root), "name_hash": nh("d")}), 409, "not_empty")
     assert_error(a.ops({"op": "rmdir", "parent": str(d), "name_hash": nh("f")}), 409, "not_dir")
     assert_error(a.ops(unlink(d, "nope")), 404, "not_found")
-    assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 409, "conflict")
+    assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 404, "not_found")
     fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
     assert (fdir / str(blob)).exists() and (fdir / "key").exists()
     res = a.ok(unlink(d, "f", expect_inode=str(f)))
@@ -505,11 +505,19 @@ def test_commit_blobs_and_gc(shared_server):
     assert a.c.get(f"/blobs/{f}/{b2}").content == b"two" * 1000
     # blobs on a directory / unknown inode
     assert_error(a.c.put(f"/blobs/{a.root}/{uuid.uuid4()}", content=b"x"), 409, "is_dir")
-    assert_error(a.c.put(f"/blobs/{uuid.uuid4()}/{uuid.uuid4()}", content=b"x"), 404, "not_found")
+    # chunks may be staged before the request that creates their inode
+    g, gb = uuid.uuid4(), uuid.uuid4()
+    assert a.c.put(f"/blobs/{g}/{gb}", content=b"early").status_code == 201
+    r = a.ops({"op": "create", "inode": str(g), "is_dir": False, "meta": b64(8), "parent": str(a.root),
+               "name_hash": nh("g"), "name": b64(8)},
+              {"op": "commit", "inode": str(g), "base_version": 1, "meta": b64(8), "manifest": b64(8),
+               "blobs": [str(gb)]})
+    assert r.status_code == 200, r.text
+    assert a.c.get(f"/blobs/{g}/{gb}").content == b"early"
     # statfs counts committed and staged bytes
     st = a.c.get("/fs/statfs").json()
     assert st["quota_bytes"] is None
-    assert st["used_bytes"] == 3000 + 4 + len(b"staged, not referenced")
+    assert st["used_bytes"] == 3000 + 4 + len(b"staged, not referenced") + len(b"early")
     assert st["free_bytes"] > 0
 
 
@@ -612,6 +620,7 @@ def test_quota(make_server):
     a = Account(srv)
     f = a.create(a.root, "f")
     b1 = a.put_blob(f, os.urandom(6000))
+    assert a.commit(f, [b1]).status_code == 200
     before = sorted(files_under(srv.data_dir / "storage"))
     # declared length over the quota
     assert_error(a.c.put(f"/blobs/{f}/{uuid.uuid4()}", content=os.urandom(6000)), 507, "no_space")
@@ -627,7 +636,7 @@ def test_quota(make_server):
     # inline blobs over the quota
     b2 = uuid.uuid4()
     assert_error(a.commit(f, [b1, b2], inline=[(b2, os.urandom(6000))]), 507, "no_space")
-    assert a.inode(f)["version"] == 1
+    assert a.inode(f)["version"] == 2
     assert sorted(files_under(srv.data_dir / "storage")) == before      # nothing partial left
     st = a.c.get("/fs/statfs").json()
     assert st == {"quota_bytes": 10_000, "used_bytes": 6000, "free_bytes": 4000}
@@ -646,8 +655,9 @@ def test_isolation(shared_server):
     for url in (f"/fs/inodes/{f}", f"/fs/inodes/{a.root}", f"/fs/dirs/{d}/entries",
                 f"/fs/dirs/{d}/entries/{nh('f')}", f"/fs/inodes/{f}/key", f"/blobs/{f}/{blob}"):
         assert_error(b.c.get(url), 404, "not_found")
-    assert_error(b.c.put(f"/blobs/{f}/{blob}", content=b"evil"), 404, "not_found")
-    assert_error(b.c.put(f"/blobs/{f}/{uuid.uuid4()}", content=b"evil"), 404, "not_found")
+    # B may stage a blob under the same ids, but only in B's own namespace
+    assert b.c.put(f"/blobs/{f}/{blob}", content=b"evil").status_code == 201
+    assert b.c.get(f"/blobs/{f}/{blob}").content == b"evil"
     assert_error(b.c.put("/keys", json={"keys": [{"inode": str(f), "gen": 1, "wrapped_key": b64(40)}]}),
                  404, "not_found")
     for op in ({"op": "create", "inode": str(uuid.uuid4()), "is_dir": False, "meta": b64(8),
@@ -666,15 +676,19 @@ def test_isolation(shared_server):
     assert a.inode(f)["version"] == 2
     # the same inode id in B's namespace is a different object
     r = b.ops({"op": "create", "inode": str(f), "is_dir": False, "meta": b64(8), "parent": str(b.root),
-               "name_hash": nh("f"), "name": b64(8)})
-    assert r.status_code == 200
-    b.put_blob(f, b"b's data", blob=blob)
+               "name_hash": nh("f"), "name": b64(8)},
+              {"op": "commit", "inode": str(f), "base_version": 1, "meta": b64(8), "manifest": b64(8),
+               "blobs": [str(blob)]})
+    assert r.status_code == 200, r.text
+    assert b.c.get(f"/blobs/{f}/{blob}").content == b"evil"
     assert a.c.get(f"/blobs/{f}/{blob}").content == b"secret"
+    assert a.inode(f)["version"] == 2
+    assert (shared_server.data_dir / "storage" / str(a.user_id) / str(f) / str(blob)).read_bytes() == b"secret"
 
 
 def test_junk_ids_never_500(shared_server):
     a = Account(shared_server)
-    bad = ["not-a-uuid", "..", "..%2F..%2Fetc%2Fpasswd", "%00", "' OR 1=1 --", "1" * 300]
+    bad = ["not-a-uuid", "%2e%2e", "..%2F..%2Fetc%2Fpasswd", "%00", "' OR 1=1 --", "1" * 300]
     for junk in bad:
         for url in (f"/fs/inodes/{junk}", f"/fs/dirs/{junk}/entries", f"/fs/inodes/{junk}/key",
                     f"/blobs/{junk}/{uuid.uuid4()}", f"/blobs/{a.root}/{junk}",
@@ -690,6 +704,15 @@ def test_junk_ids_never_500(shared_server):
     r = a.c.post("/fs/ops", json={"ops": [{"op": "setmeta", "inode": str(a.root), "base_version": 1,
                                            "meta": "not base64!"}]})
     assert_error(r, 422, "validation")
+    huge = 2 ** 70
+    r = a.c.post("/fs/ops", json={"ops": [{"op": "setmeta", "inode": str(a.root), "base_version": huge,
+                                           "meta": b64(8)}]})
+    assert_error(r, 409, "conflict")
+    r = a.ops({"op": "create", "inode": str(uuid.uuid4()), "is_dir": False, "meta": b64(8),
+               "parent": str(a.root), "name_hash": nh("h"), "name": b64(8), "key_gen": huge,
+               "wrapped_key": b64(40)})
+    assert r.status_code in (400, 422), r.text
+    assert_error(a.c.get("/fs/changes", params={"since": huge}), 422, "validation")
     assert not any(p.name in ("passwd", "etc") for p in (shared_server.data_dir / "storage").rglob("*"))
     assert "Traceback" not in shared_server.log()
 
@@ -725,6 +748,26 @@ def test_env_file_and_startup_cleanup(server):
     assert a.c.get(f"/blobs/{f}/{committed}").content == b"keep me"
     assert_error(a.c.get(f"/fs/inodes/{g}"), 404, "not_found")     # orphan > 24 h
     assert a.inode(h)["nlink"] == 0                                # recent orphan kept
+
+
+def _load_secret(path: str) -> str:
+    from server.config import load_or_create_secret
+    return load_or_create_secret(Path(path))
+
+
+def test_secret_creation_is_race_free(tmp_path):
+    path = tmp_path / "fresh" / ".env"
+    with concurrent.futures.ProcessPoolExecutor(6) as pool:
+        secrets = list(pool.map(_load_secret, [str(path)] * 24))
+    assert len(set(secrets)) == 1 and len(secrets[0]) == 64
+    assert path.read_text() == f"ZKFS_SECRET_KEY={secrets[0]}\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("server", [{"quota_bytes": 123}], indirect=True)
+def test_server_fixture_params(server):
+    a = Account(server)
+    assert a.c.get("/fs/statfs").json()["quota_bytes"] == 123
 
 
 def test_kill_and_restart_keeps_data(server):

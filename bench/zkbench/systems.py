@@ -130,6 +130,7 @@ class LocalSystem(System):
 # =============================================================================== gocryptfs
 class GocryptfsSystem(System):
     name = "gocryptfs"
+    proc = None
     description = "gocryptfs (defaults) over a local directory, mounted -fg (settled = after sync)"
 
     def setup(self) -> None:
@@ -171,6 +172,9 @@ def crypt_size(n: int) -> int:
 class RcloneSystem(System):
     name = "rclone"
     networked = True
+    mproc = None
+    serve = None
+    rc_port = 0
     description = ("rclone crypt remote -> webdav remote -> `rclone serve webdav` of a local "
                    "dir; `rclone mount --vfs-cache-mode writes`")
 
@@ -206,6 +210,8 @@ class RcloneSystem(System):
             f"password2 = {obscure(secrets.token_urlsafe(24))}\n")
         self.conf.chmod(0o600)
         self.mproc = None
+        self.notes.append(f"rclone --vfs-write-back {self.opts.rclone_write_back}: uploads start "
+                          "that long after close(); included in 'settled' times")
 
     def mount(self) -> None:
         self.rc_port = free_port()
@@ -320,6 +326,8 @@ class RcloneSystem(System):
 class ZkfsSystem(System):
     name = "zkfs"
     networked = True
+    daemon = None
+    server = None
     description = ("zkfs server (python -m server) on 127.0.0.1 + `mount.py` FUSE client; "
                    "close() returns after the server committed (settled = cp returned)")
 
@@ -339,9 +347,14 @@ class ZkfsSystem(System):
         self.mount_log = self.root / "mount.log"
         self.env = dict(os.environ, ZKFS_HOME=str(self.home), PYTHONUNBUFFERED="1")
         self.port = free_port()
-        self.server = start_daemon(
-            [self._py(), "-m", "server", "--data-dir", str(self.data), "--host", "127.0.0.1",
-             "--port", str(self.port)], self.server_log, "zkfs server", env=self.env, cwd=REPO)
+        cmd = [self._py(), "-m", "server", "--data-dir", str(self.data), "--host", "127.0.0.1",
+               "--port", str(self.port)]
+        # like rclone serve (which logs nothing per request by default), no access log
+        h = subprocess.run([self._py(), "-m", "server", "--help"], capture_output=True,
+                           text=True, env=self.env, cwd=REPO, timeout=60)
+        if "--log-level" in h.stdout:
+            cmd += ["--log-level", "warning"]
+        self.server = start_daemon(cmd, self.server_log, "zkfs server", env=self.env, cwd=REPO)
         wait_for(lambda: http_status(f"http://127.0.0.1:{self.port}/api/v1/health")[0] == 200,
                  60, "zkfs server health", interval=0.2, proc=self.server,
                  log_path=self.server_log)
@@ -365,10 +378,28 @@ class ZkfsSystem(System):
         self.daemon = None
 
     def _find_daemon(self):
+        """The background FUSE daemon: from mount.py's pidfile ($ZKFS_HOME/run/*.pid) if
+        there is one, else the process whose command line names our mountpoint and
+        mount.py / zkfs.mount."""
         mnt = str(self.mnt)
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cl = p.info.get("cmdline") or []
-            if any(a.endswith("mount.py") for a in cl) and mnt in cl and "--unmount" not in cl:
+
+        def ours(p) -> bool:
+            try:
+                cl = p.cmdline()
+            except psutil.Error:
+                return False
+            return (mnt in cl and "--unmount" not in cl and "-u" not in cl and
+                    any(a.endswith("mount.py") or a in ("zkfs.mount", "zkfs.mount.cli")
+                        or a.endswith("zkfs-mount") for a in cl))
+        for pf in sorted((self.home / "run").glob("*.pid")):
+            try:
+                p = psutil.Process(int(pf.read_text().strip()))
+            except (OSError, ValueError, psutil.Error):
+                continue
+            if ours(p):
+                return p
+        for p in psutil.process_iter():
+            if ours(p):
                 return p
         return None
 
@@ -423,6 +454,12 @@ class ZkfsSystem(System):
         REG.drop_mount(self.mnt)
         _wait_exit(self.daemon, 30, "zkfs mount daemon")
         self.daemon = None
+
+    def clear_client_cache(self) -> None:
+        # mount.py keeps a ciphertext cache in $ZKFS_HOME/cache/<mount>: a cold read must
+        # come from the server (as for rclone, whose VFS cache is wiped too)
+        if not self.opts.zkfs_keep_cache:
+            shutil.rmtree(self.home / "cache", ignore_errors=True)
 
     def teardown(self) -> None:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from .. import errors as E
 from ..auth import CurrentUser, decoy_kdf, hash_auth_key, issue_token, verify_auth_key
@@ -102,7 +102,7 @@ def new_master_key(body: NewMasterKeyRequest, user: CurrentUser, db: DbDep):
 
 @router.delete("/account/master-keys/{gen}", status_code=204,
                responses={401: {"model": Error}, 404: {"model": Error}, 409: {"model": Error}})
-def delete_master_key(gen: int, user: CurrentUser, db: DbDep):
+def delete_master_key(gen: Annotated[int, Path(ge=1, le=2**31)], user: CurrentUser, db: DbDep):
     db.delete_master_key(user.id, gen)
     return Response(status_code=204)
 

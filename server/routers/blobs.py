@@ -50,7 +50,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 @router.put("/{inode}/{blob_id}", status_code=201,
-            responses={409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}})
+            responses={201: {"description": "stored (staged until a commit references it)"},
+                       409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}},
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUser,
                    db: DbDep, store: StoreDep, settings: SettingsDep):
     """Raw body, streamed to disk (temp file, fsync, rename); 201 when stored."""

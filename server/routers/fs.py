@@ -65,7 +65,7 @@ def statfs(user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep)
 
 
 @router.get("/changes", response_model=ChangesResponse)
-def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0)] = 0):
+def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2**62)] = 0):
     seq, ids = db.changes(user.id, since)
     return ChangesResponse(seq=seq, inodes=ids)
 

@@ -85,10 +85,11 @@ class BlockStore:
 
     # ------------------------------------------------------------ writes
     def upload(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:
-        ref, token = self.vault.upload_chunk_token(inode, cipher, plain)
-        if token is not None:
-            self.tokens.put(ref.blob_id, token)
-            self.plain.put(ref.blob_id, bytes(plain))
+        # Only the (bounded, in-memory) plaintext cache learns of written chunks:
+        # writing every token to the disk cache too would double the disk writes.
+        ref, _ = self.vault.upload_chunk_token(inode, cipher, plain)
+        if not ref.is_hole:
+            self.plain.put(ref.blob_id, plain)
         return ref
 
     def upload_async(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> Future:

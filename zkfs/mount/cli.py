@@ -132,7 +132,10 @@ def serve(args) -> None:
     pidfile.write_text(str(os.getpid()))
     options = dict(foreground=True, nothreads=False, fsname="zkfs", subtype="zkfs",
                    big_writes=True, max_write=128 * 1024, max_read=128 * 1024, use_ino=True,
-                   attr_timeout=1.0, entry_timeout=1.0, hard_remove=True, auto_cache=True)
+                   # attr_timeout 0: libfuse2 gives each path (not inode) its own kernel
+                   # node, so cached attrs of a hard link would go stale; our own cache
+                   # answers getattr without a round trip anyway.
+                   attr_timeout=0, entry_timeout=1.0, hard_remove=True, auto_cache=True)
     if args.read_only:
         options["ro"] = True
     if args.allow_other:

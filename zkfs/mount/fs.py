@@ -84,6 +84,21 @@ class ZkfsOperations(fuse.Operations):
     def init(self, path):
         self.meta.poll_changes()
         self.meta.start_poller(self.poll_interval, self._stop)
+        threading.Thread(target=self._retry_unsaved, name="zkfs-retry", daemon=True).start()
+
+    def _retry_unsaved(self, interval: float = 5.0) -> None:
+        """Closed files whose commit failed (server down, disk full) keep their data
+        here and are retried until the server takes them: never a silent loss."""
+        while not self._stop.wait(interval):
+            for of in [f for f in list(self.open_files.values()) if f.handles == 0]:
+                try:
+                    self._commit(of, None)
+                except OSError:
+                    continue
+                with self.ns_lock:
+                    if of.handles == 0 and not (of.meta_dirty or of.content_dirty):
+                        self.open_files.pop(of.id, None)
+                        log.info("inode %s: saved after an earlier failure", of.id)
 
     def destroy(self, path):
         self._stop.set()
@@ -160,7 +175,8 @@ class ZkfsOperations(fuse.Operations):
             self.open_files[node.id] = of
         return of
 
-    def _new_handle(self, of: OpenFile) -> int:
+    def _new_handle(self, of: OpenFile, path: str) -> int:
+        of.last_path = path
         with self.ns_lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -171,6 +187,7 @@ class ZkfsOperations(fuse.Operations):
     def _commit(self, of: OpenFile, path: str | None) -> None:
         if of.unlinked:
             return                       # nobody can see it any more: nothing to publish
+        path = of.last_path = path or of.last_path
         try:
             node = of.commit()
         except ConflictError:
@@ -309,8 +326,17 @@ class ZkfsOperations(fuse.Operations):
                 a.mtime_ns = now if mtime == UTIME_NOW else mtime
         self._setattr(path, change)
 
+    @staticmethod
+    def _xattr_supported(name: str) -> None:
+        # POSIX ACLs arrive as system.posix_acl_* xattrs; storing them opaquely
+        # would make cp -a/rsync -A "set" modes that never reach st_mode.
+        # Refusing them makes those tools fall back to chmod.
+        if name.startswith("system."):
+            raise FsError(errno.EOPNOTSUPP)
+
     @_errors
     def setxattr(self, path, name, value, options, position=0):
+        self._xattr_supported(name)
         if len(value) > MAX_XATTR_VALUE:
             raise FsError(errno.E2BIG)
         node = self.meta.resolve(path)
@@ -326,6 +352,7 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def getxattr(self, path, name, position=0):
+        self._xattr_supported(name)
         value = self._attrs_of(self.meta.resolve(path)).xattrs.get(name)
         if value is None:
             raise FsError(errno.ENODATA)
@@ -389,7 +416,7 @@ class ZkfsOperations(fuse.Operations):
     @_errors
     def create(self, path, mode, fi=None):
         _, of = self._make_node(path, stat.S_IFREG | stat.S_IMODE(mode))
-        return self._new_handle(of)
+        return self._new_handle(of, path)
 
     @_errors
     def mknod(self, path, mode, dev):
@@ -479,6 +506,8 @@ class ZkfsOperations(fuse.Operations):
                                               keep_orphan=target_open)], [src_parent, dst_parent], delta)
             self.meta.set_entry(src_parent.id, src_name, None)
             self.meta.set_entry(dst_parent.id, dst_name, node)
+            if node.id in self.open_files:
+                self.open_files[node.id].last_path = new
             if target is not None and target.id != node.id:
                 self.meta.forget(target.id)
                 if target_open and target.nlink <= 1:
@@ -495,7 +524,7 @@ class ZkfsOperations(fuse.Operations):
                 node = self.meta.node(node.id, fresh=True)      # close-to-open consistency
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            return self._new_handle(self._open_file(node))
+            return self._new_handle(self._open_file(node), path)
 
     @_errors
     def read(self, path, size, offset, fh):
@@ -516,7 +545,7 @@ class ZkfsOperations(fuse.Operations):
             node = self.meta.resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            fh = self._new_handle(self._open_file(self.meta.node(node.id, fresh=node.id not in self.open_files)))
+            fh = self._new_handle(self._open_file(self.meta.node(node.id, fresh=node.id not in self.open_files)), path)
         try:
             self.handles[fh].truncate(length)
             self._commit(self.handles[fh], path)

@@ -69,6 +69,7 @@ class OpenFile:
         self.cipher = cipher
         self.lock = threading.RLock()
         self.handles = 0
+        self.last_path: str | None = None    # where to put a conflict copy
         self.unlinked = False
         self.pending = pending
         self._reset_base(node, manifest)
@@ -125,6 +126,7 @@ class OpenFile:
         try:
             ref = fut.result()
         except Exception:
+            log.warning("upload of chunk %d of inode %s failed; kept for retry", i, self.id)
             del self.staged[i]
             plain = self._unconfirmed.pop(i)
             self.dirty[i] = bytearray(plain)
@@ -255,8 +257,20 @@ class OpenFile:
             return
         plain = bytes(self.dirty.pop(i))
         self.budget.add(-len(plain))
+        self._upload(i, plain)
+
+    def _upload(self, i: int, plain: bytes) -> None:
+        fut = self.blocks.upload_async(self.id, self.cipher, plain)
         self._unconfirmed[i] = plain
-        self.staged[i] = self.blocks.upload_async(self.id, self.cipher, plain)
+        self.staged[i] = fut
+        fut.add_done_callback(lambda f, i=i: self._confirmed(i, f))
+
+    def _confirmed(self, i: int, fut: Future) -> None:
+        # Runs on the upload thread: once the server has the chunk, stop holding it.
+        if fut.exception() is None:
+            with self.lock:
+                if self.staged.get(i) is fut:
+                    self._unconfirmed.pop(i, None)
 
     def _spill_if_needed(self) -> None:
         while self.budget.over() and self.dirty:
@@ -328,8 +342,7 @@ class OpenFile:
             self._upload_failed = False
             for i, plain in uploads.items():
                 self._drop_buffer(i)
-                self._unconfirmed[i] = plain
-                self.staged[i] = self.blocks.upload_async(self.id, self.cipher, plain)
+                self._upload(i, plain)
         failed = False
         for i in list(self.staged):
             ref = self._settle(i)
