@@ -146,6 +146,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="zkfs-bench-", dir=base))
     log(f"work dir {work}")
     started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = os.getloadavg()
+    if load_start[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: machine busy before start (load average {load_start[0]:.1f}); "
+            "numbers will be noisy")
     t_start = time.monotonic()
     runs: list[dict] = []
     crypto: dict = {}
@@ -191,6 +195,9 @@ def main(argv=None) -> int:
     print("MB/s = 10^6 bytes/s. Ratio zkfs/X > 1 is good where higher is better, "
           "< 1 is good where lower is better.")
     print(table)
+    la = os.getloadavg()
+    print(f"load average at start {load_start[0]:.2f}, at end {la[0]:.2f} "
+          f"({os.cpu_count()} CPUs)")
     print()
     if crypto:
         print(report.crypto_table(crypto))
@@ -218,6 +225,7 @@ def main(argv=None) -> int:
                  "argv": sys.argv, "options": {k: v for k, v in vars(opts).items()},
                  "python": sys.version, "platform": platform.platform(),
                  "cpus": os.cpu_count(), "notes": notes,
+                 "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                  "metrics": [{"key": k, "workload": w, "label": l, "unit": u, "better": b}
                              for k, w, l, u, b in report.METRICS]},
         "systems": {r["system"]: r.get("description", "") for r in runs},

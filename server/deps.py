@@ -1,4 +1,7 @@
-"""FastAPI dependencies giving routers the settings, metadata store and blob store."""
+"""FastAPI dependencies giving routers the settings, metadata store and blob store.
+
+They are ``async def`` because FastAPI runs a plain ``def`` dependency on the
+threadpool: a hop per dependency per request, for a field read."""
 from __future__ import annotations
 
 from fastapi import Request
@@ -8,13 +11,13 @@ from .db import MetadataStore
 from .storage import BlobStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> MetadataStore:
+async def get_db(request: Request) -> MetadataStore:
     return request.app.state.db
 
 
-def get_store(request: Request) -> BlobStore:
+async def get_store(request: Request) -> BlobStore:
     return request.app.state.store

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
 BIG = 2 * MiB + 100_000          # three chunks: two full 1 MiB ones and a tail
+MED = 300_000                    # one chunk, uploaded as a blob (not inline in the commit)
 
 
 def _bytes(seed: str, n: int) -> bytes:
@@ -55,13 +56,13 @@ FILES: dict[str, bytes] = {
     "flip/meta.txt": _text("flip/meta.txt", 1002),
     "flip/name.txt": _text("flip/name.txt", 1003),
     "reorder/a.bin": _bytes("reorder", BIG),
-    "stale/a.bin": _bytes("stale", BIG),
+    "stale/a.bin": _bytes("stale", MED),
     "truncate/drop.bin": _bytes("drop", BIG),
-    "truncate/cut.bin": _bytes("cut", BIG),
+    "truncate/cut.bin": _bytes("cut", MED),
     "extend/append.bin": _bytes("append", BIG),
-    "extend/extra.bin": _bytes("extra", BIG),
-    "chunkswap/a.bin": _bytes("cs-a", BIG),
-    "chunkswap/b.bin": _bytes("cs-b", BIG),
+    "extend/extra.bin": _bytes("extra", MED),
+    "chunkswap/a.bin": _bytes("cs-a", MED),
+    "chunkswap/b.bin": _bytes("cs-b", MED),
     "keyswap/a.txt": _text("keyswap/a.txt", 2000),
     "keyswap/b.txt": _text("keyswap/b.txt", 2001),
     "keygen/a.txt": _text("keygen/a.txt", 2002),
@@ -76,6 +77,12 @@ FILES: dict[str, bytes] = {
     "targets/b.txt": _text("targets/b.txt", 700),
     "move/src/a.txt": _text("move/src/a.txt", 900),
     "move/dst/other.txt": _text("move/dst/other.txt", 901),
+    "list/entry_meta_flipped/a.txt": _text("list/entry_meta_flipped/a.txt", 100),
+    "list/entry_meta_flipped/b.txt": _text("list/entry_meta_flipped/b.txt", 101),
+    "list/entry_name_flipped/a.txt": _text("list/entry_name_flipped/a.txt", 102),
+    "list/entry_name_flipped/b.txt": _text("list/entry_name_flipped/b.txt", 103),
+    "list/entry_moved_in/a.txt": _text("list/entry_moved_in/a.txt", 104),
+    "list/entry_moved_in/other/b.txt": _text("list/entry_moved_in/other/b.txt", 105),
     "meta/a.txt": _text("meta/a.txt", 1100),
     "meta/b.txt": _text("meta/b.txt", 1200),
     "meta/v.txt": _text("meta/v.txt", 1300),
@@ -84,7 +91,7 @@ FILES: dict[str, bytes] = {
     "isdir/sub/x.txt": _text("isdir/sub/x.txt", 1600),
     "rollback/full.txt": _text("rollback/full.txt", 1700),
     "rollback/meta.txt": _text("rollback/meta.txt", 1701),
-    "rollback/manifest.bin": _bytes("rb-manifest", BIG),
+    "rollback/manifest.bin": _bytes("rb-manifest", MED),
     "rbfresh/a.txt": _text("rbfresh/a.txt", 1800),
     "rbmount/a.txt": _text("rbmount/a.txt", 1900),
     "rbcrash/a.txt": _text("rbcrash/a.txt", 1901),
@@ -155,20 +162,39 @@ def world(shared_server, tmp_path_factory):
         hs.close()
 
 
-def mount_eio(mount, rel: str, *reasons: str, listdir: bool = False) -> None:
+@pytest.fixture
+def mount(world, make_mount):
+    """``mount()``: a fresh mount of the module's account (fresh caches), unmounted
+    cleanly at teardown (make_mount's cleanup still backs this up)."""
+    mounts = []
+
+    def factory():
+        m = make_mount(world.machine)
+        mounts.append(m)
+        return m
+
+    yield factory
+    for m in mounts:
+        if m.is_mounted():
+            try:
+                m.unmount()
+            except AssertionError:
+                pass
+
+
+def mount_eio(mount, rel: str, *reasons: str, logged: str | None = None) -> None:
     """Reading /h/rel through the mount fails with EIO (nothing returned) and the
-    mount logs an integrity failure naming the path and matching ``reasons``."""
+    mount logs an integrity failure matching ``reasons`` that names the path
+    (or ``logged``: the kernel looks a path up one component at a time, so a
+    tampered directory is reported under its own path)."""
     path = mount.path / "h" / rel
     with pytest.raises(OSError) as exc:
         data = path.read_bytes()
         pytest.fail(f"read {len(data)} bytes of a tampered file")
     assert exc.value.errno == errno.EIO, exc.value
-    if listdir:
-        with pytest.raises(OSError) as exc:
-            os.listdir(path.parent)
-        assert exc.value.errno == errno.EIO, exc.value
     log = mount_log(mount)
-    assert log_lines(log, "integrity check failed", re.escape("/h/" + rel), *reasons), log
+    assert log_lines(log, "integrity check failed", re.escape("/h/" + (logged or rel)) + r"\b",
+                     *reasons), log
 
 
 def mount_enoent(mount, rel: str) -> None:
@@ -178,10 +204,10 @@ def mount_enoent(mount, rel: str) -> None:
 
 
 # ================================================================ control
-def test_control_untampered_files_read_back(world, make_mount):
+def test_control_untampered_files_read_back(world, mount):
     """The harness itself: untouched files come back intact both ways."""
     assert world.download("control/ok.bin") == FILES["control/ok.bin"]
-    m = make_mount(world.machine)
+    m = mount()
     for rel in ("control/ok.bin", "control/ok.txt"):
         assert (m.path / "h" / rel).read_bytes() == FILES[rel]
     assert "integrity check failed" not in mount_log(m)
@@ -189,7 +215,7 @@ def test_control_untampered_files_read_back(world, make_mount):
 
 # ================================================================ flipped bits
 @pytest.mark.parametrize("target", ["chunk", "manifest", "key", "meta", "name"])
-def test_flipped_bit(world, make_mount, target):
+def test_flipped_bit(world, mount, target):
     """One bit flipped in each kind of stored record."""
     hs = world.hs
     rel = {"chunk": "flip/chunk.bin"}.get(target, f"flip/{target}.txt")
@@ -212,12 +238,12 @@ def test_flipped_bit(world, make_mount, target):
         hs.set_entry(entry, name=flip_b64(entry["name"]))
         why = f"an entry of directory {entry['parent']} failed verification"
     world.refused(rel, why)
-    m = make_mount(world.machine)
-    mount_eio(m, rel, why, listdir=target in ("meta", "name"))
+    m = mount()
+    mount_eio(m, rel, why)
 
 
 # ================================================================ chunk-level attacks
-def test_chunks_reordered(world, make_mount):
+def test_chunks_reordered(world, mount):
     """Two full-size chunks of one file (same key, same length) swapped on disk."""
     hs, rel = world.hs, "reorder/a.bin"
     a = world.id(rel)
@@ -228,7 +254,7 @@ def test_chunks_reordered(world, make_mount):
     hs.write_blob(a, second.id, data1)
     why = rf"chunk [01] of inode {a} failed verification: chunk does not match the manifest"
     world.refused(rel, why)
-    m = make_mount(world.machine)
+    m = mount()
     mount_eio(m, rel, why)
     # The untouched tail chunk still reads correctly: errors are per chunk.
     with open(m.path / "h" / rel, "rb") as f:
@@ -236,23 +262,23 @@ def test_chunks_reordered(world, make_mount):
         assert f.read() == FILES[rel][2 * MiB:]
 
 
-def test_stale_chunk_of_same_file_replayed(world, make_mount):
+def test_stale_chunk_of_same_file_replayed(world, mount):
     """A chunk of the file's previous version (same key: it decrypts fine) served
     in place of the current one. Only the manifest's digests can catch this."""
     hs, rel = world.hs, "stale/a.bin"
     a = world.id(rel)
     old = hs.blobs(a)[0].read()
-    world.upload_new_version(rel, _bytes("stale-v2", BIG))
+    world.upload_new_version(rel, _bytes("stale-v2", MED))
     current = hs.blobs(a)[0]
     assert len(current.read()) == len(old)
     hs.write_blob(a, current.id, old)
-    why = rf"chunk [01] of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why)
 
 
 @pytest.mark.parametrize("how", ["drop_last_chunk", "cut_chunk"])
-def test_truncated(world, make_mount, how):
+def test_truncated(world, mount, how):
     hs = world.hs
     rel = "truncate/drop.bin" if how == "drop_last_chunk" else "truncate/cut.bin"
     a = world.id(rel)
@@ -263,12 +289,12 @@ def test_truncated(world, make_mount, how):
     else:
         blob = hs.blobs(a)[0]
         hs.write_blob(a, blob.id, blob.read()[: blob.size // 2])
-        why = rf"chunk [01] of inode {a} failed verification: chunk does not match the manifest"
+        why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why)
 
 
-def test_extended_chunk(world, make_mount):
+def test_extended_chunk(world, mount):
     """Bytes appended to a stored chunk (a whole extra AES block and a new tag would
     still be caught: the digest covers the exact token)."""
     hs, rel = world.hs, "extend/append.bin"
@@ -277,10 +303,10 @@ def test_extended_chunk(world, make_mount):
     hs.write_blob(a, blob.id, blob.read() + os.urandom(48))
     why = rf"chunk 2 of inode {a} failed verification: chunk does not match the manifest"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why)
 
 
-def test_extra_blob_is_ignored(world, make_mount):
+def test_extra_blob_is_ignored(world, mount):
     """An extra blob next to a file's chunks: the manifest fixes the chunk list and
     the size, so it is never read; the file reads back exactly."""
     hs, rel = world.hs, "extend/extra.bin"
@@ -288,28 +314,28 @@ def test_extra_blob_is_ignored(world, make_mount):
     hs.add_blob(a, hs.blobs(a)[0].read())        # even a valid-looking token of this file
     hs.add_blob(a, os.urandom(MiB))
     assert world.download(rel) == FILES[rel]
-    m = make_mount(world.machine)
+    m = mount()
     path = m.path / "h" / rel
     assert path.stat().st_size == len(FILES[rel])
     assert path.read_bytes() == FILES[rel]
 
 
-def test_chunk_swapped_from_other_file(world, make_mount):
+def test_chunk_swapped_from_other_file(world, mount):
     hs, rel = world.hs, "chunkswap/a.bin"
     a, b = world.id(rel), world.id("chunkswap/b.bin")
     mine, theirs = hs.blobs(a)[0], hs.blobs(b)[0]
     assert mine.size == theirs.size
     hs.write_blob(a, mine.id, theirs.read())
-    why = rf"chunk [01] of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
     world.refused(rel, why)
-    m = make_mount(world.machine)
+    m = mount()
     mount_eio(m, rel, why)
     assert (m.path / "h/chunkswap/b.bin").read_bytes() == FILES["chunkswap/b.bin"]
 
 
 # ================================================================ keys and whole contents
 @pytest.mark.parametrize("how", ["from_other_file", "unknown_generation"])
-def test_file_key_swapped(world, make_mount, how):
+def test_file_key_swapped(world, mount, how):
     hs = world.hs
     if how == "from_other_file":
         rel = "keyswap/a.txt"
@@ -323,11 +349,11 @@ def test_file_key_swapped(world, make_mount, how):
         hs.set_inode(a, key_gen=hs.inode(a)["key_gen"] + 41)
         why = f"file {a} names an unknown key generation"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why)
 
 
 @pytest.mark.parametrize("how", ["manifest_and_chunks", "whole_record"])
-def test_content_replaced_by_other_file(world, make_mount, how):
+def test_content_replaced_by_other_file(world, mount, how):
     """A's content replaced by B's: B's manifest and every chunk of B copied into A
     (and, for ``whole_record``, B's attributes, version and key as well)."""
     hs = world.hs
@@ -348,14 +374,14 @@ def test_content_replaced_by_other_file(world, make_mount, how):
         shutil.copyfile(hs.key_path(b), hs.key_path(a))
         why = f"attributes of inode {a} failed verification: attributes belong to another inode"
     world.refused(rel, why)
-    m = make_mount(world.machine)
+    m = mount()
     mount_eio(m, rel, why)
     assert (m.path / "h" / d / "b.txt").read_bytes() == FILES[f"{d}/b.txt"]
 
 
 # ================================================================ names
 @pytest.mark.parametrize("column", ["name", "inode"])
-def test_name_swapped(world, make_mount, column):
+def test_name_swapped(world, mount, column):
     """Two entries of one directory exchange their encrypted names (``name``), or
     each name is pointed at the other's file (``inode``): either way "a.txt"
     would open b.txt's content. The name is sealed with the inode id it names."""
@@ -370,14 +396,14 @@ def test_name_swapped(world, make_mount, column):
     world.refused(f"{d}/b.txt", why)
     proc = world.machine.run("ls", f"/h/{d}", check=False)
     assert "entry name points at another inode" in error_line(proc)
-    m = make_mount(world.machine)
-    mount_eio(m, rel, why, listdir=True)
+    m = mount()
+    mount_eio(m, rel, why)
     mount_eio(m, f"{d}/b.txt", why)
     if column == "name":       # an untouched sibling is still reachable by name
         assert (m.path / "h/names/c.txt").read_bytes() == FILES["names/c.txt"]
 
 
-def test_entry_moved_to_other_dir(world, make_mount):
+def test_entry_moved_to_other_dir(world, mount):
     """An entry (encrypted name, name hash, inode) moved into another directory. The
     name hash is a MAC over (parent id, name): listing the new directory fails;
     the file cannot be opened under the new directory at all; in the old one it
@@ -391,18 +417,41 @@ def test_entry_moved_to_other_dir(world, make_mount):
     assert re.search(why, error_line(proc))
     world.refused("move/dst/a.txt", "no such file or directory on the server")
     world.refused("move/src/a.txt", "no such file or directory on the server")
-    m = make_mount(world.machine)
-    with pytest.raises(OSError) as exc:
-        os.listdir(m.path / "h/move/dst")
-    assert exc.value.errno == errno.EIO
-    assert log_lines(mount_log(m), "integrity check failed", "/h/move/dst", why)
+    m = mount()
     mount_enoent(m, "move/dst/a.txt")
     assert (m.path / "h/move/dst/other.txt").read_bytes() == FILES["move/dst/other.txt"]
 
 
+@pytest.mark.parametrize("how", ["entry_meta_flipped", "entry_name_flipped", "entry_moved_in"])
+def test_listing_of_tampered_directory(world, mount, how):
+    """Listing a directory with one tampered entry fails as a whole, with EIO in the
+    mount (never a partial or wrong listing) and one error line in the CLI."""
+    hs = world.hs
+    d = f"list/{how}"
+    a = world.id(f"{d}/a.txt")
+    entry = hs.entry_of(a)
+    if how == "entry_meta_flipped":
+        hs.set_inode(a, meta=flip_b64(hs.inode(a)["meta"]))
+        why = f"attributes of inode {a} failed verification"
+    elif how == "entry_name_flipped":
+        hs.set_entry(entry, name=flip_b64(entry["name"]))
+        why = f"an entry of directory {entry['parent']} failed verification: authentication failed"
+    else:
+        other = world.dir_id(f"list/{how}/other")
+        hs.set_entry(entry, parent=str(other))
+        d, why = f"{d}/other", f"an entry of directory {other} failed verification: entry name moved"
+    assert re.search(why, error_line(world.machine.run("ls", f"/h/{d}", check=False)))
+    m = mount()
+    with pytest.raises(OSError) as exc:
+        os.listdir(m.path / "h" / d)
+    assert exc.value.errno == errno.EIO, exc.value
+    log = mount_log(m)
+    assert log_lines(log, "integrity check failed", re.escape(f"/h/{d}"), why), log
+
+
 # ================================================================ metadata
 @pytest.mark.parametrize("how", ["swapped", "version_bumped", "parent_dir_flipped"])
-def test_metadata_edited(world, make_mount, how):
+def test_metadata_edited(world, mount, how):
     hs = world.hs
     if how == "swapped":
         rel = "meta/a.txt"
@@ -422,7 +471,7 @@ def test_metadata_edited(world, make_mount, how):
         hs.set_inode(sub, meta=flip_b64(hs.inode(sub)["meta"]))
         why = f"attributes of inode {sub} failed verification: authentication failed"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why, listdir=how != "parent_dir_flipped")
+    mount_eio(mount(), rel, why, logged="metadir/sub" if how == "parent_dir_flipped" else None)
     if how == "version_bumped":
         # The lie did not poison the rollback ledger: the true version still reads.
         hs.set_inode(a, version=hs.inode(a)["version"] - 5)
@@ -430,7 +479,7 @@ def test_metadata_edited(world, make_mount, how):
 
 
 @pytest.mark.parametrize("how", ["file_as_dir", "dir_as_file"])
-def test_is_dir_lie(world, make_mount, how):
+def test_is_dir_lie(world, mount, how):
     """The server's plaintext is_dir flag contradicts the encrypted mode."""
     hs = world.hs
     if how == "file_as_dir":
@@ -445,12 +494,12 @@ def test_is_dir_lie(world, make_mount, how):
         hs.set_entry(hs.entry_of(target), is_dir=0)
     why = f"inode {target}: server's type disagrees with its attributes"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why, logged="isdir/sub" if how == "dir_as_file" else None)
 
 
 # ================================================================ rollback
 @pytest.mark.parametrize("how", ["whole_file", "old_meta_new_version", "old_manifest_and_chunks"])
-def test_rollback(world, make_mount, how):
+def test_rollback(world, mount, how):
     """Version N saved, the client updates the file to N+1 (its versions.db records
     N+1), then the server restores N. Restoring honestly (version N) trips the
     high-water mark; claiming N+1 for the old attributes trips their version
@@ -460,7 +509,7 @@ def test_rollback(world, make_mount, how):
            "old_manifest_and_chunks": "rollback/manifest.bin"}[how]
     a = world.id(rel)
     snap = hs.snapshot(a)
-    new = _text(rel + " v2", len(FILES[rel]) + 10) if rel.endswith(".txt") else _bytes("rb-v2", BIG)
+    new = _text(rel + " v2", len(FILES[rel]) + 10) if rel.endswith(".txt") else _bytes("rb-v2", MED)
     world.upload_new_version(rel, new)
     version = hs.inode(a)["version"]
     assert version == snap.row["version"] + 1
@@ -474,10 +523,10 @@ def test_rollback(world, make_mount, how):
         hs.restore(snap, ("manifest",))
         why = f"manifest of inode {a} does not match its attributes"
     world.refused(rel, why)
-    mount_eio(make_mount(world.machine), rel, why)
+    mount_eio(mount(), rel, why)
 
 
-def test_rollback_undetectable_on_a_fresh_machine(world, make_machine, make_mount):
+def test_rollback_undetectable_on_a_fresh_machine(world, make_machine):
     """Limitation (documented): a client that never saw N+1 has nothing to compare
     with. A whole-file rollback is detected by the machine that saw N+1 and
     accepted by a brand-new one, which gets the old, authentic version N."""
@@ -492,13 +541,13 @@ def test_rollback_undetectable_on_a_fresh_machine(world, make_machine, make_moun
     assert world.download(rel, machine=fresh) == FILES[rel]        # old, but authentic
 
 
-def test_rollback_after_update_through_the_mount(world, make_mount):
+def test_rollback_after_update_through_the_mount(world, mount):
     """The mount keeps the high-water mark too: a version it wrote is recorded at
     unmount, so a later rollback is caught by the command line."""
     hs, rel = world.hs, "rbmount/a.txt"
     a = world.id(rel)
     snap = hs.snapshot(a)
-    m = make_mount(world.machine)
+    m = mount()
     (m.path / "h" / rel).write_bytes(b"written through the mount\n")
     m.unmount()
     assert hs.inode(a)["version"] > snap.row["version"]
@@ -506,13 +555,13 @@ def test_rollback_after_update_through_the_mount(world, make_mount):
     world.refused(rel, f"the server rolled inode {a} back")
 
 
-def test_rollback_after_the_mount_crashed(world, make_mount):
+def test_rollback_after_the_mount_crashed(world, mount):
     """A mount that dies (SIGKILL, power loss) after writing version N+1 must not
     forget N+1: the next client on this machine should still catch a rollback."""
     hs, rel = world.hs, "rbcrash/a.txt"
     a = world.id(rel)
     snap = hs.snapshot(a)
-    m = make_mount(world.machine)
+    m = mount()
     (m.path / "h" / rel).write_bytes(b"written through the mount, then it crashed\n")
     assert hs.inode(a)["version"] > snap.row["version"]
     m.kill()
@@ -521,7 +570,7 @@ def test_rollback_after_the_mount_crashed(world, make_mount):
 
 
 # ================================================================ the root
-def test_root_substitution(world, make_mount):
+def test_root_substitution(world, mount):
     """The account record names the root directory; a server that names another
     directory instead (here /h/decoy, which holds h/victim.txt) must not get
     /h/victim.txt answered from inside it."""
@@ -536,7 +585,7 @@ def test_root_substitution(world, make_mount):
         got = (out / "victim.txt").read_bytes() if (out / "victim.txt").exists() else None
         assert got != FILES["decoy/h/victim.txt"], "the decoy's file was served as /h/victim.txt"
         error_line(proc)
-        m = make_mount(world.machine)
+        m = mount()
         try:
             data = (m.path / "h/victim.txt").read_bytes()
         except OSError as exc:
@@ -548,7 +597,7 @@ def test_root_substitution(world, make_mount):
 
 
 # ================================================================ limitations
-def test_limit_hidden_entry_is_a_clean_absence(world, make_mount):
+def test_limit_hidden_entry_is_a_clean_absence(world, mount):
     """Limitation (documented): the server can hide a file (delete its entry). The
     client cannot tell hiding from deletion; it reports absence, never bytes."""
     hs, rel = world.hs, "hide/a.txt"
@@ -556,7 +605,7 @@ def test_limit_hidden_entry_is_a_clean_absence(world, make_mount):
     hs.db.execute("DELETE FROM dentries WHERE user_id = ? AND parent = ? AND name_hash = ?",
                   (hs.user_id, entry["parent"], entry["name_hash"]))
     world.refused(rel, "no such file or directory on the server")
-    mount_enoent(make_mount(world.machine), rel)
+    mount_enoent(mount(), rel)
 
 
 def test_limit_deleted_file_can_be_resurrected(world):

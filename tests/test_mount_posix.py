@@ -324,6 +324,7 @@ def test_name_lengths_and_utf8(d):
     emoji = "\U0001F600" * 63 + "abc"               # 4*63 + 3 = 255 bytes
     (d / emoji).write_bytes(b"emoji")
     assert sorted(os.listdir(d)) == sorted([ok, multibyte, emoji])
+    assert errno_of(os.stat, d / ("n" * 256)) == errno.ENAMETOOLONG
     assert errno_of(os.open, d / ("n" * 256), os.O_CREAT | os.O_WRONLY, 0o644) == errno.ENAMETOOLONG
     assert errno_of(os.mkdir, d / ("\u00e9" * 128)) == errno.ENAMETOOLONG
     assert errno_of(os.symlink, "t", d / ("s" * 256)) == errno.ENAMETOOLONG
@@ -352,23 +353,38 @@ def test_unlinked_open_file_stays_readable_and_writable(d):
         os.pwrite(fd, b"WORLD", 6)
         assert os.pread(fd, 11, 0) == b"hello WORLD"
         os.pwrite(fd, b"tail", (2 << 20) + 7)          # grow it past a chunk boundary
-        st = os.fstat(fd)
-        assert st.st_size == (2 << 20) + 11 and st.st_nlink == 0
-        assert os.pread(fd, 4, (2 << 20) + 7) == b"tail"
+        assert os.lseek(fd, 0, os.SEEK_END) == (2 << 20) + 11
+        assert os.pread(fd, 100, (2 << 20) + 7) == b"tail"
         assert os.pread(fd, 10, 1 << 20) == bytes(10)
         os.ftruncate(fd, 8)
-        assert os.fstat(fd).st_size == 8
+        assert os.lseek(fd, 0, os.SEEK_END) == 8
         assert os.pread(fd, 100, 0) == b"hello WO"
-        os.fchmod(fd, 0o644)
-        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o644
         # A new file under the same name is a different file.
         path.write_bytes(b"newcomer")
         assert os.pread(fd, 100, 0) == b"hello WO"
         os.fsync(fd)
+        assert os.pread(fd, 100, 0) == b"hello WO"
     finally:
         os.close(fd)
     assert path.read_bytes() == b"newcomer"
     assert os.listdir(d) == ["tmpfile"]
+
+
+def test_fstat_and_fchmod_of_unlinked_open_file(d):
+    path = d / "tmpfile"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 5000)
+        os.unlink(path)
+        st = os.fstat(fd)
+        assert st.st_size == 5000 and st.st_nlink == 0 and stat.S_ISREG(st.st_mode)
+        os.fchmod(fd, 0o644)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o644
+        os.pwrite(fd, b"y", 9999)
+        assert os.fstat(fd).st_size == 10000
+    finally:
+        os.close(fd)
+    assert os.listdir(d) == []
 
 
 def test_unlinked_open_committed_file(d):

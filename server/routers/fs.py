@@ -95,6 +95,9 @@ def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
     if total and settings.quota_bytes is not None and total > settings.quota_bytes:
         raise E.no_space("quota exceeded")
 
+    for op in body.ops:
+        if op.op == "commit" and op.blobs:
+            store.sync_inode(user.id, op.inode)
     staged: list[Staged] = []
     try:
         for ino, blob, data in inline:

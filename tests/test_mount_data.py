@@ -1,0 +1,338 @@
+"""File content through the FUSE mount: sparse files, partial reads and edits of
+multi-chunk files (measured on the server), byte-exact persistence across
+remounts, a randomized read/write/truncate exerciser against an in-memory model,
+and tampered ciphertext.
+
+The module runs its own server (unbuffered, so its access log can be counted) and
+one account; ``ctx.m`` is the current mount, ``ctx.remount()`` replaces it."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ServerProcess
+from mount_helpers import Mounts, blob_files, drop_caches, sha256_file
+
+MiB = 1 << 20
+CS = MiB                      # zkfs.format.CHUNK_SIZE
+
+
+class Ctx:
+    def __init__(self, server: ServerProcess, mounts: Mounts):
+        self.server = server
+        self.mounts = mounts
+        self.machine = mounts.machine(server)
+        self.m = mounts.mount(self.machine)
+
+    def remount(self):
+        """Unmount cleanly (commits everything) and mount again at a new path (new cache)."""
+        self.m.unmount()
+        assert not self.m.is_mounted()
+        self.m = self.mounts.mount(self.machine)
+        return self.m
+
+    def fresh_mount(self):
+        """An additional mount of the same account with a cold cache."""
+        return self.mounts.mount(self.machine)
+
+    def blob_requests(self, method: str) -> int:
+        text = self.server.log_path.read_text(errors="replace")
+        return len(re.findall(rf'"{method} /api/v1/blobs/', text))
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-data-server"), env={"PYTHONUNBUFFERED": "1"})
+    mounts = Mounts(tmp_path_factory)
+    try:
+        srv.start()
+        yield Ctx(srv, mounts)
+    finally:
+        mounts.close()
+        srv.stop()
+
+
+def new_blobs(before: dict, after: dict) -> dict:
+    return {p: s for p, s in after.items() if p not in before}
+
+
+# ---------------------------------------------------------------- sparse
+def test_sparse_file_seek_100mb_write_one_byte(ctx):
+    m = ctx.m
+    before = blob_files(ctx.server)
+    with open(m.path / "sparse.bin", "wb") as f:
+        f.seek(100 * MiB)
+        f.write(b"\x7f")
+    added = new_blobs(before, blob_files(ctx.server))
+    # One tiny chunk holds the byte; the 100 MiB hole costs nothing.
+    assert len(added) <= 1 and sum(added.values()) < 64 * 1024, added
+
+    def check(path: Path):
+        assert path.stat().st_size == 100 * MiB + 1
+        with open(path, "rb") as f:
+            zeros = bytes(4 * MiB)
+            for off in range(0, 100 * MiB, 4 * MiB):
+                assert f.read(4 * MiB) == zeros, off
+            assert f.read() == b"\x7f"
+            f.seek(100 * MiB - 3)
+            assert f.read(10) == b"\0\0\0\x7f"
+    check(m.path / "sparse.bin")
+    m = ctx.remount()
+    check(m.path / "sparse.bin")
+
+
+# ---------------------------------------------------------------- partial reads and edits
+def test_reads_fetch_only_the_chunks_they_cover(ctx):
+    data = os.urandom(8 * CS)
+    (ctx.m.path / "ranged.bin").write_bytes(data)
+    fresh = ctx.fresh_mount()
+    drop_caches()
+    gets = ctx.blob_requests("GET")
+    with open(fresh.path / "ranged.bin", "rb") as f:
+        f.seek(5 * CS + 1000)
+        assert f.read(4096) == data[5 * CS + 1000: 5 * CS + 5096]
+    assert ctx.blob_requests("GET") - gets == 1
+    fresh.unmount()
+
+
+def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
+    m = ctx.m
+    data = bytearray(os.urandom(8 * CS))
+    path = m.path / "big-edit.bin"
+    path.write_bytes(data)
+    digest_all = blob_files(ctx.server)
+
+    before, puts = blob_files(ctx.server), ctx.blob_requests("PUT")
+    patch = os.urandom(100)
+    with open(path, "r+b") as f:
+        f.seek(4 * CS + 12345)
+        f.write(patch)
+    data[4 * CS + 12345: 4 * CS + 12445] = patch
+    after = blob_files(ctx.server)
+    added = new_blobs(before, after)
+    assert len(added) == 1, added
+    assert sum(added.values()) < CS + 64 * 1024
+    assert ctx.blob_requests("PUT") - puts <= 1
+    # The replaced chunk is dropped: the file still occupies about 8 chunks.
+    assert sum(after.values()) - sum(before.values()) < 64 * 1024
+
+    # An edit across a chunk boundary touches exactly the two chunks around it.
+    before = blob_files(ctx.server)
+    patch = os.urandom(10)
+    with open(path, "r+b") as f:
+        f.seek(6 * CS - 5)
+        f.write(patch)
+    data[6 * CS - 5: 6 * CS + 5] = patch
+    added = new_blobs(before, blob_files(ctx.server))
+    assert len(added) == 2 and sum(added.values()) < 2 * CS + 64 * 1024, added
+    assert len(digest_all) > 0
+
+    assert path.read_bytes() == data
+    m = ctx.remount()
+    assert sha256_file(m.path / "big-edit.bin") == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- persistence
+SIZES = [0, 1, 4095, 64 * 1024, 64 * 1024 + 1, CS - 1, CS, CS + 1, 3 * CS + 17, 5 * CS]
+
+
+def test_unmount_remount_every_byte(ctx):
+    m = ctx.m
+    base = m.path / "persist"
+    (base / "nested \u00e9" / "deeper").mkdir(parents=True)
+    expected = {}
+    for i, size in enumerate(SIZES):
+        rel = f"nested \u00e9/deeper/f{i}" if i % 3 == 0 else f"f{i}.bin"
+        data = os.urandom(size)
+        (base / rel).write_bytes(data)
+        expected[rel] = hashlib.sha256(data).hexdigest()
+    # Rewritten in place and grown/shrunk before the unmount.
+    with open(base / "f1.bin", "r+b") as f:
+        f.seek(CS + 5)
+        f.write(b"grown")
+    expected["f1.bin"] = sha256_file(base / "f1.bin")
+    os.truncate(base / "f7.bin", CS // 2)
+    expected["f7.bin"] = sha256_file(base / "f7.bin")
+
+    m = ctx.remount()
+    drop_caches()
+    base = m.path / "persist"
+    for rel, digest in expected.items():
+        assert sha256_file(base / rel) == digest, rel
+    assert (base / "f1.bin").stat().st_size == CS + 10
+    assert (base / "f7.bin").stat().st_size == CS // 2
+    found = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+    assert found == sorted(expected)
+
+
+# ---------------------------------------------------------------- randomized
+class Model:
+    """Files as bytearrays, and the open descriptor of each (or None)."""
+
+    def __init__(self, root: Path, names):
+        self.root = root
+        self.data = {n: bytearray() for n in names}
+        self.fd = {n: None for n in names}
+
+
+def _offset(rng: random.Random, size: int) -> int:
+    r = rng.random()
+    if r < 0.4:       # right around a chunk boundary
+        k = rng.randint(0, max(1, size // CS + 1))
+        return max(0, k * CS + rng.randint(-64, 64))
+    return rng.randint(0, max(0, size))
+
+
+def _length(rng: random.Random) -> int:
+    r = rng.random()
+    if r < 0.5:
+        return rng.randint(1, 200)
+    if r < 0.85:
+        return rng.randint(1, 128 * 1024)
+    return rng.randint(CS // 2, CS + CS // 2)
+
+
+def test_randomized_exerciser_against_a_model(ctx):
+    rng = random.Random(20240601)
+    root = ctx.m.path / "random"
+    root.mkdir()
+    names = ["a.bin", "b.bin", "c \u00e9.bin"]
+    model = Model(root, names)
+    max_size = 5 * CS
+
+    def fd_of(name: str) -> int:
+        if model.fd[name] is None:
+            flags = os.O_RDWR | os.O_CREAT
+            if model.data[name] and rng.random() < 0.05:
+                flags |= os.O_TRUNC
+                model.data[name] = bytearray()
+            model.fd[name] = os.open(root / name, flags, 0o644)
+            assert os.fstat(model.fd[name]).st_size == len(model.data[name]), name
+        return model.fd[name]
+
+    def check_read(name: str, off: int, n: int, fd: int | None = None) -> None:
+        got = os.pread(fd if fd is not None else fd_of(name), n, off)
+        want = bytes(model.data[name][off: off + n])
+        assert len(got) == len(want) and got == want, (step, name, off, n, len(model.data[name]))
+
+    def write(name: str, off: int, payload: bytes) -> None:
+        d = model.data[name]
+        if off > len(d):
+            d.extend(bytes(off - len(d)))
+        d[off: off + len(payload)] = payload
+        assert os.pwrite(fd_of(name), payload, off) == len(payload)
+
+    ops = ["write"] * 30 + ["read"] * 30 + ["sparse"] * 5 + ["truncate"] * 8 + ["reopen"] * 8 + \
+          ["fsync"] * 3 + ["second_fd"] * 5 + ["path_truncate"] * 3 + ["append"] * 3 + ["full_check"] * 2
+    step = 0
+    for step in range(450):
+        name = rng.choice(names)
+        d = model.data[name]
+        op = rng.choice(ops)
+        if len(d) > max_size and op in ("write", "sparse", "append"):
+            op = "truncate"
+        if op == "write":
+            write(name, _offset(rng, len(d)), rng.randbytes(_length(rng)))
+        elif op == "read":
+            check_read(name, _offset(rng, len(d)), _length(rng))
+        elif op == "sparse":           # a write well past EOF leaves a hole
+            write(name, len(d) + rng.randint(CS // 2, 2 * CS), rng.randbytes(rng.randint(1, 100)))
+        elif op == "truncate":
+            r = rng.random()
+            if r < 0.6:                # to the middle of some chunk
+                new = rng.randint(0, max(0, len(d) - 1) // CS) * CS + rng.randint(1, CS - 1)
+            elif r < 0.8:              # exactly on a boundary
+                new = rng.randint(0, 4) * CS
+            else:                      # grow
+                new = len(d) + rng.randint(1, 2 * CS)
+            new = min(new, max_size)
+            os.ftruncate(fd_of(name), new)
+            if new < len(d):
+                del d[new:]
+            else:
+                d.extend(bytes(new - len(d)))
+        elif op == "path_truncate":
+            new = rng.randint(0, len(d) + CS)
+            os.truncate(root / name, new)
+            if new < len(d):
+                del d[new:]
+            else:
+                d.extend(bytes(new - len(d)))
+        elif op == "reopen":
+            if model.fd[name] is not None:
+                os.close(model.fd[name])
+                model.fd[name] = None
+            assert os.stat(root / name).st_size == len(d)
+        elif op == "fsync":
+            os.fsync(fd_of(name))
+        elif op == "second_fd":        # another descriptor sees the same bytes
+            fd_of(name)
+            fd2 = os.open(root / name, os.O_RDONLY)
+            try:
+                check_read(name, _offset(rng, len(d)), _length(rng), fd2)
+            finally:
+                os.close(fd2)
+        elif op == "append":
+            payload = rng.randbytes(rng.randint(1, 5000))
+            fd_of(name)
+            fda = os.open(root / name, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fda, payload)
+            finally:
+                os.close(fda)
+            d.extend(payload)
+        elif op == "full_check":
+            check_read(name, 0, len(d) + 10)
+        if len(d) and rng.random() < 0.3:   # frequent spot checks near the last change
+            check_read(name, max(0, len(d) - rng.randint(1, 3 * CS)), rng.randint(1, 2 * CS))
+
+    for name in names:
+        if model.fd[name] is not None:
+            os.close(model.fd[name])
+            model.fd[name] = None
+        assert (root / name).read_bytes() == model.data[name], name
+    sizes = {n: len(model.data[n]) for n in names}
+    assert any(s > 2 * CS for s in sizes.values()), sizes
+
+    m = ctx.remount()
+    for name in names:
+        path = m.path / "random" / name
+        assert path.stat().st_size == len(model.data[name])
+        assert path.read_bytes() == model.data[name], name
+
+
+# ---------------------------------------------------------------- tampering
+def test_tampered_ciphertext_reads_eio_and_logs_the_file(ctx):
+    m = ctx.m
+    d = m.path / "tamper"
+    d.mkdir()
+    good = os.urandom(200_000)
+    (d / "good.bin").write_bytes(good)
+    before = blob_files(ctx.server)
+    bad = os.urandom(200_000)
+    (d / "bad.bin").write_bytes(bad)
+    added = new_blobs(before, blob_files(ctx.server))
+    assert len(added) == 1, added
+    (blob,) = added
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    blob.write_bytes(raw)
+
+    fresh = ctx.fresh_mount()          # cold cache: it must fetch the tampered blob
+    drop_caches()
+    for _ in range(2):
+        with pytest.raises(OSError) as ei:
+            (fresh.path / "tamper" / "bad.bin").read_bytes()
+        assert ei.value.errno == errno.EIO
+    lines = [line for line in fresh.log().splitlines() if "bad.bin" in line]
+    assert any("ERROR" in line for line in lines), fresh.log()
+    assert (fresh.path / "tamper" / "good.bin").read_bytes() == good
+    assert (fresh.path / "tamper" / "bad.bin").stat().st_size == 200_000
+    assert fresh.is_mounted()
+    fresh.unmount()

@@ -1,0 +1,167 @@
+"""Zero knowledge: after a realistic session (register, upload files and folders,
+rename, passwd, rotate-key) no plaintext and no client secret appears anywhere
+the server keeps bytes: storage/, app.db (+ -wal/-shm), .env, and its log."""
+from __future__ import annotations
+
+import base64
+import os
+import urllib.parse
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+
+from clitools import assert_ok, config, keys_file, new_machine, uploads
+from zkfs import crypto
+from zkfs.account import Keyring
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def b64_forms(data: bytes) -> set[bytes]:
+    """Every base64 substring that must appear wherever ``data`` is base64-encoded
+    inside a larger stream, whatever its alignment (standard and URL-safe alphabets)."""
+    out = set()
+    for k in range(3):
+        part = data[k:]
+        part = part[: len(part) - len(part) % 3]
+        if len(part) >= 9:
+            enc = base64.b64encode(part)
+            out |= {enc, base64.urlsafe_b64encode(part)}
+    return out
+
+
+def forms(data: bytes, *, text: bool = False) -> set[bytes]:
+    out = {data} | b64_forms(data)
+    if text:
+        out |= {urllib.parse.quote(data).encode(), urllib.parse.quote_plus(data).encode(),
+                data.decode().encode("utf-16-le")}
+    else:
+        out |= {data.hex().encode(), data.hex().upper().encode()}
+    return out
+
+
+def server_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*") if p.is_file())
+
+
+def scan(data_dir: Path, needles: dict[str, set[bytes]]) -> list[str]:
+    hits = []
+    for path in server_files(data_dir):
+        blob = path.read_bytes()
+        for label, variants in needles.items():
+            for v in variants:
+                if v in blob:
+                    hits.append(f"{label} found in {path.relative_to(data_dir)} (as {v[:40]!r})")
+                    break
+    return hits
+
+
+def unlock(server, machine) -> Keyring:
+    """The account's keyring, unwrapped in-process from keys.json's KEK."""
+    token = config(machine)["token"]
+    acct = httpx.get(server.api + "/account", headers={"Authorization": f"Bearer {token}"}).json()
+    return Keyring.unlock(acct, base64.b64decode(keys_file(machine)["kek"]))
+
+
+def file_keys(server, machine, ring: Keyring) -> list[bytes]:
+    token = config(machine)["token"]
+    keys = httpx.get(server.api + "/keys", headers={"Authorization": f"Bearer {token}"}).json()["keys"]
+    return [ring.unwrap_file_key(UUID(k["inode"]), k["gen"], base64.b64decode(k["wrapped_key"]))
+            for k in keys]
+
+
+def test_server_learns_nothing(server, make_machine, tmp_path):
+    tag = os.urandom(4).hex()
+    password = f"Zk-Pass-{tag}-horse"
+    new_password = f"Zk-NewPass-{tag}-staple"
+    m = make_machine(server).register(password=password)
+
+    # ---- a tree with distinctive names and contents
+    folder = f"ZkSecretFolder{tag}"
+    nested = f"ZkNestedDir{tag}"
+    empty_dir = f"ZkEmptyDir{tag}"
+    repeated_name = f"zk-secret-name-{tag}.txt"
+    renamed_name = f"zk-renamed-name-{tag}.txt"
+    random_name = f"zk-random-name-{tag}.bin"
+    inline_name = f"zk-inline-name-{tag}.md"
+    deep_name = f"zk-deep-name-{tag}.csv"
+    repeated_marker = f"ZK-REPEATED-MARKER-{tag}|".encode()
+    inline_marker = f"ZK-INLINE-MARKER-{tag}: the quick brown fox".encode()
+    deep_marker = f"ZK-DEEP-MARKER-{tag},1,2,3".encode()
+    random_content = os.urandom(300_000)
+
+    src = tmp_path / folder
+    (src / nested).mkdir(parents=True)
+    (src / repeated_name).write_bytes(repeated_marker * (3 * 1024 * 1024 // len(repeated_marker)))
+    (src / random_name).write_bytes(random_content)
+    (src / inline_name).write_bytes(inline_marker * 10)
+    (src / nested / deep_name).write_bytes(deep_marker * 100)
+    assert_ok(m.run("upload", "-r", str(src)))
+    assert_ok(m.run("mkdir", f"/{folder}/{empty_dir}"))
+    assert_ok(m.run("mv", f"/{folder}/{repeated_name}", f"/{folder}/{renamed_name}"))
+
+    # ---- secrets as they are before passwd / rotate-key
+    secrets: dict[str, bytes] = {}
+    k1 = keys_file(m)
+    secrets["auth key (old password)"] = base64.b64decode(k1["auth_key"])
+    secrets["KEK (old password)"] = base64.b64decode(k1["kek"])
+    ring1 = unlock(server, m)
+    for gen, master in ring1.masters.items():
+        secrets[f"master key gen {gen}"] = master
+    secrets["namespace key"] = ring1.namespace.raw
+    for i, key in enumerate(file_keys(server, m, ring1)):
+        secrets[f"file key {i}"] = key
+    assert len(ring1.masters) == 1
+
+    assert_ok(m.run("passwd", "--password-stdin", input=f"{password}\n{new_password}\n"))
+    assert_ok(m.run("rotate-key", "--password-stdin", input=f"{new_password}\n"))
+
+    k2 = keys_file(m)
+    secrets["auth key (new password)"] = base64.b64decode(k2["auth_key"])
+    secrets["KEK (new password)"] = base64.b64decode(k2["kek"])
+    ring2 = unlock(server, m)
+    assert set(ring2.masters) == {2}
+    secrets["master key gen 2"] = ring2.masters[2]
+    assert secrets["master key gen 2"] != secrets["master key gen 1"]
+    assert secrets["KEK (new password)"] != secrets["KEK (old password)"]
+    # the client can still read everything (so the session above really happened)
+    out = tmp_path / "back.bin"
+    assert_ok(m.run("download", f"/{folder}/{random_name}", "-o", str(out)))
+    assert out.read_bytes() == random_content
+    assert f"/{folder}/{nested}/{deep_name}" in uploads(m)
+
+    # ---- what must never reach the server
+    needles: dict[str, set[bytes]] = {}
+    for label, text in {
+        "password": password, "new password": new_password,
+        "folder name": folder, "nested folder name": nested, "empty folder name": empty_dir,
+        "file name (before rename)": repeated_name, "file name (after rename)": renamed_name,
+        "random file name": random_name, "inline file name": inline_name, "deep file name": deep_name,
+    }.items():
+        needles[label] = forms(text.encode(), text=True)
+    for label, marker in {"repeated marker": repeated_marker, "inline marker": inline_marker,
+                          "deep marker": deep_marker}.items():
+        needles[label] = forms(marker, text=True) | b64_forms(marker * 4)
+    for off in (0, 150_000, 300_000 - 48):
+        needles[f"random content @{off}"] = forms(random_content[off:off + 48])
+    for label, key in secrets.items():
+        needles[label] = forms(key)
+
+    files = server_files(server.data_dir)
+    names = {p.relative_to(server.data_dir).as_posix() for p in files}
+    assert {"app.db", ".env", "server.log"} <= names, names
+    assert any(n.startswith("storage/") for n in names)
+
+    # positive control: the scanner does see what the server legitimately stores
+    control = scan(server.data_dir, {"username": {m.username.encode()}})
+    assert control, "username not found anywhere: the scan is not reading the database"
+
+    hits = scan(server.data_dir, needles)
+    assert not hits, "\n".join(hits)
+
+    # once more after a clean shutdown (WAL checkpointed into app.db, log flushed)
+    server.stop()
+    hits = scan(server.data_dir, needles)
+    assert not hits, "\n".join(hits)
