@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS inodes(
     key_gen INTEGER,
     changed_seq INTEGER NOT NULL DEFAULT 0,
     orphan_since REAL,
+    entries_mtime_ns INTEGER,
     PRIMARY KEY(user_id, id)
 );
 CREATE INDEX IF NOT EXISTS inodes_changed ON inodes(user_id, changed_seq);
@@ -136,6 +137,7 @@ class InodeRecord:
     nlink: int
     meta: str
     manifest: str | None = None
+    entries_mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -460,7 +462,7 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- namespace reads
     def _inode_row(self, c, uid: str, inode: str, with_manifest: bool):
-        cols = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta"
+        cols = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta, i.entries_mtime_ns"
         if with_manifest:
             cols += ", i.manifest"
         return c.execute(f"SELECT {cols} FROM inodes i WHERE i.user_id = ? AND i.id = ?",
@@ -469,7 +471,8 @@ class SqliteMetadataStore(MetadataStore):
     @staticmethod
     def _inode(row, with_manifest: bool) -> InodeRecord:
         return InodeRecord(id=UUID(row[0]), is_dir=bool(row[1]), version=row[2], nlink=row[3],
-                           meta=row[4], manifest=row[5] if with_manifest else None)
+                           meta=row[4], entries_mtime_ns=row[5],
+                           manifest=row[6] if with_manifest else None)
 
     def get_inode(self, user_id, inode):
         with self.read() as c:
@@ -477,14 +480,14 @@ class SqliteMetadataStore(MetadataStore):
         return self._inode(row, True) if row else None
 
     _ENTRY_SQL = ("SELECT d.name_hash, d.name, i.id, i.is_dir, i.version, " + _NLINK_SQL +
-                  ", i.meta FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
+                  ", i.meta, i.entries_mtime_ns FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
                   " WHERE d.user_id = ? AND d.parent = ?")
 
     @staticmethod
     def _entry(row) -> EntryRecord:
         return EntryRecord(name_hash=row[0], name=row[1],
                            inode=InodeRecord(id=UUID(row[2]), is_dir=bool(row[3]), version=row[4],
-                                             nlink=row[5], meta=row[6]))
+                                             nlink=row[5], meta=row[6], entries_mtime_ns=row[7]))
 
     def list_entries(self, user_id, parent):
         uid, p = _s(user_id), _s(parent)
@@ -692,10 +695,19 @@ class _OpsTx:
     def add_entry(self, parent: str, name_hash: str, ino: str, is_dir: bool, name: str) -> None:
         self.c.execute("INSERT INTO dentries VALUES (?,?,?,?,?,?)",
                        (self.uid, parent, name_hash, ino, int(is_dir), name))
+        self._entries_changed(parent)
 
     def del_entry(self, parent: str, name_hash: str) -> None:
         self.c.execute("DELETE FROM dentries WHERE user_id = ? AND parent = ? AND name_hash = ?",
                        (self.uid, parent, name_hash))
+        self._entries_changed(parent)
+
+    def _entries_changed(self, parent: str) -> None:
+        # A directory's mtime/ctime is when its entries last changed: the server
+        # sees that moment anyway, so it keeps it, and two clients creating files
+        # in one directory never race on its encrypted attributes.
+        self.c.execute("UPDATE inodes SET entries_mtime_ns = ? WHERE user_id = ? AND id = ?",
+                       (time.time_ns(), self.uid, parent))
 
     def touch(self, *inos: str) -> None:
         self.touched.update(inos)
@@ -855,8 +867,9 @@ class _OpsTx:
         row = self.require_inode(ino)
         if row[1] != op.base_version:
             raise E.conflict(f"version is {row[1]}, not {op.base_version}")
-        self.c.execute("UPDATE inodes SET meta = ?, version = version + 1 WHERE user_id = ? AND id = ?",
-                       (op.meta, self.uid, ino))
+        # An explicit setmeta (utimens, chmod...) makes the encrypted times authoritative again.
+        self.c.execute("UPDATE inodes SET meta = ?, version = version + 1, entries_mtime_ns = NULL"
+                       " WHERE user_id = ? AND id = ?", (op.meta, self.uid, ino))
         self.touch(ino)
         return op.inode, row[1] + 1
 

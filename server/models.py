@@ -130,6 +130,9 @@ class InodeOut(BaseModel):
     version: int
     nlink: int
     meta: str                       # B64 encrypted attributes
+    # Directories: server time (ns) their entries last changed, unless an explicit
+    # setmeta came after (then null and the encrypted mtime holds).
+    entries_mtime_ns: int | None = None
     manifest: str | None = None     # B64, only from GET /fs/inodes/{id}
 
 

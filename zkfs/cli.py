@@ -213,7 +213,7 @@ def cmd_ls(args, state: LocalState) -> None:
     entries = vault.listdir(node.id) if node.is_dir else [(split_path(args.path)[-1], node)]
     for name, child in sorted(entries, key=lambda e: e[0]):
         a = child.attrs
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(a.mtime_ns / 1e9))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(child.times[1] / 1e9))
         suffix = "/" if child.is_dir else ""
         print(f"{stat.filemode(a.mode)} {a.size:>12} {when} {name}{suffix}")
     vault.ledger.flush()

@@ -32,6 +32,15 @@ class Node:
     nlink: int
     attrs: Attrs
     manifest_token: bytes | None = None
+    entries_mtime_ns: int | None = None   # server-kept mtime of a directory's entries
+
+    @property
+    def times(self) -> tuple[int, int, int]:
+        """(atime, mtime, ctime) in ns, a directory's entry changes included."""
+        a = self.attrs
+        if self.entries_mtime_ns is None:
+            return a.atime_ns, a.mtime_ns, a.ctime_ns
+        return a.atime_ns, self.entries_mtime_ns, max(a.ctime_ns, self.entries_mtime_ns)
 
 
 class Vault:
@@ -56,7 +65,7 @@ class Vault:
         self.ledger.check(inode, d["version"])
         manifest = d.get("manifest")
         return Node(inode, d["is_dir"], d["version"], d["nlink"], attrs,
-                    b64decode(manifest) if manifest else None)
+                    b64decode(manifest) if manifest else None, d.get("entries_mtime_ns"))
 
     def get(self, inode: UUID) -> Node:
         return self.node_from_wire(self.api.get_inode(inode))

@@ -24,7 +24,8 @@ router = APIRouter(prefix="/fs", tags=["namespace"],
 
 def _inode_out(rec: InodeRecord, with_manifest: bool = False) -> InodeOut:
     return InodeOut(id=rec.id, is_dir=rec.is_dir, version=rec.version, nlink=rec.nlink,
-                    meta=rec.meta, manifest=rec.manifest if with_manifest else None)
+                    meta=rec.meta, entries_mtime_ns=rec.entries_mtime_ns,
+                    manifest=rec.manifest if with_manifest else None)
 
 
 def _entry_out(rec: EntryRecord) -> EntryOut:

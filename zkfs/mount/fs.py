@@ -119,10 +119,11 @@ class ZkfsOperations(fuse.Operations):
     def _stat(self, node: Node) -> dict:
         of = self.open_files.get(node.id)
         a, size = (of.attrs, of.size) if of is not None else (node.attrs, node.attrs.size)
+        atime, mtime, ctime = (a.atime_ns, a.mtime_ns, a.ctime_ns) if of is not None else node.times
         return {
             "st_mode": a.mode, "st_ino": ino(node.id), "st_nlink": max(node.nlink, 0 if of and of.unlinked else 1),
             "st_uid": a.uid, "st_gid": a.gid, "st_rdev": a.rdev, "st_size": size,
-            "st_atime": a.atime_ns, "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns,
+            "st_atime": atime, "st_mtime": mtime, "st_ctime": ctime,
             "st_blocks": (size + 511) // 512, "st_blksize": 128 * 1024,
         }
 
@@ -143,29 +144,14 @@ class ZkfsOperations(fuse.Operations):
         return new_attrs(mode, uid=uid, gid=gid, **kw)
 
     def _apply(self, ops: list[dict], touched_dirs: list[Node], nlink_delta: dict[UUID, int] | None = None) -> list[dict]:
-        """Apply ops plus an mtime/ctime update of each touched directory, in one
-        transaction; retried once with fresh directory versions on a CAS race."""
-        for attempt in range(3):
-            now = time.time_ns()
-            dirs = {d.id: d for d in touched_dirs}
-            dir_ops, new_dir_attrs = [], {}
-            for d in dirs.values():
-                attrs = d.attrs.evolve(mtime_ns=now, ctime_ns=now)
-                dir_ops.append(self.vault.op_setmeta(d.id, d.version, attrs))
-                new_dir_attrs[d.id] = attrs
-            try:
-                results = self.vault.apply(ops + dir_ops)
-            except ServerError as exc:
-                if exc.code == "conflict" and attempt < 2:
-                    touched_dirs = [self.meta.node(d, fresh=True) for d in dirs]
-                    continue
-                raise
-            for d, res in zip(dirs.values(), results[len(ops):]):
-                attrs = new_dir_attrs[d.id]
-                nlink = d.nlink + (nlink_delta or {}).get(d.id, 0)
-                self.meta.put_node(Node(d.id, True, res["version"], nlink, attrs))
-            return results[:len(ops)]
-        raise AssertionError("unreachable")
+        """Apply ops in one transaction and mirror their effect on the touched
+        directories in the cache (the server keeps directory mtimes itself)."""
+        results = self.vault.apply(ops)
+        now = time.time_ns()
+        for d in {d.id: d for d in touched_dirs}.values():
+            nlink = d.nlink + (nlink_delta or {}).get(d.id, 0)
+            self.meta.put_node(Node(d.id, True, d.version, nlink, d.attrs, entries_mtime_ns=now))
+        return results
 
     def _open_file(self, node: Node) -> OpenFile:
         of = self.open_files.get(node.id)
@@ -393,6 +379,7 @@ class ZkfsOperations(fuse.Operations):
             inode = uuid4()
             self._apply([self.vault.op_create(parent.id, name, inode, attrs)], [parent], {parent.id: 1})
             self.meta.set_entry(parent.id, name, Node(inode, True, 1, 2, attrs))
+            self.meta.new_dir(inode)
 
     def _make_node(self, path: str, mode: int, *, rdev: int = 0, target: bytes = b"") -> tuple[Node, OpenFile | None]:
         self._writable()

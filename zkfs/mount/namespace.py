@@ -27,7 +27,8 @@ class MetaCache:
         self.lock = threading.RLock()
         self._nodes: dict[UUID, tuple[Node, float]] = {}
         self._entries: dict[tuple[UUID, str], tuple[UUID | None, float]] = {}
-        self._listed: dict[UUID, tuple[list[str], float]] = {}
+        # Directories whose complete entry list is cached: also answers "no such name".
+        self._listed: dict[UUID, tuple[set[str], float]] = {}
         self._seq: int | None = None
 
     # ------------------------------------------------------------ nodes
@@ -55,13 +56,17 @@ class MetaCache:
     # ------------------------------------------------------------ entries
     def lookup(self, parent: UUID, name: str) -> Node | None:
         with self.lock:
+            now = time.monotonic()
             hit = self._entries.get((parent, name))
-            if hit and time.monotonic() - hit[1] < self.ttl:
+            if hit and now - hit[1] < self.ttl:
                 if hit[0] is None:
                     return None
                 cached = self._nodes.get(hit[0])
-                if cached and time.monotonic() - cached[1] < self.ttl:
+                if cached and now - cached[1] < self.ttl:
                     return cached[0]
+            listed = self._listed.get(parent)
+            if listed and now - listed[1] < self.ttl and name not in listed[0]:
+                return None
         node = self.vault.lookup(parent, name)
         with self.lock:
             self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
@@ -70,11 +75,19 @@ class MetaCache:
         return node
 
     def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
+        """Record our own change of an entry (keeps a cached listing complete)."""
         with self.lock:
             self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
             if node:
                 self.put_node(node)
-            self._listed.pop(parent, None)
+            listed = self._listed.get(parent)
+            if listed:
+                (listed[0].add if node else listed[0].discard)(name)
+
+    def new_dir(self, inode: UUID) -> None:
+        """A directory we just created: known to be empty."""
+        with self.lock:
+            self._listed[inode] = (set(), time.monotonic())
 
     def listdir(self, parent: UUID) -> list[tuple[str, Node]]:
         with self.lock:
@@ -82,7 +95,7 @@ class MetaCache:
             now = time.monotonic()
             if hit and now - hit[1] < self.ttl:
                 out = []
-                for name in hit[0]:
+                for name in sorted(hit[0]):
                     entry = self._entries.get((parent, name))
                     node = self._nodes.get(entry[0]) if entry and entry[0] else None
                     if node is None:
@@ -98,7 +111,7 @@ class MetaCache:
             for name, node in entries:
                 self._entries[(parent, name)] = (node.id, now)
                 self._nodes[node.id] = (node, now)
-            self._listed[parent] = ([n for n, _ in entries], now)
+            self._listed[parent] = ({n for n, _ in entries}, now)
         return entries
 
     # ------------------------------------------------------------ paths
