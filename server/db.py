@@ -219,7 +219,8 @@ class MetadataStore(abc.ABC):
     def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None: ...
 
     @abc.abstractmethod
-    def changes(self, user_id: UUID, since: int) -> tuple[int, list[UUID]]: ...
+    def changes(self, user_id: UUID, since: int) -> tuple[int, list[tuple[UUID, int]]]:
+        """The account's current seq and (inode, seq of its last change) after ``since``."""
 
     @abc.abstractmethod
     def used_bytes(self, user_id: UUID) -> int: ...
@@ -509,10 +510,10 @@ class SqliteMetadataStore(MetadataStore):
         with self.read() as c:
             row = c.execute("SELECT seq FROM users WHERE id = ?", (uid,)).fetchone()
             seq = row[0] if row else 0
-            ids = c.execute("SELECT id FROM inodes WHERE user_id = ? AND changed_seq > ?"
-                            " UNION SELECT inode FROM tombstones WHERE user_id = ? AND seq > ?",
-                            (uid, since, uid, since)).fetchall()
-        return seq, [UUID(r[0]) for r in ids]
+            rows = c.execute("SELECT id, changed_seq FROM inodes WHERE user_id = ? AND changed_seq > ?"
+                             " UNION ALL SELECT inode, seq FROM tombstones WHERE user_id = ? AND seq > ?",
+                             (uid, since, uid, since)).fetchall()
+        return seq, [(UUID(r[0]), r[1]) for r in rows]
 
     def used_bytes(self, user_id):
         return self._used(self._conn(), _s(user_id))

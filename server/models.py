@@ -155,6 +155,7 @@ class StatfsResponse(BaseModel):
 class ChangesResponse(BaseModel):
     seq: int
     inodes: list[UUID]              # inodes (incl. directories) changed after ?since
+    seqs: list[int]                 # for each, the seq of its last change (a client skips its own)
 
 
 # Ops: one POST /fs/ops applies a list of these in a single transaction.

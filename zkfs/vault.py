@@ -52,6 +52,7 @@ class Vault:
         self.ledger = ledger
         self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
         self._keys_lock = threading.Lock()
+        self.own_seqs: set[int] = set()      # change-feed seqs of our own ops
 
     # ------------------------------------------------------------ reading
     def node_from_wire(self, d: dict) -> Node:
@@ -181,7 +182,9 @@ class Vault:
 
     # ------------------------------------------------------------ ops
     def apply(self, ops: list[dict]) -> list[dict]:
-        results = self.api.ops(ops)["results"]
+        resp = self.api.ops(ops)
+        self.own_seqs.add(resp["seq"])
+        results = resp["results"]
         for op, res in zip(ops, results):
             if res.get("inode") and res.get("version"):
                 self.ledger.check(UUID(res["inode"]), res["version"])

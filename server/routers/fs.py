@@ -67,8 +67,8 @@ def statfs(user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep)
 
 @router.get("/changes", response_model=ChangesResponse)
 def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2**62)] = 0):
-    seq, ids = db.changes(user.id, since)
-    return ChangesResponse(seq=seq, inodes=ids)
+    seq, changed = db.changes(user.id, since)
+    return ChangesResponse(seq=seq, inodes=[i for i, _ in changed], seqs=[n for _, n in changed])
 
 
 @router.post("/ops", response_model=OpsResponse,

@@ -155,16 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unmounted {args.mountpoint}")
             return 0
         mp = Path(args.mountpoint)
-        if not mp.is_dir():
-            raise ZkfsError(f"{mp}: not a directory")
         if _is_mounted(args.mountpoint):
             raise ZkfsError(f"{mp} is already mounted (use --unmount)")
+        if not mp.is_dir():
+            raise ZkfsError(f"{mp}: not a directory")
         if args.foreground:
             serve(args)
             return 0
         return _spawn(args)
     except ZkfsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -10,6 +10,7 @@ import socket
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -30,6 +31,15 @@ UTIME_OMIT = (1 << 30) - 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 MAX_XATTR_VALUE = 64 * 1024
 _UNSET_ID = (-1, 0xFFFFFFFF)
+WRITEBACK_DELAY = 0.5
+
+
+@dataclass
+class PendingAttrs:
+    node: Node                 # as last seen on the server (CAS base)
+    attrs: Attrs               # what we want
+    changes: list              # the changes, to replay on a newer version after a conflict
+    since: float
 
 
 def _errors(method):
@@ -76,6 +86,10 @@ class ZkfsOperations(fuse.Operations):
         self.ns_lock = threading.RLock()
         self.open_files: dict[UUID, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
+        # Attribute changes of closed files not yet sent: they ride on the next
+        # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
+        # become one request).
+        self.pending_attrs: dict[UUID, PendingAttrs] = {}
         self._next_fh = 1
         self._stop = threading.Event()
         self._hostname = socket.gethostname()
@@ -84,24 +98,40 @@ class ZkfsOperations(fuse.Operations):
     def init(self, path):
         self.meta.poll_changes()
         self.meta.start_poller(self.poll_interval, self._stop)
-        threading.Thread(target=self._retry_unsaved, name="zkfs-retry", daemon=True).start()
+        threading.Thread(target=self._writeback, name="zkfs-writeback", daemon=True).start()
 
-    def _retry_unsaved(self, interval: float = 5.0) -> None:
-        """Closed files whose commit failed (server down, disk full) keep their data
-        here and are retried until the server takes them: never a silent loss."""
-        while not self._stop.wait(interval):
+    def _writeback(self) -> None:
+        """Sends attribute changes that waited WRITEBACK_DELAY, and retries closed
+        files whose commit failed (server down, disk full): their data stays here
+        until the server takes it, never a silent loss."""
+        next_retry = 0.0
+        while not self._stop.wait(0.1):
+            try:
+                oldest = min((p.since for p in list(self.pending_attrs.values())), default=None)
+                if oldest is not None and time.monotonic() - oldest >= WRITEBACK_DELAY:
+                    with self.ns_lock:
+                        self._apply([])
+            except Exception as exc:
+                log.warning("attribute write-back failed (will retry): %s", exc)
+            if time.monotonic() < next_retry:
+                continue
             for of in [f for f in list(self.open_files.values()) if f.handles == 0]:
                 try:
                     self._commit(of, None)
                 except OSError:
+                    next_retry = time.monotonic() + 5
                     continue
                 with self.ns_lock:
-                    if of.handles == 0 and not (of.meta_dirty or of.content_dirty):
+                    if of.handles == 0 and not (of.meta_dirty or of.content_dirty or of.pending):
                         self.open_files.pop(of.id, None)
-                        log.info("inode %s: saved after an earlier failure", of.id)
 
     def destroy(self, path):
         self._stop.set()
+        try:
+            with self.ns_lock:
+                self._apply([])
+        except Exception as exc:
+            log.error("unmount: could not save attribute changes: %s", exc)
         for of in list(self.open_files.values()):
             try:
                 self._commit(of, None)
@@ -118,8 +148,16 @@ class ZkfsOperations(fuse.Operations):
 
     def _stat(self, node: Node) -> dict:
         of = self.open_files.get(node.id)
-        a, size = (of.attrs, of.size) if of is not None else (node.attrs, node.attrs.size)
-        atime, mtime, ctime = (a.atime_ns, a.mtime_ns, a.ctime_ns) if of is not None else node.times
+        pending = self.pending_attrs.get(node.id)
+        if of is not None:
+            a, size = of.attrs, of.size
+            atime, mtime, ctime = a.atime_ns, a.mtime_ns, a.ctime_ns
+        elif pending is not None:
+            a, size = pending.attrs, pending.attrs.size
+            atime, mtime, ctime = a.atime_ns, a.mtime_ns, a.ctime_ns
+        else:
+            a, size = node.attrs, node.attrs.size
+            atime, mtime, ctime = node.times
         return {
             "st_mode": a.mode, "st_ino": ino(node.id), "st_nlink": max(node.nlink, 0 if of and of.unlinked else 1),
             "st_uid": a.uid, "st_gid": a.gid, "st_rdev": a.rdev, "st_size": size,
@@ -143,15 +181,74 @@ class ZkfsOperations(fuse.Operations):
                 mode |= stat.S_ISGID
         return new_attrs(mode, uid=uid, gid=gid, **kw)
 
-    def _apply(self, ops: list[dict], touched_dirs: list[Node], nlink_delta: dict[UUID, int] | None = None) -> list[dict]:
-        """Apply ops in one transaction and mirror their effect on the touched
-        directories in the cache (the server keeps directory mtimes itself)."""
-        results = self.vault.apply(ops)
-        now = time.time_ns()
-        for d in {d.id: d for d in touched_dirs}.values():
-            nlink = d.nlink + (nlink_delta or {}).get(d.id, 0)
-            self.meta.put_node(Node(d.id, True, d.version, nlink, d.attrs, entries_mtime_ns=now))
-        return results
+    def _apply(self, ops: list[dict], touched_dirs: list[Node] = (),
+               nlink_delta: dict[UUID, int] | None = None) -> list[dict]:
+        """Apply ops in one transaction, preceded by everything waiting: creates of
+        new open files and pending attribute changes. Mirrors the effect on the
+        touched directories in the cache (the server keeps directory mtimes)."""
+        with self.ns_lock:
+            creating = [of for of in self.open_files.values() if of.pending is not None]
+            waiting = list(self.pending_attrs.items())
+            prefix = [of.create_op() for of in creating]
+            prefix += [self.vault.op_setmeta(i, p.node.version, p.attrs.evolve()) for i, p in waiting]
+            if not prefix:
+                results = self.vault.apply(ops) if ops else []
+            else:
+                try:
+                    results = self.vault.apply(prefix + ops)
+                except ServerError:
+                    if not ops:
+                        self._flush_one_by_one(creating, waiting)
+                        return []
+                    # Which op failed is unknown: settle the prefix on its own (it
+                    # resolves its conflicts), then let the caller's ops fail or not.
+                    self._flush_one_by_one(creating, waiting)
+                    results = self.vault.apply(ops)
+                else:
+                    self._prefix_done(creating, waiting, results[:len(prefix)])
+                    results = results[len(prefix):]
+            for d in {d.id: d for d in touched_dirs}.values():
+                self._touched_dir(d, (nlink_delta or {}).get(d.id, 0))
+            return results
+
+    def _prefix_done(self, creating: list[OpenFile], waiting: list, results: list[dict]) -> None:
+        for of in creating:
+            of.created()
+        for (inode, p), res in zip(waiting, results[len(creating):]):
+            if self.pending_attrs.get(inode) is p:
+                del self.pending_attrs[inode]
+            self.meta.put_node(Node(inode, p.node.is_dir, res["version"], p.node.nlink,
+                                    p.attrs.evolve(version=res["version"])))
+            of = self.open_files.get(inode)
+            if of is not None and of.base_version == p.node.version:
+                of.base_version = res["version"]
+
+    def _flush_one_by_one(self, creating: list[OpenFile], waiting: list) -> None:
+        for of in creating:
+            if of.pending is not None:
+                try:
+                    self.vault.apply([of.create_op()])
+                    of.created()
+                except ServerError as exc:
+                    log.error("could not create %s on the server: %s", of.last_path or of.id, exc)
+        for inode, p in waiting:
+            for attempt in range(3):
+                try:
+                    res = self.vault.apply([self.vault.op_setmeta(inode, p.node.version, p.attrs.evolve())])[0]
+                except ServerError as exc:
+                    if exc.code == "conflict" and attempt < 2:
+                        # Changed elsewhere meanwhile: replay our changes on theirs.
+                        p.node = self.meta.node(inode, fresh=True)
+                        p.attrs = p.node.attrs.evolve()
+                        for change in p.changes:
+                            change(p.attrs)
+                        continue
+                    log.error("attribute change of inode %s lost: %s", inode, exc)
+                    self.pending_attrs.pop(inode, None)
+                    self.meta.forget(inode)
+                    break
+                self._prefix_done([], [(inode, p)], [res])
+                break
 
     def _open_file(self, node: Node) -> OpenFile:
         of = self.open_files.get(node.id)
@@ -170,12 +267,17 @@ class ZkfsOperations(fuse.Operations):
             of.handles += 1
             return fh
 
-    def _commit(self, of: OpenFile, path: str | None) -> None:
+    def _commit(self, of: OpenFile, path: str | None, *, durable: bool = False) -> None:
         if of.unlinked:
             return                       # nobody can see it any more: nothing to publish
         path = of.last_path = path or of.last_path
+        if not durable and of.meta_dirty and not of.pending:
+            with of.lock:
+                if not of.content_dirty:
+                    self._defer_attrs(of)
+                    return
         try:
-            node = of.commit()
+            node = of.commit(self._apply)
         except ConflictError:
             self._save_conflict_copy(of, path)
             return
@@ -207,7 +309,13 @@ class ZkfsOperations(fuse.Operations):
             copy.write(offset, chunk)
             offset += len(chunk)
         copy.attrs = of.attrs.evolve(size=offset)
-        copy.commit()
+        with self.ns_lock:
+            self.open_files[new_id] = copy
+        try:
+            copy.commit(self._apply)
+        finally:
+            with self.ns_lock:
+                self.open_files.pop(new_id, None)
         self.meta.forget(parent.id)
         log.warning("conflict: %s changed elsewhere; this version was saved as %s", path or of.id, copy_name)
         try:
@@ -215,34 +323,36 @@ class ZkfsOperations(fuse.Operations):
         except ServerError:
             of.unlinked = True           # deleted elsewhere: our version lives on in the copy
 
+    def _defer_attrs(self, of: OpenFile) -> None:
+        with self.ns_lock:
+            base_version, attrs, changes = of.take_attr_changes()
+            p = self.pending_attrs.get(of.id)
+            if p is None:
+                cached = self.meta._nodes.get(of.id)
+                nlink = cached[0].nlink if cached else 1
+                self.pending_attrs[of.id] = PendingAttrs(Node(of.id, False, base_version, nlink, attrs),
+                                                         attrs, changes, time.monotonic())
+            else:
+                p.attrs = attrs
+                p.changes.extend(changes)
+
     def _setattr(self, path: str, change, fh: int | None = None) -> None:
+        """Attribute changes are written back: an open file commits them with its
+        content; a closed node's go out with the next batch or within WRITEBACK_DELAY."""
         self._writable()
         with self.ns_lock:
             of = self.handles.get(fh) if fh else None
             node = None if of else self.meta.resolve(path)
             of = of or self.open_files.get(node.id)
-            if of is not None and (of.meta_dirty or of.content_dirty or of.unlinked):
-                with of.lock:
-                    change(of.attrs)
-                    of.attrs.ctime_ns = time.time_ns()
-                    of.meta_dirty = True
+            if of is not None:
+                of.touch_attrs(change)
                 return
-            for attempt in range(3):
-                node = self.meta.node(node.id if node else of.id, fresh=attempt > 0)
-                attrs = node.attrs.evolve()
-                change(attrs)
-                attrs.ctime_ns = time.time_ns()
-                try:
-                    res = self.vault.apply([self.vault.op_setmeta(node.id, node.version, attrs)])[0]
-                except ServerError as exc:
-                    if exc.code == "conflict" and attempt < 2:
-                        continue
-                    raise
-                new = Node(node.id, node.is_dir, res["version"], node.nlink, attrs)
-                self.meta.put_node(new)
-                if of is not None:
-                    of.adopt_attrs(new)
-                return
+            p = self.pending_attrs.get(node.id)
+            if p is None:
+                p = self.pending_attrs[node.id] = PendingAttrs(node, node.attrs.evolve(), [], time.monotonic())
+            change(p.attrs)
+            p.attrs.ctime_ns = time.time_ns()
+            p.changes.append(change)
 
     # ------------------------------------------------------------ attributes
     @_errors
@@ -356,7 +466,10 @@ class ZkfsOperations(fuse.Operations):
 
     def _attrs_of(self, node: Node) -> Attrs:
         of = self.open_files.get(node.id)
-        return of.attrs if of is not None else node.attrs
+        if of is not None:
+            return of.attrs
+        pending = self.pending_attrs.get(node.id)
+        return pending.attrs if pending is not None else node.attrs
 
     @_errors
     def statfs(self, path):
@@ -381,38 +494,48 @@ class ZkfsOperations(fuse.Operations):
             self.meta.set_entry(parent.id, name, Node(inode, True, 1, 2, attrs))
             self.meta.new_dir(inode)
 
-    def _make_node(self, path: str, mode: int, *, rdev: int = 0, target: bytes = b"") -> tuple[Node, OpenFile | None]:
+    def _make_node(self, path: str, mode: int, *, rdev: int = 0, target: bytes = b"") -> Node:
         self._writable()
         with self.ns_lock:
             parent, name = self.meta.resolve_parent(path)
             self._check_name(name)
             attrs = self._new_attrs(parent, mode, rdev=rdev, target=target)
             inode = uuid4()
-            key_fields, cipher = None, None
-            if stat.S_ISREG(mode):
-                cipher, key_fields = self.vault.new_file_key(inode)
+            key_fields = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
             self._apply([self.vault.op_create(parent.id, name, inode, attrs, key_fields)], [parent])
             node = Node(inode, False, 1, 1, attrs)
             self.meta.set_entry(parent.id, name, node)
-            of = None
-            if cipher is not None:
-                of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher, Manifest(inode))
-                self.open_files[inode] = of
-            return node, of
+            return node
 
     @_errors
     def create(self, path, mode, fi=None):
-        _, of = self._make_node(path, stat.S_IFREG | stat.S_IMODE(mode))
-        return self._new_handle(of, path)
+        """The file exists here at once; on the server it appears with its first
+        commit (close, fsync) or with any earlier batch: one request, not two."""
+        self._writable()
+        with self.ns_lock:
+            parent, name = self.meta.resolve_parent(path)
+            self._check_name(name)
+            attrs = self._new_attrs(parent, stat.S_IFREG | stat.S_IMODE(mode))
+            inode = uuid4()
+            cipher, key_fields = self.vault.new_file_key(inode)
+            node = Node(inode, False, 0, 1, attrs)
+            of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher,
+                          Manifest(inode), PendingCreate(parent.id, name, key_fields))
+            self.open_files[inode] = of
+            self.meta.set_entry(parent.id, name, node)
+            self._touched_dir(parent)
+            return self._new_handle(of, path)
+
+    def _touched_dir(self, d: Node, nlink_delta: int = 0) -> None:
+        self.meta.put_node(Node(d.id, True, d.version, d.nlink + nlink_delta, d.attrs,
+                                entries_mtime_ns=time.time_ns()))
 
     @_errors
     def mknod(self, path, mode, dev):
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FsError(errno.EINVAL)
-        node, of = self._make_node(path, fmt | stat.S_IMODE(mode), rdev=dev)
-        if of is not None and of.handles == 0:
-            self.open_files.pop(node.id, None)
+        self._make_node(path, fmt | stat.S_IMODE(mode), rdev=dev)
 
     @_errors
     def symlink(self, target, source):
@@ -506,12 +629,18 @@ class ZkfsOperations(fuse.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR):
             self._writable()
         with self.ns_lock:
+            # The cache is close-to-open fresh: the change feed drops whatever another
+            # client changed, within a second.
             node = self.meta.resolve(path)
-            if node.id not in self.open_files:
-                node = self.meta.node(node.id, fresh=True)      # close-to-open consistency
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            return self._new_handle(self._open_file(node), path)
+            fresh = node.id not in self.open_files
+            of = self._open_file(node)
+            p = self.pending_attrs.pop(node.id, None) if fresh else None
+            if p is not None:                 # the open file carries them from now on
+                of.base_version, of.attrs = p.node.version, p.attrs
+                of.attr_changes, of.meta_dirty = list(p.changes), True
+            return self._new_handle(of, path)
 
     @_errors
     def read(self, path, size, offset, fh):
@@ -532,7 +661,7 @@ class ZkfsOperations(fuse.Operations):
             node = self.meta.resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            fh = self._new_handle(self._open_file(self.meta.node(node.id, fresh=node.id not in self.open_files)), path)
+            fh = self._new_handle(self._open_file(node), path)
         try:
             self.handles[fh].truncate(length)
             self._commit(self.handles[fh], path)
@@ -545,7 +674,14 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def fsync(self, path, datasync, fh):
-        self._commit(self.handles[fh], path)
+        self._commit(self.handles[fh], path, durable=True)
+        with self.ns_lock:
+            self._apply([])
+
+    @_errors
+    def fsyncdir(self, path, datasync, fh):
+        with self.ns_lock:
+            self._apply([])
 
     @_errors
     def release(self, path, fh):
@@ -554,15 +690,17 @@ class ZkfsOperations(fuse.Operations):
             of.handles -= 1
             if of.handles > 0:
                 return
+        orphan = False
         try:
             self._commit(of, path)
         finally:
             with self.ns_lock:
                 if of.handles == 0 and self.open_files.get(of.id) is of:
-                    if not (of.meta_dirty or of.content_dirty) or of.unlinked:
+                    if not (of.meta_dirty or of.content_dirty or of.pending) or of.unlinked:
                         del self.open_files[of.id]
-                        if of.unlinked:
-                            self._drop_orphan(of)
+                        orphan = of.unlinked
+        if orphan:
+            self._drop_orphan(of)
 
     def _drop_orphan(self, of: OpenFile) -> None:
         of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))

@@ -42,8 +42,13 @@ class MetaCache:
         return node
 
     def put_node(self, node: Node) -> None:
+        """Cache a node, unless the cache already holds a newer version of it
+        (callers may hand back a Node object they looked up before an op)."""
         with self.lock:
             node.manifest_token = None      # manifests are fetched on open, not cached here
+            held = self._nodes.get(node.id)
+            if held is not None and held[0].version > node.version:
+                return
             self._nodes[node.id] = (node, time.monotonic())
 
     def forget(self, inode: UUID) -> None:
@@ -142,10 +147,13 @@ class MetaCache:
             self._seq = self.vault.api.changes(0)["seq"]
             return
         feed = self.vault.api.changes(self._seq)
+        own = self.vault.own_seqs
         with self.lock:
-            for raw in feed["inodes"]:
-                self.forget(UUID(str(raw)))
+            for raw, seq in zip(feed["inodes"], feed["seqs"]):
+                if seq not in own:           # our own changes are already in the cache
+                    self.forget(UUID(str(raw)))
             self._seq = feed["seq"]
+            own.difference_update([s for s in list(own) if s <= self._seq])
 
     def start_poller(self, interval: float, stop: threading.Event, on_change=None) -> threading.Thread:
         def run():

@@ -75,10 +75,15 @@ class OpenFile:
         self._reset_base(node, manifest)
         self.attrs = node.attrs.evolve()
         self.meta_dirty = pending is not None
+        self.meta_gen = 0
+        self.attr_changes: list = []
         self._last_read_chunk = -2
 
     def _reset_base(self, node: Node, manifest: Manifest | None) -> None:
         self.base_version = node.version
+        self.base_size = node.attrs.size
+        if manifest is None and node.attrs.manifest_digest is None:
+            manifest = Manifest(node.id)          # empty: nothing to fetch
         self._base_manifest = manifest
         self.size = node.attrs.size
         self.floor = node.attrs.size          # base bytes at or past floor read as zeros
@@ -104,7 +109,7 @@ class OpenFile:
     @property
     def content_dirty(self) -> bool:
         return bool(self.dirty or self.spilled or self.staged) or self.size != self.floor \
-            or self.floor != self.base_manifest.size
+            or self.floor != self.base_size
 
     def chunk_len(self, i: int) -> int:
         return max(0, min(self.cs, self.size - i * self.cs))
@@ -280,40 +285,68 @@ class OpenFile:
             self.spilled[i] = self.spool.put(buf)
 
     # ------------------------------------------------------------ commit
-    def commit(self) -> Node | None:
+    def touch_attrs(self, change) -> None:
+        """Apply an attribute change (chmod, utimens...) to be committed with the file.
+        Lock-free on purpose: callers hold the namespace lock, and the lock order is
+        file lock -> namespace lock. ``meta_gen`` lets a concurrent commit notice it."""
+        change(self.attrs)
+        self.attrs.ctime_ns = time.time_ns()
+        self.attr_changes.append(change)
+        self.meta_gen += 1
+        self.meta_dirty = True
+
+    def take_attr_changes(self) -> tuple[int, Attrs, list]:
+        """Hand uncommitted attribute changes over to the namespace's write-back
+        (a metadata-only close need not wait for the server)."""
+        changes, self.attr_changes = self.attr_changes, []
+        self.meta_dirty = False
+        return self.base_version, self.attrs.evolve(), changes
+
+    def create_op(self) -> dict:
+        """The op that publishes this new file (empty; content follows in a commit)."""
+        return self.vault.op_create(self.pending.parent, self.pending.name, self.id,
+                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.key_fields)
+
+    def created(self) -> None:
+        self.pending = None
+        self.base_version = 1
+
+    def commit(self, apply) -> Node | None:
         """Make the current content and attributes the server's version.
-        Raises ConflictError if someone else committed first (state is kept)."""
+
+        ``apply(ops)`` runs ops in one transaction and sends this file's pending
+        create (if any) ahead of them in the same batch. Raises ConflictError if
+        someone else committed first (our state is kept)."""
         with self.lock:
             if not (self.meta_dirty or self.pending or self.content_dirty):
                 return None
-            ops: list[dict] = []
-            base_version = self.base_version
-            if self.pending:
-                created = self.attrs.evolve(size=0, manifest_digest=None)
-                ops.append(self.vault.op_create(self.pending.parent, self.pending.name, self.id,
-                                                created, self.pending.key_fields))
-                base_version = 1
+            gen = self.meta_gen
+            base_version = 1 if self.pending else self.base_version
             if self.content_dirty or self.pending:
                 manifest, inline = self._build_manifest()
                 attrs = self.attrs.evolve()
-                ops.append(self.vault.op_commit(self.id, base_version, attrs, manifest, inline))
+                op = self.vault.op_commit(self.id, base_version, attrs, manifest, inline)
             else:
                 manifest, attrs = self.base_manifest, self.attrs.evolve()
-                ops.append(self.vault.op_setmeta(self.id, base_version, attrs))
+                op = self.vault.op_setmeta(self.id, base_version, attrs)
             try:
-                results = self.vault.apply(ops)
+                version = apply([op])[-1]["version"]
             except ServerError as exc:
                 if exc.code == "conflict" or (exc.code == "not_found" and not self.pending):
                     raise ConflictError(str(exc)) from None
                 raise
-            version = results[-1]["version"]
-            node = Node(self.id, False, version, 1 if self.pending else 0, attrs.evolve(version=version))
+            node = Node(self.id, False, version, 1, attrs.evolve(version=version))
             for i in {*self.dirty, *self.spilled, *self.staged}:
                 self._drop_buffer(i)
+            current = self.attrs
             self._reset_base(node, manifest)
-            self.attrs = node.attrs.evolve()
             self.pending = None
-            self.meta_dirty = False
+            if self.meta_gen == gen:
+                self.attrs = node.attrs.evolve()
+                self.meta_dirty = False
+                self.attr_changes = []
+            else:                      # attributes changed while we committed: keep them
+                self.attrs = current
             return node
 
     def _build_manifest(self) -> tuple[Manifest, list[tuple[UUID, bytes]]]:
@@ -376,10 +409,3 @@ class OpenFile:
             self.attrs = node.attrs.evolve()
             self.pending = None
             self.meta_dirty = False
-
-    def adopt_attrs(self, node: Node) -> None:
-        """Our own setmeta (chmod, utimens...) on a clean open file moved the base version."""
-        with self.lock:
-            self.base_version = node.version
-            size = self.size
-            self.attrs = node.attrs.evolve(size=size)
