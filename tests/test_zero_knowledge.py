@@ -12,8 +12,7 @@ from uuid import UUID
 import httpx
 import pytest
 
-from clitools import assert_ok, config, keys_file, new_machine, uploads
-from zkfs import crypto
+from clitools import assert_ok, config, keys_file, uploads
 from zkfs.account import Keyring
 
 pytestmark = pytest.mark.timeout(300)

@@ -120,7 +120,10 @@ def login(api: ApiClient, username: str, keys: PasswordKeys) -> dict:
 def change_password(api: ApiClient, username: str, current: PasswordKeys, new_password: str) -> tuple[PasswordKeys, dict]:
     """Re-wrap every master key generation under the new KEK: O(1) in files."""
     account = api.account()
-    keyring = Keyring.unlock(account, current.kek)
+    try:
+        keyring = Keyring.unlock(account, current.kek)
+    except ZkfsError:
+        raise ZkfsError("the current password is wrong") from None
     params = default_kdf()
     new = crypto.derive_password_keys(new_password, params)
     records = []

@@ -9,9 +9,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from uuid import uuid4
-
-from tqdm import tqdm
+from uuid import UUID, uuid4
 
 from . import account
 from .api import ApiClient
@@ -48,6 +46,7 @@ def _check_password(pw: str) -> str:
 
 
 def _progress(total: int, desc: str):
+    from tqdm import tqdm     # imported here: a third of the CLI's start-up otherwise
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=None, leave=False, file=sys.stderr)
     return bar
@@ -145,34 +144,66 @@ def cmd_upload(args, state: LocalState) -> None:
     if not src.exists():
         raise ZkfsError(f"{src}: no such file or directory")
     vault = open_vault(state)
-    if src.is_dir():
-        if not args.recursive:
-            raise ZkfsError(f"{src} is a directory (use -r)")
-        files = sorted(p for p in src.rglob("*") if p.is_file())
-        for path in files:
-            rel = path.relative_to(src).parent.as_posix()
-            _upload_one(vault, state, path, _join(args.to or "/", src.name, rel))
-    else:
-        _upload_one(vault, state, src, args.to or "/")
-    vault.ledger.flush()
+    uploader = _Uploader(vault, state)
+    try:
+        if src.is_dir():
+            if not args.recursive:
+                raise ZkfsError(f"{src} is a directory (use -r)")
+            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+                rel = path.relative_to(src).parent.as_posix()
+                uploader.upload(path, _join(args.to or "/", src.name, rel))
+        else:
+            uploader.upload(src, args.to or "/")
+    finally:
+        uploader.save()
+        vault.ledger.flush()
 
 
-def _upload_one(vault: Vault, state: LocalState, src: Path, remote_dir: str) -> None:
-    remote = _join(remote_dir, src.name)
-    sha = file_sha256(src)
-    record = state.uploads().get(remote)
-    if record and record["sha256"] == sha:
-        existing = vault.lookup(_remote_dir(vault, remote_dir, create=False).id, src.name)
-        if existing is not None and str(existing.id) == record["uuid"] and existing.attrs.size == record["size"]:
+class _Uploader:
+    """Uploads files, resolving each remote folder once and listing it once,
+    so a tree of small files costs one request per file."""
+
+    def __init__(self, vault: Vault, state: LocalState):
+        self.vault = vault
+        self.state = state
+        self.records = state.uploads()
+        self.dirty = False
+        self.dirs: dict[str, Node] = {}
+        self.listings: dict[UUID, dict[str, Node]] = {}
+
+    def _dir(self, remote_dir: str) -> Node:
+        key = _join(remote_dir)
+        if key not in self.dirs:
+            self.dirs[key] = _remote_dir(self.vault, remote_dir, create=True)
+        return self.dirs[key]
+
+    def _listing(self, parent: Node) -> dict[str, Node]:
+        if parent.id not in self.listings:
+            self.listings[parent.id] = dict(self.vault.listdir(parent.id))
+        return self.listings[parent.id]
+
+    def upload(self, src: Path, remote_dir: str) -> None:
+        remote = _join(remote_dir, src.name)
+        sha = file_sha256(src)
+        parent = self._dir(remote_dir)
+        existing = self._listing(parent).get(src.name)
+        record = self.records.get(remote)
+        if record and record["sha256"] == sha and existing is not None \
+                and str(existing.id) == record["uuid"] and existing.attrs.size == record["size"]:
             print(f"skipped {remote} (unchanged)")
             return
-    parent = _remote_dir(vault, remote_dir, create=True)
-    with _progress(src.stat().st_size, src.name) as bar:
-        node, uploaded_sha = upload_file(vault, src, parent, src.name, bar.update)
-    if uploaded_sha != sha:
-        raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
-    state.record_upload(remote, node.id, sha, node.attrs.size)
-    print(f"uploaded {remote} ({node.attrs.size} bytes)")
+        with _progress(src.stat().st_size, src.name) as bar:
+            node, uploaded_sha = upload_file(self.vault, src, parent, src.name, bar.update, existing)
+        if uploaded_sha != sha:
+            raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
+        self.listings[parent.id][src.name] = node
+        self.records[remote] = {"uuid": str(node.id), "sha256": sha, "size": node.attrs.size}
+        self.dirty = True
+        print(f"uploaded {remote} ({node.attrs.size} bytes)")
+
+    def save(self) -> None:
+        if self.dirty:
+            self.state.save_uploads(self.records)
 
 
 def cmd_download(args, state: LocalState) -> None:

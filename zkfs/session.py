@@ -1,6 +1,7 @@
 """Open an authenticated, unlocked vault from the saved login or a password."""
 from __future__ import annotations
 
+import errno
 from uuid import UUID
 
 from . import account
@@ -29,7 +30,13 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
         keys = PasswordKeys(auth_key=saved["auth_key"], kek=saved["kek"])
 
     def relogin() -> str:
-        token = account.login(api, username, keys)["access_token"]
+        try:
+            token = account.login(api, username, keys)["access_token"]
+        except ZkfsError as exc:
+            if password is None and exc.errno == errno.EACCES:
+                raise ZkfsError("the saved login is no longer valid (password changed elsewhere?): "
+                                "run `client.py login` again", errno=errno.EACCES) from None
+            raise
         if password is None:
             state.save_config(token=token)
         return token

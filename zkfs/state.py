@@ -89,9 +89,7 @@ class LocalState:
     def uploads(self) -> dict:
         return _read_json(self.uploads_path, {})
 
-    def record_upload(self, remote_path: str, inode: UUID, sha256_hex: str, size: int) -> None:
-        uploads = self.uploads()
-        uploads[remote_path] = {"uuid": str(inode), "sha256": sha256_hex, "size": size}
+    def save_uploads(self, uploads: dict) -> None:
         _write_json(self.uploads_path, uploads)
 
     def forget_upload(self, remote_path: str) -> None:

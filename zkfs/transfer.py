@@ -30,10 +30,16 @@ def _ordered(pool: ThreadPoolExecutor, jobs: Iterable[Callable], window: int):
         yield pending.popleft().result()
 
 
-def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None) -> tuple[Node, str]:
+_LOOKUP = object()
+
+
+def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
+                existing: Node | None = _LOOKUP) -> tuple[Node, str]:
     """Upload ``src`` as ``parent/name`` (replacing an existing file atomically).
-    Returns the new node and the plaintext's sha256."""
-    existing = vault.lookup(parent.id, name)
+    ``existing``: what is at that name now, if the caller already knows (else looked
+    up). Returns the new node and the plaintext's sha256."""
+    if existing is _LOOKUP:
+        existing = vault.lookup(parent.id, name)
     if existing is not None and not existing.attrs.is_reg:
         raise ZkfsError(f"{name}: exists on the server and is not a regular file")
     inode = existing.id if existing else uuid4()
@@ -79,8 +85,8 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None)
         base = 1
     attrs.mtime_ns = st.st_mtime_ns
     ops.append(vault.op_commit(inode, base, attrs, manifest, inline))
-    vault.apply(ops)
-    return vault.get(inode), sha.hexdigest()
+    version = vault.apply(ops)[-1]["version"]
+    return Node(inode, False, version, existing.nlink if existing else 1, attrs), sha.hexdigest()
 
 
 def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:

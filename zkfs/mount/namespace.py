@@ -70,14 +70,19 @@ class MetaCache:
                 if cached and now - cached[1] < self.ttl:
                     return cached[0]
             listed = self._listed.get(parent)
-            if listed and now - listed[1] < self.ttl and name not in listed[0]:
-                return None
-        node = self.vault.lookup(parent, name)
-        with self.lock:
-            self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
-            if node:
-                self.put_node(node)
-        return node
+            if listed and now - listed[1] < self.ttl:
+                if name not in listed[0]:
+                    return None
+                entry = self._entries.get((parent, name))
+                cached = self._nodes.get(entry[0]) if entry and entry[0] else None
+                if cached and now - cached[1] < self.ttl:
+                    return cached[0]
+        # A miss loads the whole directory (one request, readdir-plus): tools that
+        # stat every name of a tree (rsync, ls -l, find) then run from the cache.
+        for entry_name, node in self.listdir(parent):
+            if entry_name == name:
+                return node
+        return None
 
     def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
         """Record our own change of an entry (keeps a cached listing complete)."""
