@@ -29,6 +29,10 @@ class MetaCache:
         self._entries: dict[tuple[UUID, str], tuple[UUID | None, float]] = {}
         # Directories whose complete entry list is cached: also answers "no such name".
         self._listed: dict[UUID, tuple[set[str], float]] = {}
+        # Resolved paths (getattr/getxattr come by path, many per file): dropped
+        # wholesale whenever any entry changes, so never stale.
+        self._paths: dict[str, UUID] = {}
+        self._paths_gen = 0
         self._seq: int | None = None
 
     # ------------------------------------------------------------ nodes
@@ -51,8 +55,13 @@ class MetaCache:
                 return
             self._nodes[node.id] = (node, time.monotonic())
 
+    def _drop_paths(self) -> None:
+        self._paths.clear()
+        self._paths_gen += 1
+
     def forget(self, inode: UUID) -> None:
         with self.lock:
+            self._drop_paths()
             self._nodes.pop(inode, None)
             self._listed.pop(inode, None)
             for key in [k for k in self._entries if k[0] == inode]:
@@ -87,6 +96,7 @@ class MetaCache:
     def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
         """Record our own change of an entry (keeps a cached listing complete)."""
         with self.lock:
+            self._drop_paths()
             self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
             if node:
                 self.put_node(node)
@@ -115,6 +125,7 @@ class MetaCache:
                     return out
         entries = self.vault.listdir(parent)
         with self.lock:
+            self._drop_paths()
             now = time.monotonic()
             for key in [k for k in self._entries if k[0] == parent]:
                 del self._entries[key]
@@ -126,6 +137,19 @@ class MetaCache:
 
     # ------------------------------------------------------------ paths
     def resolve(self, path: str) -> Node:
+        with self.lock:
+            inode = self._paths.get(path)
+            hit = self._nodes.get(inode) if inode else None
+            if hit and time.monotonic() - hit[1] < self.ttl:
+                return hit[0]
+            gen = self._paths_gen
+        node = self._walk(path)
+        with self.lock:
+            if gen == self._paths_gen:        # no entry changed while we walked
+                self._paths[path] = node.id
+        return node
+
+    def _walk(self, path: str) -> Node:
         node = self.node(self.vault.root)
         for part in split_path(path):
             if not node.is_dir:
