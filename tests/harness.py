@@ -63,6 +63,14 @@ class Machine:
                         input=(password or self.password) + "\n", check=check)
 
 
+def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Mount:
     """A `mount.py` mount of one machine's account at ``path``."""
 
@@ -110,7 +118,7 @@ class Mount:
         assert self.pid
         os.kill(self.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+        while time.monotonic() < deadline and _alive(self.pid):
             time.sleep(0.05)
 
     def log(self) -> str:
@@ -121,7 +129,7 @@ class Mount:
             subprocess.run(["fusermount", "-u", "-z", str(self.path)], capture_output=True)
         if self.pid:
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+            while time.monotonic() < deadline and _alive(self.pid):
                 time.sleep(0.05)
             try:
                 os.kill(self.pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ import os
 import re
 import sqlite3
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID, uuid4
 

@@ -139,7 +139,7 @@ def test_wrap_unwrap_round_trip_and_context_binding():
     with pytest.raises(IntegrityError):
         unwrap_key(master, wrapped, file_key_context(b))
     # nor as any other kind of key
-    for ctx in (master_context(1), namespace_context(1), b"", b"file", file_key_context(a) + b"x",
+    for ctx in (master_context(1), namespace_context(1, ROOT), b"", b"file", file_key_context(a) + b"x",
                 file_key_context(a)[:-1]):
         with pytest.raises(IntegrityError):
             unwrap_key(master, wrapped, ctx)
@@ -151,6 +151,16 @@ def test_wrap_unwrap_round_trip_and_context_binding():
         unwrap_key(master, flip(wrapped, 8 * 40), file_key_context(a))
 
 
+ROOT = uuid4()
+
+
+def test_namespace_context_binds_the_root_folder():
+    master, ns = crypto.random_key(), NamespaceKey.generate()
+    wn = wrap_key(master, ns.raw, namespace_context(1, ROOT))
+    with pytest.raises(IntegrityError):
+        unwrap_key(master, wn, namespace_context(1, uuid4()))
+
+
 def test_master_and_namespace_contexts_bind_generation():
     kek, master = crypto.random_key(), crypto.random_key()
     w = wrap_key(kek, master, master_context(1))
@@ -158,12 +168,12 @@ def test_master_and_namespace_contexts_bind_generation():
     with pytest.raises(IntegrityError):
         unwrap_key(kek, w, master_context(2))
     with pytest.raises(IntegrityError):
-        unwrap_key(kek, w, namespace_context(1))
+        unwrap_key(kek, w, namespace_context(1, ROOT))
     ns = NamespaceKey.generate()
-    wn = wrap_key(master, ns.raw, namespace_context(3))
-    assert unwrap_key(master, wn, namespace_context(3)) == ns.raw
+    wn = wrap_key(master, ns.raw, namespace_context(3, ROOT))
+    assert unwrap_key(master, wn, namespace_context(3, ROOT)) == ns.raw
     with pytest.raises(IntegrityError):
-        unwrap_key(master, wn, namespace_context(4))
+        unwrap_key(master, wn, namespace_context(4, ROOT))
 
 
 # ------------------------------------------------------------------ password KDF

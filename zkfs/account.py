@@ -41,16 +41,21 @@ class Keyring:
     def unlock(cls, account: dict, kek: bytes) -> "Keyring":
         masters: dict[int, bytes] = {}
         namespace = None
-        try:
-            for rec in account["master_keys"]:
-                gen = rec["gen"]
+        for rec in account["master_keys"]:
+            gen = rec["gen"]
+            try:
                 masters[gen] = crypto.unwrap_key(kek, b64decode(rec["wrapped_master"]), crypto.master_context(gen))
-                if gen == account["current_gen"]:
+            except IntegrityError:
+                raise ZkfsError("the saved keys no longer open this account (password changed elsewhere?): "
+                                "run `client.py login` again") from None
+            if gen == account["current_gen"]:
+                try:
                     namespace = NamespaceKey(crypto.unwrap_key(
-                        masters[gen], b64decode(rec["wrapped_namespace"]), crypto.namespace_context(gen)))
-        except IntegrityError:
-            raise ZkfsError("the saved keys no longer open this account (password changed elsewhere?): "
-                            "run `client.py login` again") from None
+                        masters[gen], b64decode(rec["wrapped_namespace"]),
+                        crypto.namespace_context(gen, UUID(account["root_inode"]))))
+                except IntegrityError:
+                    raise TamperedError("the account's namespace key does not fit its root folder: "
+                                        "the server's account record was tampered with") from None
         if namespace is None:
             raise TamperedError("the server sent no key for the current generation")
         return cls(masters=masters, current_gen=account["current_gen"], namespace=namespace)
@@ -69,11 +74,12 @@ class Keyring:
             raise TamperedError(f"the key of file {inode} was tampered with or swapped") from None
 
 
-def master_record(kek: bytes, gen: int, master: bytes, namespace: NamespaceKey) -> dict:
+def master_record(kek: bytes, gen: int, master: bytes, namespace: NamespaceKey, root: UUID) -> dict:
     return {
         "gen": gen,
         "wrapped_master": b64encode(crypto.wrap_key(kek, master, crypto.master_context(gen))),
-        "wrapped_namespace": b64encode(crypto.wrap_key(master, namespace.raw, crypto.namespace_context(gen))),
+        "wrapped_namespace": b64encode(crypto.wrap_key(master, namespace.raw,
+                                                       crypto.namespace_context(gen, root))),
     }
 
 
@@ -89,7 +95,7 @@ def register(api: ApiClient, username: str, password: str) -> UUID:
     root = uuid4()
     body = {
         "username": username, "auth_key": b64encode(keys.auth_key), "kdf": kdf_to_wire(params),
-        "master_key": master_record(keys.kek, 1, master, namespace),
+        "master_key": master_record(keys.kek, 1, master, namespace, root),
         "root_inode": str(root),
         "root_meta": b64encode(root_attrs(os.getuid(), os.getgid()).encrypt(namespace, root)),
     }
@@ -155,7 +161,7 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     old_gens = sorted(keyring.masters)
     new_gen = keyring.current_gen + 1
     master = crypto.random_key()
-    api.add_master_key(master_record(kek, new_gen, master, keyring.namespace))
+    api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])))
     keyring.masters[new_gen] = master
     keyring.current_gen = new_gen
     keys = api.list_keys()

@@ -145,8 +145,10 @@ def master_context(gen: int) -> bytes:
     return b"master" + struct.pack(">I", gen)
 
 
-def namespace_context(gen: int) -> bytes:
-    return b"namespace" + struct.pack(">I", gen)
+def namespace_context(gen: int, root: UUID) -> bytes:
+    """Also binds the account's root directory: a server that points the account
+    at another directory as its root makes the namespace key fail to unwrap."""
+    return b"namespace" + struct.pack(">I", gen) + root.bytes
 
 
 def file_key_context(inode: UUID) -> bytes:

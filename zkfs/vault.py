@@ -94,6 +94,17 @@ class Vault:
     def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
         return [self._entry(inode, d) for d in self.api.list_dir(inode)]
 
+    def listdir_partial(self, inode: UUID) -> tuple[list[tuple[str, Node]], dict[str, TamperedError]]:
+        """Like listdir, but entries that fail verification are returned apart
+        (by name hash) instead of failing the whole directory."""
+        good, bad = [], {}
+        for d in self.api.list_dir(inode):
+            try:
+                good.append(self._entry(inode, d))
+            except TamperedError as exc:
+                bad[d["name_hash"]] = exc
+        return good, bad
+
     def resolve(self, path: str) -> Node:
         node = self.get(self.root)
         for part in split_path(path):
@@ -188,6 +199,9 @@ class Vault:
         for op, res in zip(ops, results):
             if res.get("inode") and res.get("version"):
                 self.ledger.check(UUID(res["inode"]), res["version"])
+        # Persist at once: a crash must not forget versions the server acknowledged,
+        # or it could roll them back unnoticed.
+        self.ledger.flush()
         return results
 
     def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, key_fields: dict | None = None) -> dict:

@@ -104,8 +104,11 @@ class ZkfsOperations(fuse.Operations):
         """Sends attribute changes that waited WRITEBACK_DELAY, and retries closed
         files whose commit failed (server down, disk full): their data stays here
         until the server takes it, never a silent loss."""
-        next_retry = 0.0
+        next_retry = next_ledger = 0.0
         while not self._stop.wait(0.1):
+            if time.monotonic() >= next_ledger:      # versions seen by reads
+                next_ledger = time.monotonic() + 1.0
+                self.vault.ledger.flush()
             try:
                 oldest = min((p.since for p in list(self.pending_attrs.values())), default=None)
                 if oldest is not None and time.monotonic() - oldest >= WRITEBACK_DELAY:
@@ -366,13 +369,15 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def readdir(self, path, fh):
+        # A list, not a generator: fusepy iterates outside this wrapper, where
+        # an integrity error would surface as EINVAL instead of EIO.
         node = self.meta.resolve(path)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
-        yield "."
-        yield ".."
-        for name, child in self.meta.listdir(node.id):
-            yield name, {"st_mode": child.attrs.mode, "st_ino": ino(child.id)}, 0
+        entries = self.meta.listdir(node.id)
+        self.meta.check_listing(node.id)
+        return [".", ".."] + [(name, {"st_mode": child.attrs.mode, "st_ino": ino(child.id)}, 0)
+                              for name, child in entries]
 
     @_errors
     def access(self, path, amode):

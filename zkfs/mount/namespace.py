@@ -33,6 +33,9 @@ class MetaCache:
         # wholesale whenever any entry changes, so never stale.
         self._paths: dict[str, UUID] = {}
         self._paths_gen = 0
+        # Entries that failed verification, by directory and name hash: that name
+        # gives EIO, its siblings stay usable.
+        self._tampered: dict[UUID, dict[str, Exception]] = {}
         self._seq: int | None = None
 
     # ------------------------------------------------------------ nodes
@@ -81,6 +84,7 @@ class MetaCache:
             listed = self._listed.get(parent)
             if listed and now - listed[1] < self.ttl:
                 if name not in listed[0]:
+                    self._raise_if_tampered(parent, name)
                     return None
                 entry = self._entries.get((parent, name))
                 cached = self._nodes.get(entry[0]) if entry and entry[0] else None
@@ -91,7 +95,22 @@ class MetaCache:
         for entry_name, node in self.listdir(parent):
             if entry_name == name:
                 return node
+        self._raise_if_tampered(parent, name)
         return None
+
+    def check_listing(self, parent: UUID) -> None:
+        """A listing with an entry that failed verification is an error (EIO):
+        hiding the entry quietly would be a listing the server chose."""
+        bad = self._tampered.get(parent)
+        if bad:
+            raise next(iter(bad.values()))
+
+    def _raise_if_tampered(self, parent: UUID, name: str) -> None:
+        bad = self._tampered.get(parent)
+        if bad:
+            exc = bad.get(self.vault.name_hash(parent, name))
+            if exc is not None:
+                raise exc
 
     def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
         """Record our own change of an entry (keeps a cached listing complete)."""
@@ -123,8 +142,14 @@ class MetaCache:
                     out.append((name, node[0]))
                 else:
                     return out
-        entries = self.vault.listdir(parent)
+        entries, bad = self.vault.listdir_partial(parent)
+        for exc in bad.values():
+            log.error("directory %s: an entry failed verification: %s", parent, exc)
         with self.lock:
+            if bad:
+                self._tampered[parent] = bad
+            else:
+                self._tampered.pop(parent, None)
             self._drop_paths()
             now = time.monotonic()
             for key in [k for k in self._entries if k[0] == parent]:
