@@ -611,6 +611,8 @@ class ZkfsOperations(fuse.Operations):
             if node is None:
                 raise FsError(errno.ENOENT)
             target = self.meta.lookup(dst_parent.id, dst_name)
+            if target is not None and target.id == node.id:
+                return                   # two names of one inode: POSIX says do nothing
             target_open = target is not None and target.id in self.open_files
             delta = {}
             if node.is_dir and src_parent.id != dst_parent.id:

@@ -79,6 +79,8 @@ class OpenFile:
         self.attr_changes: list = []
         self._last_read_chunk = -2
 
+    _confirm_lock = threading.Lock()   # leaf lock, shared: held for a dict operation only
+
     def _reset_base(self, node: Node, manifest: Manifest | None) -> None:
         self.base_version = node.version
         self.base_size = node.attrs.size
@@ -91,8 +93,10 @@ class OpenFile:
         self.spilled: dict[int, Path] = {}
         self.staged: dict[int, Future] = {}
         # Plaintext of staged chunks whose upload has not succeeded yet: a failed
-        # upload goes back to ``dirty`` instead of being lost.
-        self._unconfirmed: dict[int, bytes] = {}
+        # upload goes back to ``dirty`` instead of being lost. Guarded by its own
+        # leaf lock: upload threads must never wait for ``self.lock``, which a
+        # commit holds while it waits for them.
+        self._unconfirmed: dict[int, tuple[Future, bytes]] = {}
         self._upload_failed = False
 
     # ------------------------------------------------------------ helpers
@@ -133,13 +137,20 @@ class OpenFile:
         except Exception:
             log.warning("upload of chunk %d of inode %s failed; kept for retry", i, self.id)
             del self.staged[i]
-            plain = self._unconfirmed.pop(i)
+            with self._confirm_lock:
+                plain = self._unconfirmed.pop(i)[1]
             self.dirty[i] = bytearray(plain)
             self.budget.add(len(plain))
             self._upload_failed = True
             return None
-        self._unconfirmed.pop(i, None)
+        self._forget_plain(i, fut)
         return ref
+
+    def _forget_plain(self, i: int, fut: Future) -> None:
+        with self._confirm_lock:
+            held = self._unconfirmed.get(i)
+            if held is not None and held[0] is fut:
+                del self._unconfirmed[i]
 
     def _staged_view(self, i: int) -> bytes:
         ref = self._settle(i)
@@ -175,7 +186,8 @@ class OpenFile:
         if path is not None:
             self.spool.discard(path)
         self.staged.pop(i, None)
-        self._unconfirmed.pop(i, None)
+        with self._confirm_lock:
+            self._unconfirmed.pop(i, None)
 
     def _view(self, i: int) -> bytes:
         """Current plaintext of chunk i, sized to chunk_len(i)."""
@@ -266,16 +278,15 @@ class OpenFile:
 
     def _upload(self, i: int, plain: bytes) -> None:
         fut = self.blocks.upload_async(self.id, self.cipher, plain)
-        self._unconfirmed[i] = plain
+        with self._confirm_lock:
+            self._unconfirmed[i] = (fut, plain)
         self.staged[i] = fut
         fut.add_done_callback(lambda f, i=i: self._confirmed(i, f))
 
     def _confirmed(self, i: int, fut: Future) -> None:
         # Runs on the upload thread: once the server has the chunk, stop holding it.
         if fut.exception() is None:
-            with self.lock:
-                if self.staged.get(i) is fut:
-                    self._unconfirmed.pop(i, None)
+            self._forget_plain(i, fut)
 
     def _spill_if_needed(self) -> None:
         while self.budget.over() and self.dirty:
@@ -357,8 +368,9 @@ class OpenFile:
         for i in range(count):
             if i in self.staged or i in self.dirty or i in self.spilled:
                 continue
-            if i < len(base.chunks) and base.chunk_length(i) == self.chunk_len(i) \
-                    and i * self.cs + base.chunk_length(i) <= self.floor:
+            if i >= len(base.chunks) or i * self.cs >= self.floor:
+                refs[i] = HOLE_REF                # never written: a hole, nothing stored
+            elif base.chunk_length(i) == self.chunk_len(i) and i * self.cs + base.chunk_length(i) <= self.floor:
                 refs[i] = base.chunks[i]          # unchanged: not uploaded again
             else:
                 uploads[i] = self._base_view(i)   # cut by a truncate or padded by growth
