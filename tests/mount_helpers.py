@@ -7,9 +7,15 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import select
+import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +28,7 @@ class Mounts:
     def __init__(self, tmp_path_factory):
         self.factory = tmp_path_factory
         self.mounts: list[Mount] = []
+        _reaper.start()
 
     def machine(self, server, *, register: bool = True) -> Machine:
         m = Machine(self.factory.mktemp("machine"), server.url)
@@ -32,12 +39,104 @@ class Mounts:
         self.mounts.append(m)
         return m.start()
 
+    @contextlib.contextmanager
+    def watchdog(self, seconds: float):
+        """If the block takes longer than ``seconds`` (a hung FUSE request cannot be
+        interrupted by pytest-timeout), record the daemons' Python stacks in their log
+        dir and SIGKILL them: the stuck syscall then fails (ENOTCONN) instead of hanging."""
+        fired = threading.Event()
+
+        def fire():
+            fired.set()
+            for m in list(self.mounts):
+                if m.pid and Path(f"/proc/{m.pid}").exists():
+                    _reaper.kill(m)
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            if fired.is_set():
+                print(f"WATCHDOG: killed the mount daemons after {seconds}s (stacks in their "
+                      f"logs/watchdog.log)", file=sys.stderr)
+
     def close(self) -> None:
-        for m in self.mounts:
+        """Unmount everything (concurrently: each waits for its daemon to exit)."""
+        def cleanup(m: Mount) -> None:
             try:
                 m.cleanup()
             except Exception:       # pragma: no cover - keep cleaning up the others
                 pass
+        threads = [threading.Thread(target=cleanup, args=(m,)) for m in self.mounts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+_REAPER = r"""
+import os, signal, subprocess, sys
+spy = sys.argv[1]
+for line in sys.stdin:
+    pid, log = line.rstrip("\n").split(" ", 1)
+    out = ""
+    if spy:
+        try:
+            out = subprocess.run([spy, "dump", "--pid", pid], capture_output=True, text=True,
+                                 timeout=30).stdout
+        except Exception as exc:
+            out = "py-spy failed: %s" % exc
+    try:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a") as f:
+            f.write("--- watchdog: stacks of mount daemon %s before SIGKILL ---\n%s\n" % (pid, out))
+    except OSError:
+        pass
+    try:
+        os.kill(int(pid), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    print("done", flush=True)
+"""
+
+
+class _Reaper:
+    """Dumps a hung daemon's Python stacks (py-spy) and SIGKILLs it, from a helper
+    process started while the tests hold no FUSE file open: forking from the test
+    process itself would close (= FLUSH) its open FUSE files in the child and hang
+    on the very daemon it is meant to kill. Exits when its stdin closes."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            self.proc = subprocess.Popen([sys.executable, "-c", _REAPER, spy if os.path.exists(spy) else ""],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def kill(self, m: Mount) -> None:
+        with self.lock:
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                try:
+                    proc.stdin.write(f"{m.pid} {m.machine.home / 'logs' / 'watchdog.log'}\n")
+                    proc.stdin.flush()
+                    ready, _, _ = select.select([proc.stdout], [], [], 45)
+                    if ready:
+                        proc.stdout.readline()
+                except OSError:
+                    pass
+            try:                             # whatever happened above: it must die
+                os.kill(m.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+_reaper = _Reaper()
 
 
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.1, what: str = "condition"):

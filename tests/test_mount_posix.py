@@ -21,9 +21,17 @@ def mnt(shared_server, tmp_path_factory):
     mounts = Mounts(tmp_path_factory)
     try:
         machine = mounts.machine(shared_server)
-        yield mounts.mount(machine)
+        m = mounts.mount(machine)
+        m.mounts = mounts
+        yield m
     finally:
         mounts.close()
+
+
+@pytest.fixture(autouse=True)
+def watchdog(mnt):
+    with mnt.mounts.watchdog(120):
+        yield
 
 
 @pytest.fixture
@@ -382,6 +390,24 @@ def test_fstat_and_fchmod_of_unlinked_open_file(d):
         assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o644
         os.pwrite(fd, b"y", 9999)
         assert os.fstat(fd).st_size == 10000
+    finally:
+        os.close(fd)
+    assert os.listdir(d) == []
+
+
+def test_directory_of_an_unlinked_open_file_can_be_removed(d):
+    sub = d / "sub"
+    sub.mkdir()
+    (sub / "f").write_bytes(b"still here")
+    fd = os.open(sub / "f", os.O_RDWR)
+    try:
+        os.unlink(sub / "f")
+        assert os.listdir(sub) == []
+        os.rmdir(sub)                              # empty for POSIX, though a file is open
+        assert not sub.exists()
+        assert os.pread(fd, 100, 0) == b"still here"
+        os.pwrite(fd, b"STILL", 0)
+        assert os.pread(fd, 100, 0) == b"STILL here"
     finally:
         os.close(fd)
     assert os.listdir(d) == []

@@ -19,9 +19,17 @@ def mnt(shared_server, tmp_path_factory):
     mounts = Mounts(tmp_path_factory)
     try:
         machine = mounts.machine(shared_server)
-        yield mounts.mount(machine)
+        m = mounts.mount(machine)
+        m.mounts = mounts
+        yield m
     finally:
         mounts.close()
+
+
+@pytest.fixture(autouse=True)
+def watchdog(mnt):
+    with mnt.mounts.watchdog(120):
+        yield
 
 
 def make_tree(root: Path, *, big: int = 0) -> Path:

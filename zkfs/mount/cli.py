@@ -115,7 +115,9 @@ def serve(args) -> None:
 
     class _Ops(fuse.fuse_operations):
         # fusepy leaves these off. utime_omit_ok: else libfuse2 drops mtime-only
-        # updates (tar, touch -m). nullpath_ok: ops on unlinked open files.
+        # updates (tar, touch -m). nullpath_ok: fewer path lookups for open files.
+        # (No hard_remove: libfuse's rename of a busy file to .fuse_hidden* keeps a
+        # path for fstat/fchmod; ZkfsOperations turns it into a server-side orphan.)
         def __init__(self):
             super().__init__()
             self.flag_utime_omit_ok = 1
@@ -135,7 +137,7 @@ def serve(args) -> None:
                    # attr_timeout 0: libfuse2 gives each path (not inode) its own kernel
                    # node, so cached attrs of a hard link would go stale; our own cache
                    # answers getattr without a round trip anyway.
-                   attr_timeout=0, entry_timeout=1.0, hard_remove=True, auto_cache=True)
+                   attr_timeout=0, entry_timeout=1.0, auto_cache=True)
     if args.read_only:
         options["ro"] = True
     if args.allow_other:

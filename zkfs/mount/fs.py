@@ -90,6 +90,10 @@ class ZkfsOperations(fuse.Operations):
         # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
         # become one request).
         self.pending_attrs: dict[UUID, PendingAttrs] = {}
+        # libfuse renames a file that is unlinked while open to .fuse_hidden*, so
+        # fstat/fchmod/ftruncate keep a path. Here that name is local only: on the
+        # server the file is an orphan (no name) until its last close.
+        self.hidden: dict[str, Node] = {}
         self._next_fh = 1
         self._stop = threading.Event()
         self._hostname = socket.gethostname()
@@ -145,6 +149,15 @@ class ZkfsOperations(fuse.Operations):
         self.vault.ledger.close()
 
     # ------------------------------------------------------------ helpers
+    def _resolve(self, path: str) -> Node:
+        hidden = self.hidden.get(path)
+        if hidden is not None:
+            return hidden
+        for part in path.split("/"):
+            if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+                raise FsError(errno.ENAMETOOLONG)
+        return self.meta.resolve(path)
+
     def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
@@ -162,7 +175,8 @@ class ZkfsOperations(fuse.Operations):
             a, size = node.attrs, node.attrs.size
             atime, mtime, ctime = node.times
         return {
-            "st_mode": a.mode, "st_ino": ino(node.id), "st_nlink": max(node.nlink, 0 if of and of.unlinked else 1),
+            "st_mode": a.mode, "st_ino": ino(node.id),
+            "st_nlink": 0 if of is not None and of.unlinked else max(node.nlink, 1),
             "st_uid": a.uid, "st_gid": a.gid, "st_rdev": a.rdev, "st_size": size,
             "st_atime": atime, "st_mtime": mtime, "st_ctime": ctime,
             "st_blocks": (size + 511) // 512, "st_blksize": 128 * 1024,
@@ -345,7 +359,7 @@ class ZkfsOperations(fuse.Operations):
         self._writable()
         with self.ns_lock:
             of = self.handles.get(fh) if fh else None
-            node = None if of else self.meta.resolve(path)
+            node = None if of else self._resolve(path)
             of = of or self.open_files.get(node.id)
             if of is not None:
                 of.touch_attrs(change)
@@ -365,13 +379,13 @@ class ZkfsOperations(fuse.Operations):
             cached = self.meta._nodes.get(of.id)
             nlink = 0 if of.unlinked else (cached[0].nlink if cached else 1)
             return self._stat(Node(of.id, False, of.base_version, nlink, of.attrs))
-        return self._stat(self.meta.resolve(path))
+        return self._stat(self._resolve(path))
 
     @_errors
     def readdir(self, path, fh):
         # A list, not a generator: fusepy iterates outside this wrapper, where
         # an integrity error would surface as EINVAL instead of EIO.
-        node = self.meta.resolve(path)
+        node = self._resolve(path)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         entries = self.meta.listdir(node.id)
@@ -381,7 +395,7 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def access(self, path, amode):
-        node = self.meta.resolve(path)
+        node = self._resolve(path)
         if amode == os.F_OK:
             return 0
         uid, gid, _ = fuse.fuse_get_context()
@@ -440,7 +454,7 @@ class ZkfsOperations(fuse.Operations):
         self._xattr_supported(name)
         if len(value) > MAX_XATTR_VALUE:
             raise FsError(errno.E2BIG)
-        node = self.meta.resolve(path)
+        node = self._resolve(path)
         exists = name in self._attrs_of(node).xattrs
         if options & XATTR_CREATE and exists:
             raise FsError(errno.EEXIST)
@@ -454,18 +468,18 @@ class ZkfsOperations(fuse.Operations):
     @_errors
     def getxattr(self, path, name, position=0):
         self._xattr_supported(name)
-        value = self._attrs_of(self.meta.resolve(path)).xattrs.get(name)
+        value = self._attrs_of(self._resolve(path)).xattrs.get(name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     @_errors
     def listxattr(self, path):
-        return list(self._attrs_of(self.meta.resolve(path)).xattrs)
+        return list(self._attrs_of(self._resolve(path)).xattrs)
 
     @_errors
     def removexattr(self, path, name):
-        if name not in self._attrs_of(self.meta.resolve(path)).xattrs:
+        if name not in self._attrs_of(self._resolve(path)).xattrs:
             raise FsError(errno.ENODATA)
         self._setattr(path, lambda a: a.xattrs.pop(name, None))
 
@@ -551,7 +565,7 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def readlink(self, path):
-        node = self.meta.resolve(path)
+        node = self._resolve(path)
         if not stat.S_ISLNK(node.attrs.mode):
             raise FsError(errno.EINVAL)
         return node.attrs.target.decode("utf-8", "surrogateescape")
@@ -560,7 +574,7 @@ class ZkfsOperations(fuse.Operations):
     def link(self, target, source):
         self._writable()
         with self.ns_lock:
-            node = self.meta.resolve(source)
+            node = self._resolve(source)
             if node.is_dir:
                 raise FsError(errno.EPERM)
             parent, name = self.meta.resolve_parent(target)
@@ -569,10 +583,31 @@ class ZkfsOperations(fuse.Operations):
             self.meta.forget(node.id)
             self.meta.set_entry(parent.id, name, self.meta.node(node.id))
 
+    def _hide(self, old: str, new: str) -> None:
+        """The unlink of a file that is still open: the name goes on the server
+        (the inode stays, nameless, until the last close); ``new`` stays local."""
+        parent, name = self.meta.resolve_parent(old)
+        node = self.meta.lookup(parent.id, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        self._apply([self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id)], [parent])
+        self.meta.set_entry(parent.id, name, None)
+        self.meta.forget(node.id)
+        node = Node(node.id, node.is_dir, node.version, node.nlink - 1, node.attrs)
+        self.hidden[new] = node
+        of = self.open_files.get(node.id)
+        if of is not None and node.nlink <= 0:
+            of.unlinked = True
+
     @_errors
     def unlink(self, path):
         self._writable()
         with self.ns_lock:
+            if path in self.hidden:           # libfuse's cleanup after the last close
+                node = self.hidden.pop(path)
+                if node.nlink <= 0 and node.id not in self.open_files:
+                    self._delete_orphan(node.id)
+                return
             parent, name = self.meta.resolve_parent(path)
             node = self.meta.lookup(parent.id, name)
             if node is None:
@@ -604,6 +639,10 @@ class ZkfsOperations(fuse.Operations):
     def rename(self, old, new):
         self._writable()
         with self.ns_lock:
+            if Path(new).name.startswith(".fuse_hidden") and old not in self.hidden:
+                return self._hide(old, new)
+            if old in self.hidden:
+                raise FsError(errno.ENOENT)
             src_parent, src_name = self.meta.resolve_parent(old)
             dst_parent, dst_name = self.meta.resolve_parent(new)
             self._check_name(dst_name)
@@ -638,7 +677,7 @@ class ZkfsOperations(fuse.Operations):
         with self.ns_lock:
             # The cache is close-to-open fresh: the change feed drops whatever another
             # client changed, within a second.
-            node = self.meta.resolve(path)
+            node = self._resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
             fresh = node.id not in self.open_files
@@ -665,7 +704,7 @@ class ZkfsOperations(fuse.Operations):
             of.truncate(length)
             return
         with self.ns_lock:
-            node = self.meta.resolve(path)
+            node = self._resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
             fh = self._new_handle(self._open_file(node), path)
@@ -711,8 +750,11 @@ class ZkfsOperations(fuse.Operations):
 
     def _drop_orphan(self, of: OpenFile) -> None:
         of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))
+        self._delete_orphan(of.id)
+
+    def _delete_orphan(self, inode: UUID) -> None:
         try:
-            self.vault.apply([self.vault.op_delete_inode(of.id)])
+            self.vault.apply([self.vault.op_delete_inode(inode)])
         except ServerError as exc:
             if exc.code not in ("in_use", "not_found"):   # in_use: another name appeared
-                log.warning("could not delete orphan %s: %s", of.id, exc)
+                log.warning("could not delete orphan %s: %s", inode, exc)

@@ -1,0 +1,156 @@
+"""Several mounts of one account: propagation between two concurrent mounts,
+conflict copies, and recovery after the mount daemon is SIGKILLed."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from harness import Machine
+from mount_helpers import Mounts, sha256_file, wait_until
+
+
+@pytest.fixture
+def mounts(tmp_path_factory):
+    ms = Mounts(tmp_path_factory)
+    try:
+        with ms.watchdog(120):
+            yield ms
+    finally:
+        ms.close()
+
+
+def second_machine(mounts: Mounts, first: Machine, server) -> Machine:
+    """Another installation logged into the same account."""
+    other = mounts.machine(server, register=False)
+    other.login(first.username, first.password)
+    return other
+
+
+def listing(path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def test_two_mounts_see_each_others_changes(shared_server, mounts):
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    assert listing(a.path) == listing(b.path) == []
+
+    # A new file, with its content, shows up on the other side within a few seconds.
+    t0 = time.monotonic()
+    (a.path / "from a.txt").write_bytes(b"written in A\n")
+    wait_until(lambda: (b.path / "from a.txt").read_bytes() == b"written in A\n", 4, what="A's file in B")
+    assert time.monotonic() - t0 < 4
+
+    # Rename (into a new folder) and delete, both directions.
+    (a.path / "folder").mkdir()
+    os.rename(a.path / "from a.txt", a.path / "folder" / "renamed.txt")
+    wait_until(lambda: not (b.path / "from a.txt").exists()
+               and (b.path / "folder" / "renamed.txt").read_bytes() == b"written in A\n", 4,
+               what="A's rename in B")
+    (b.path / "folder" / "from b.bin").write_bytes(os.urandom(10) * 200_000)
+    expected = (b.path / "folder" / "from b.bin").read_bytes()
+    wait_until(lambda: (a.path / "folder" / "from b.bin").read_bytes() == expected, 4, what="B's file in A")
+    os.unlink(b.path / "folder" / "renamed.txt")
+    wait_until(lambda: listing(a.path / "folder") == ["from b.bin"], 4, what="B's delete in A")
+
+    # A changed file is read fresh by the other mount (close-to-open).
+    with open(a.path / "folder" / "from b.bin", "r+b") as f:
+        f.seek(1_000_000)
+        f.write(b"EDITED BY A")
+    edited = bytearray(expected)
+    edited[1_000_000:1_000_011] = b"EDITED BY A"
+    wait_until(lambda: (b.path / "folder" / "from b.bin").read_bytes() == edited, 4, what="A's edit in B")
+    (b.path / "folder" / "from b.bin").unlink()
+    os.rmdir(b.path / "folder")
+    wait_until(lambda: listing(a.path) == [], 4, what="B's rmdir in A")
+
+
+def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    (a.path / "doc.txt").write_bytes(b"the base version\n")
+    wait_until(lambda: (b.path / "doc.txt").read_bytes() == b"the base version\n", 4, what="base in B")
+
+    mine, theirs = b"version written by A\n", b"B's version, written at the same time\n"
+    fa = os.open(a.path / "doc.txt", os.O_RDWR)
+    fb = os.open(b.path / "doc.txt", os.O_RDWR)
+    try:
+        os.pwrite(fa, mine, 0)
+        os.ftruncate(fa, len(mine))
+        os.pwrite(fb, theirs, 0)
+        os.ftruncate(fb, len(theirs))
+    finally:
+        os.close(fa)              # A commits first ...
+        os.close(fb)              # ... so B's commit is the one that finds the conflict
+
+    host = re.escape(socket.gethostname())
+    pattern = re.compile(rf"^doc \(conflict \S+ \S+ {host}\)\.txt$")
+
+    def both_versions(root):
+        names = listing(root)
+        copies = [n for n in names if pattern.match(n)]
+        if len(names) != 2 or len(copies) != 1 or "doc.txt" not in names:
+            return None
+        return (root / "doc.txt").read_bytes(), (root / copies[0]).read_bytes()
+
+    for m in (b, a):
+        got = wait_until(lambda: both_versions(m.path), 5, what=f"both versions in {m.path}")
+        assert got == (mine, theirs), (listing(m.path), got)
+    assert "conflict" in b.log()
+
+    # Both mounts go on working with the file normally afterwards.
+    (b.path / "doc.txt").write_bytes(b"settled\n")
+    wait_until(lambda: (a.path / "doc.txt").read_bytes() == b"settled\n", 4, what="later edit in A")
+    assert len(listing(a.path)) == 2
+
+
+def test_sigkilled_mount_keeps_closed_files_and_unmount_cleans_up(shared_server, mounts, tmp_path):
+    machine = mounts.machine(shared_server)
+    m = mounts.mount(machine)
+    (m.path / "dir" / "sub").mkdir(parents=True)
+    files = {"small.txt": b"small\n", "dir/big.bin": os.urandom(3 * (1 << 20) + 99),
+             "dir/sub/empty": b"", "dir/edited.bin": os.urandom(2 << 20)}
+    for rel, data in files.items():
+        (m.path / rel).write_bytes(data)
+    with open(m.path / "dir/edited.bin", "r+b") as f:        # an edit, closed before the kill
+        f.seek(1 << 20)
+        f.write(b"EDIT")
+        os.fchmod(f.fileno(), 0o600)                         # committed with the close
+    edited = bytearray(files["dir/edited.bin"])
+    edited[1 << 20: (1 << 20) + 4] = b"EDIT"
+    files["dir/edited.bin"] = bytes(edited)
+    digests = {rel: sha256_file(m.path / rel) for rel in files}
+    os.symlink("dir/big.bin", m.path / "link")
+
+    m.kill()
+    assert m.is_mounted()                     # the kernel still has the (dead) mount
+    with pytest.raises(OSError) as ei:
+        os.listdir(m.path)
+    assert ei.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+    # Everything closed before the kill is on the server: another machine downloads it.
+    other = second_machine(mounts, machine, shared_server)
+    out = tmp_path / "downloaded.bin"
+    other.run("download", "/dir/big.bin", "-o", str(out))
+    assert out.read_bytes() == files["dir/big.bin"]
+
+    # mount.py --unmount cleans the dead mount up; a fresh mount on the same path works.
+    m.unmount()
+    assert not m.is_mounted()
+    again = mounts.mount(machine, path=m.path)
+    assert again.is_mounted() and again.pid != m.pid
+    for rel, digest in digests.items():
+        assert sha256_file(again.path / rel) == digest, rel
+    assert os.readlink(again.path / "link") == "dir/big.bin"
+    assert os.stat(again.path / "dir/edited.bin").st_mode & 0o777 == 0o600
+    (again.path / "after restart.txt").write_bytes(b"works")
+    assert (again.path / "after restart.txt").read_bytes() == b"works"
+    again.unmount()
+    assert not again.is_mounted()
