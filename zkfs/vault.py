@@ -19,7 +19,7 @@ from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError
 from .errors import ServerError, TamperedError, ZkfsError
-from .format import (Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode, open_chunk,
+from .format import (CHUNK_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode, open_chunk,
                      open_name, seal_chunk, seal_name, encode_name)
 from .state import VersionLedger
 
@@ -262,6 +262,12 @@ def split_path(path: str) -> list[str]:
     return [p for p in path.split("/") if p and p != "."]
 
 
+_ZERO_CHUNK = bytes(CHUNK_SIZE)
+
+
 def any_nonzero(data: bytes) -> bool:
-    # bytes.count on a zero byte runs at memory speed; only all-zero chunks are holes.
+    """False for an all-zero chunk (stored as a hole). A full chunk is compared
+    with a zero block (memcmp, stops at the first non-zero byte)."""
+    if len(data) == CHUNK_SIZE:
+        return data != _ZERO_CHUNK
     return data.count(0) != len(data)

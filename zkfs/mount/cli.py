@@ -183,9 +183,13 @@ def _spawn(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"mount-{_pidfile_for(args.mountpoint).stem.split('-')[1]}.log"
     argv = [sys.executable, "-m", "zkfs.mount", *sys.argv[1:], "--foreground"]
+    # Chunk buffers are 1 MiB and churn fast across threads: glibc's default of one
+    # malloc arena per thread lets RSS balloon (measured ~170 MiB vs ~125 MiB
+    # with two arenas for a 1 GiB copy).
+    env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True, cwd=os.getcwd())
+                                start_new_session=True, cwd=os.getcwd(), env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

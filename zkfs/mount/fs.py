@@ -79,7 +79,7 @@ class ZkfsOperations(fuse.Operations):
         self.read_only = read_only
         self.meta = MetaCache(vault)
         self.blocks = BlockStore(vault, CiphertextCache(cache_dir / "chunks", cache_bytes),
-                                 PlainCache(32 << 20))
+                                 PlainCache(16 << 20))
         self.spool = EncryptedSpool(cache_dir)
         self.budget = MemoryBudget(write_buffer_bytes)
         self.poll_interval = poll_interval
