@@ -126,7 +126,6 @@ def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
     data = bytearray(os.urandom(8 * CS))
     path = m.path / "big-edit.bin"
     path.write_bytes(data)
-    digest_all = blob_files(ctx.server)
 
     before, puts = blob_files(ctx.server), len(ctx.blob_requests("PUT"))
     patch = os.urandom(100)
@@ -151,7 +150,6 @@ def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
     data[6 * CS - 5: 6 * CS + 5] = patch
     added = new_blobs(before, blob_files(ctx.server))
     assert len(added) == 2 and sum(added.values()) < 2 * CS + 64 * 1024, added
-    assert len(digest_all) > 0
 
     assert path.read_bytes() == data
     m = ctx.remount()

@@ -155,6 +155,8 @@ def test_git_init_commit_clone_fsck(mnt, tmp_path):
     run("git", "mv", "README.md", "README.txt", cwd=repo, env=env)
     run("git", "commit", "-q", "-a", "-m", "second", cwd=repo, env=env)
     run("git", "fsck", "--full", "--strict", cwd=repo, env=env)
+    run("git", "gc", "-q", "--prune=now", cwd=repo, env=env)     # packs, renames, deletes
+    run("git", "fsck", "--full", "--strict", cwd=repo, env=env)
     assert run("git", "status", "--porcelain", cwd=repo, env=env).stdout == ""
 
     clone = base / "clone"
