@@ -14,6 +14,7 @@ import platform
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -48,6 +49,12 @@ def parse_args(argv=None):
     ap.add_argument("--zkfs-keep-cache", action="store_true",
                     help="keep zkfs's local ciphertext cache across the cold remounts "
                          "(default: wiped, like rclone's VFS cache, so cold reads hit the server)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="per-workload watchdog in seconds: past it the system's mount daemon "
+                         "is stopped so a hung FUSE call fails, then it is mounted afresh for the next "
+                         "workload (default 450; --quick 120)")
+    ap.add_argument("--zkfs-mount-args", default="",
+                    help="extra arguments for zkfs's mount.py, e.g. \"--cache-size 4G\"")
     ap.add_argument("--no-crypto", action="store_true", help="skip the crypto ceiling")
     ap.add_argument("--skip-install", action="store_true",
                     help="do not apt-get/pip install missing tools")
@@ -56,8 +63,13 @@ def parse_args(argv=None):
         a.size_mib = 64 if a.quick else 1024
     if a.files is None:
         a.files = 200 if a.quick else 2000
+    if a.timeout is None:
+        a.timeout = 120.0 if a.quick else 450.0
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     return a
+
+
+STOP = threading.Event()
 
 
 def _on_signal(signum, _frame):
@@ -81,23 +93,54 @@ def run_system(name: str, root: Path, opts, ds) -> dict:
             out["unavailable"] = str(e)
             return out
         done: set[str] = set()
+        aborted = threading.Event()
         for wname, fn, deps in WORKLOADS:
             missing = [d for d in deps if d not in done]
             if missing:
                 res.errors[wname] = f"skipped: {', '.join(missing)} failed"
                 continue
+            if STOP.is_set():
+                return res.as_dict()
+            if aborted.is_set():
+                res.errors[wname] = "skipped: an earlier workload hung (watchdog)"
+                continue
             log(f"   {name}: {wname}")
             t0 = time.monotonic()
+
+            def fire(w=wname):
+                log(f"   {name}: {w} still running after {opts.timeout:.0f}s: watchdog aborts "
+                    "the mount")
+                aborted.set()
+                sys_.abort()
+            timer = threading.Timer(opts.timeout, fire)
+            timer.daemon = True
+            timer.start()
+            before = set(res.metrics)
             try:
                 fn(sys_, ds, res)
                 done.add(wname)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 - one workload failing must not stop the rest
-                res.errors[wname] = f"{type(e).__name__}: {e}"
+                # numbers of a failed workload are not results
+                for k in set(res.metrics) - before:
+                    res.raw.setdefault("discarded_metrics", {})[k] = res.metrics.pop(k)
+                res.errors[wname] = (f"{type(e).__name__}: {e}" + (
+                    f" (watchdog fired after {opts.timeout:.0f}s)" if aborted.is_set() else ""))
                 log(f"   {name}: {wname} FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc(file=sys.stderr)
+            finally:
+                timer.cancel()
             log(f"   {name}: {wname} took {time.monotonic() - t0:.1f}s")
+            if aborted.is_set() and not STOP.is_set():
+                # the watchdog killed the mount: give the remaining workloads a fresh one
+                try:
+                    log(f"   {name}: mounting afresh after the watchdog")
+                    sys_.unmount()
+                    sys_.mount()
+                    aborted.clear()
+                except Exception as e:  # noqa: BLE001
+                    log(f"   {name}: remount failed: {type(e).__name__}: {e}")
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001
@@ -143,7 +186,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Path(opts.workdir) if opts.workdir else Path("/tmp")
     base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="zkfs-bench-", dir=base))
+    work = Path(tempfile.mkdtemp(prefix="zkfs-bench-", dir=base.resolve())).resolve()
     log(f"work dir {work}")
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = os.getloadavg()
@@ -153,25 +196,46 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     runs: list[dict] = []
     crypto: dict = {}
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        # Runs in a worker thread: the main thread stays free to take Ctrl-C/SIGTERM even
+        # while the worker is blocked in a FUSE call that only killing the daemon can end.
+        try:
+            ds = Dataset(work / "src", opts.size_mib, opts.files)
+            ds.generate()
+            if not opts.no_crypto:
+                crypto.update(crypto_ceiling(seconds=0.5 if opts.quick else 1.5))
+            for i in range(opts.runs):
+                for name in opts.systems:
+                    if STOP.is_set():
+                        return
+                    root = work / f"run{i}-{name}"
+                    r = run_system(name, root, opts, ds)
+                    r["run"] = i
+                    if not STOP.is_set():
+                        runs.append(r)
+                    if not opts.keep:
+                        safe_rmtree(root)
+        except BaseException as e:  # noqa: BLE001
+            failure.append(e)
+            if not STOP.is_set():
+                traceback.print_exc(file=sys.stderr)
+
     rc = 0
+    worker = threading.Thread(target=body, name="bench", daemon=True)
     try:
-        ds = Dataset(work / "src", opts.size_mib, opts.files)
-        ds.generate()
-        if not opts.no_crypto:
-            crypto = crypto_ceiling(seconds=0.5 if opts.quick else 1.5)
-        for i in range(opts.runs):
-            for name in opts.systems:
-                root = work / f"run{i}-{name}"
-                r = run_system(name, root, opts, ds)
-                r["run"] = i
-                runs.append(r)
-                safe_rmtree(root) if not opts.keep else None
-    except KeyboardInterrupt:
-        log("interrupted")
-        rc = 130
-    except SystemExit as e:
-        log(f"terminated ({e.code})")
-        rc = int(e.code) if isinstance(e.code, int) else 1
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+    except (KeyboardInterrupt, SystemExit) as e:
+        rc = 130 if isinstance(e, KeyboardInterrupt) else (
+            int(e.code) if isinstance(e.code, int) else 1)
+        log(f"{'interrupted' if rc == 130 else f'terminated ({rc})'}: cleaning up")
+        STOP.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        REG.cleanup()  # unmounts and stops our daemons: the worker's FUSE calls fail now
+        worker.join(60)
     finally:
         REG.cleanup()
         left = mounts_under(work)
@@ -181,12 +245,13 @@ def main(argv=None) -> int:
             safe_rmtree(work)
         else:
             log(f"kept {work}")
-
+    if failure and not rc:
+        rc = 1
     if not runs:
         return rc or 1
     elapsed = time.monotonic() - t_start
     summary = report.summarize(runs, opts.systems)
-    header, rows = report.table_rows(summary, opts.systems)
+    header, rows, keys = report.table_rows(summary, opts.systems)
     table = report.render_table(header, rows)
     title = (f"zkfs bench {started:%Y-%m-%d %H:%M}Z: {opts.size_mib} MiB file, {opts.files} "
              f"files, {opts.runs} run(s), {os.cpu_count()} CPUs")
@@ -217,7 +282,7 @@ def main(argv=None) -> int:
     if crypto:
         all_notes += crypto.get("notes", [])
 
-    report.write_csv(out_dir / "results.csv", header, rows)
+    report.write_csv(out_dir / "results.csv", header, rows, keys)
     if crypto:
         report.write_crypto_csv(out_dir / "crypto.csv", crypto)
     report.write_json(out_dir / "results.json", {

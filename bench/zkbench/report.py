@@ -72,6 +72,7 @@ def table_rows(summary: dict, systems: list[str]) -> tuple[list[str], list[list]
     others = [s for s in systems if s != "zkfs"] if "zkfs" in systems else []
     header = ["metric", "unit", "better", *systems, *[f"zkfs/{o}" for o in others]]
     rows = []
+    keys = []
     for key, _wl, label, unit, better in METRICS:
         vals = [summary[s]["metrics"].get(key) for s in systems]
         if all(v is None for v in vals):
@@ -82,6 +83,7 @@ def table_rows(summary: dict, systems: list[str]) -> tuple[list[str], list[list]
             ov = summary[o]["metrics"].get(key)
             ratios.append(z / ov if z is not None and ov not in (None, 0) else None)
         rows.append([label, unit, better, *vals, *ratios])
+        keys.append(key)
     checks = []
     for s in systems:
         sm = summary[s]
@@ -91,7 +93,8 @@ def table_rows(summary: dict, systems: list[str]) -> tuple[list[str], list[list]
             n, f = sm["checks_total"], len(sm["checks_failed"])
             checks.append(f"{n - f}/{n} ok" + (f" +{len(sm['errors'])} err" if sm["errors"] else ""))
     rows.append(["verification checks passed", "", "", *checks, *[None] * len(others)])
-    return header, rows
+    keys.append("checks")
+    return header, rows, keys
 
 
 def render_table(header: list[str], rows: list[list]) -> str:
@@ -100,7 +103,7 @@ def render_table(header: list[str], rows: list[list]) -> str:
     for r, raw in zip(cells[1:], rows):
         for i in range(3, len(header)):
             if header[i].startswith("zkfs/") and raw[i] is not None:
-                r[i] = f"{raw[i]:.2f}x"
+                r[i] = f"{fmt(raw[i])}x"
     w = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
     lines = []
     for j, r in enumerate(cells):
@@ -125,13 +128,13 @@ def crypto_table(crypto: dict) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+def write_csv(path: Path, header: list[str], rows: list[list], keys: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(["" if c is None else (f"{c:.6g}" if isinstance(c, float) else c)
-                        for c in r])
+        w.writerow(["key", *header])
+        for k, r in zip(keys, rows):
+            w.writerow([k, *["" if c is None else (f"{c:.6g}" if isinstance(c, float) else c)
+                             for c in r]])
 
 
 def write_crypto_csv(path: Path, crypto: dict) -> None:

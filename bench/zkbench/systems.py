@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,14 @@ class System:
         ok, note = drop_caches()
         self.mount()
         return ok, note
+
+    def abort(self) -> None:
+        """Watchdog: a workload hangs. Stop our FUSE daemon (blocked syscalls then fail
+        with ENOTCONN instead of hanging forever) and detach the mount."""
+        for p in self.daemon_procs():
+            stop_process(p, f"{self.name} mount daemon (watchdog)", timeout=5)
+        if is_mounted(self.mnt):
+            unmount_fuse(self.mnt, timeout=5)
 
     # --- observation
     def daemon_procs(self) -> list:
@@ -406,8 +415,9 @@ class ZkfsSystem(System):
     def mount(self) -> None:
         logf = open(self.mount_log, "ab")
         try:
+            extra = shlex.split(self.opts.zkfs_mount_args or "")
             proc = subprocess.Popen([self._py(), "mount.py", str(self.mnt), "--password-file",
-                                     str(self.passfile)], env=self.env, cwd=REPO,
+                                     str(self.passfile), *extra], env=self.env, cwd=REPO,
                                     stdout=logf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         finally:

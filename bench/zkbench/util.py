@@ -94,13 +94,18 @@ def mounted_paths() -> list[str]:
     return out
 
 
+def _norm(path: str | Path) -> str:
+    # no realpath: a stat through a hung FUSE mount would block (the work dir is resolved
+    # once, before anything is mounted, so our paths hold no symlinks)
+    return os.path.normpath(os.path.abspath(str(path)))
+
+
 def is_mounted(path: str | Path) -> bool:
-    p = os.path.realpath(str(path))
-    return p in mounted_paths()
+    return _norm(path) in mounted_paths()
 
 
 def mounts_under(path: str | Path) -> list[str]:
-    p = os.path.realpath(str(path)).rstrip("/") + "/"
+    p = _norm(path).rstrip("/") + "/"
     return [m for m in mounted_paths() if (m + "/").startswith(p)]
 
 
@@ -108,25 +113,37 @@ def _fusermount() -> str:
     return shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
 
 
-def unmount_fuse(path: str | Path, timeout: float = 30.0) -> bool:
+def _quiet(cmd: list[str], timeout: float = 10.0) -> int:
+    try:
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return -1
+
+
+def unmount_fuse(path: str | Path, timeout: float = 30.0, lazy: bool = True) -> bool:
     """Unmount a FUSE mount: fusermount -u (retried while busy), then -u -z."""
-    path = os.path.realpath(str(path))
+    path = _norm(path)
     if not is_mounted(path):
         return True
     fm = _fusermount()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run([fm, "-u", path], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-        if r.returncode == 0 or not is_mounted(path):
+        if _quiet([fm, "-u", path]) == 0 or not is_mounted(path):
             return True
         time.sleep(0.5)
+    if not lazy:
+        return False
     log(f"fusermount -u {path} failed; lazy unmount")
-    subprocess.run([fm, "-u", "-z", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if is_mounted(path):
-        subprocess.run(["umount", "-l", path], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+    lazy_unmount(path)
     return not is_mounted(path)
+
+
+def lazy_unmount(path: str | Path) -> None:
+    path = _norm(path)
+    _quiet([_fusermount(), "-u", "-z", path])
+    if is_mounted(path):
+        _quiet(["umount", "-l", path])
 
 
 # ----------------------------------------------------------------------------- processes
@@ -150,13 +167,13 @@ class Registry:
 
     def add_mount(self, path: str | Path) -> None:
         with self.lock:
-            rp = os.path.realpath(str(path))
+            rp = _norm(path)
             if rp not in self.mounts:
                 self.mounts.append(rp)
 
     def drop_mount(self, path: str | Path) -> None:
         with self.lock:
-            rp = os.path.realpath(str(path))
+            rp = _norm(path)
             if rp in self.mounts:
                 self.mounts.remove(rp)
 
@@ -168,11 +185,13 @@ class Registry:
         with self.lock:
             mounts, procs = list(self.mounts), list(self.procs)
             self.mounts, self.procs = [], []
+        # 1. polite unmount (the daemons flush and exit), 2. stop what we started (a hung
+        # daemon included), 3. lazy-unmount whatever is still mounted (now dead mounts)
         for m in reversed(mounts):
             try:
                 if is_mounted(m):
                     log(f"cleanup: unmounting {m}")
-                    unmount_fuse(m, timeout=10)
+                    unmount_fuse(m, timeout=5, lazy=False)
             except Exception as e:  # noqa: BLE001
                 log(f"cleanup: unmount {m}: {e}")
         for p in reversed(procs):
@@ -180,6 +199,13 @@ class Registry:
                 stop_process(p, name=getattr(p, "_bench_name", ""))
             except Exception as e:  # noqa: BLE001
                 log(f"cleanup: stop {p.pid}: {e}")
+        for m in reversed(mounts):
+            try:
+                if is_mounted(m):
+                    log(f"cleanup: lazy unmount {m}")
+                    lazy_unmount(m)
+            except Exception as e:  # noqa: BLE001
+                log(f"cleanup: lazy unmount {m}: {e}")
 
 
 REG = Registry()
@@ -199,6 +225,10 @@ def stop_process(p, name: str = "", timeout: float = 10.0) -> None:
     try:
         log(f"stopping {name or 'process'} pid {p.pid}")
         p.terminate()
+        try:
+            p.resume()  # a stopped process would hold SIGTERM pending
+        except psutil.Error:
+            pass
         p.wait(timeout)
     except psutil.TimeoutExpired:
         try:
