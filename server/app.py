@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     db.init_schema()
     store = LocalBlobStore(settings.storage_dir)
 
-    app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, redoc_url=None,
+    # redirect_slashes off: its 307 is built from the Host header (an open redirect).
+    app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, redoc_url=None, redirect_slashes=False,
                   description="Zero-knowledge storage API: every stored value is opaque "
                               "ciphertext. Semantics: docs/API.md.")
     app.state.settings = settings

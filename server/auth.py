@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from functools import lru_cache
 from typing import Annotated
@@ -34,10 +35,13 @@ ALGORITHM = "HS256"
 # guessing of a weak password: moderate parameters keep logins cheap.
 pwd_context = CryptContext(schemes=["argon2"], argon2__memory_cost=19456,
                            argon2__time_cost=2, argon2__parallelism=1)
+# Each argon2 call takes 19 MiB: a burst of logins must queue, not add up (RSS).
+_argon2_slots = threading.BoundedSemaphore(2)
 
 
 def hash_auth_key(auth_key: str) -> str:
-    return pwd_context.hash(auth_key)
+    with _argon2_slots:
+        return pwd_context.hash(auth_key)
 
 
 @lru_cache(maxsize=1)
@@ -47,13 +51,14 @@ def dummy_hash() -> str:
 
 def verify_auth_key(auth_key: str, auth_hash: str | None) -> bool:
     """Constant-work verification: unknown users are checked against a dummy hash."""
-    if auth_hash is None:
-        pwd_context.verify(auth_key, dummy_hash())
-        return False
-    try:
-        return pwd_context.verify(auth_key, auth_hash)
-    except (ValueError, TypeError):
-        return False
+    with _argon2_slots:
+        if auth_hash is None:
+            pwd_context.verify(auth_key, dummy_hash())
+            return False
+        try:
+            return pwd_context.verify(auth_key, auth_hash)
+        except (ValueError, TypeError):
+            return False
 
 
 # ------------------------------------------------------------------ tokens

@@ -91,7 +91,7 @@ def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
         os.close(fb)              # ... so B's commit is the one that finds the conflict
 
     host = re.escape(socket.gethostname())
-    pattern = re.compile(rf"^doc \(conflict \S+ \S+ {host}\)\.txt$")
+    pattern = re.compile(rf"^doc \(conflict \S+ \S+ {host} [0-9a-f]{{4}}\)\.txt$")
 
     def both_versions(root):
         names = listing(root)

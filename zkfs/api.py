@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 from uuid import UUID
 
@@ -35,6 +36,7 @@ class ApiClient:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
         )
         self._reauth_lock = threading.Lock()
+        self._down_since: float | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -44,16 +46,29 @@ class ApiClient:
               **kw) -> httpx.Response:
         headers = headers or {}
         retryable = _TRANSPORT if idempotent else _NEVER_SENT
+        # One retry budget per outage, not per request: requests that start while
+        # the server is already down get what is left of it (at least one try), so
+        # a stream of operations fails within retry_seconds instead of each waiting.
+        down_since = self._down_since
+        window = self.retry_seconds if down_since is None else \
+            max(0.0, down_since + self.retry_seconds - time.monotonic())
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(retryable),
             wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
-            stop=tenacity.stop_after_delay(self.retry_seconds),
+            stop=tenacity.stop_after_delay(window),
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._http.request(method, path, headers=self._headers() | headers, **kw)
+                    try:
+                        resp = self._http.request(method, path, headers=self._headers() | headers, **kw)
+                    except _TRANSPORT:
+                        if self._down_since is None:
+                            self._down_since = time.monotonic()
+                        raise
+                    self._down_since = None
+                    return resp
         except _TRANSPORT as exc:
             raise Unreachable(f"cannot reach the server at {self.base_url} ({exc.__class__.__name__})") from None
         raise AssertionError("unreachable")

@@ -184,18 +184,21 @@ class _Uploader:
 
     def upload(self, src: Path, remote_dir: str) -> None:
         remote = _join(remote_dir, src.name)
-        sha = file_sha256(src)
         parent = self._dir(remote_dir)
         existing = self._listing(parent).get(src.name)
         record = self.records.get(remote)
-        if record and record["sha256"] == sha and existing is not None \
-                and str(existing.id) == record["uuid"] and existing.attrs.size == record["size"]:
-            print(f"skipped {remote} (unchanged)")
-            return
+        sha = None
+        if record and existing is not None and str(existing.id) == record["uuid"] \
+                and existing.attrs.size == record["size"] == src.stat().st_size:
+            sha = file_sha256(src)        # read twice only when a skip is possible
+            if sha == record["sha256"]:
+                print(f"skipped {remote} (unchanged)")
+                return
         with _progress(src.stat().st_size, src.name) as bar:
             node, uploaded_sha = upload_file(self.vault, src, parent, src.name, bar.update, existing)
-        if uploaded_sha != sha:
+        if sha is not None and uploaded_sha != sha:
             raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
+        sha = uploaded_sha
         self.listings[parent.id][src.name] = node
         self.records[remote] = {"uuid": str(node.id), "sha256": sha, "size": node.attrs.size}
         self.dirty = True

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from uuid import UUID, uuid4
 
-from .errors import ZkfsError
+from .errors import ServerError, ZkfsError
 from .format import CHUNK_SIZE, Manifest, seal_chunk
 from .vault import Node, Vault, any_nonzero, new_attrs
 
@@ -85,7 +85,13 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
         base = 1
     attrs.mtime_ns = st.st_mtime_ns
     ops.append(vault.op_commit(inode, base, attrs, manifest, inline))
-    version = vault.apply(ops)[-1]["version"]
+    try:
+        version = vault.apply(ops)[-1]["version"]
+    except ServerError as exc:
+        if exc.code == "conflict":
+            raise ZkfsError(f"{name} changed on the server while it was being uploaded; "
+                            "run the upload again") from None
+        raise
     return Node(inode, False, version, existing.nlink if existing else 1, attrs), sha.hexdigest()
 
 

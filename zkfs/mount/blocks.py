@@ -28,7 +28,10 @@ class BlockStore:
         self._writers.shutdown(wait=True)
 
     # ------------------------------------------------------------ reads
-    def read(self, inode: UUID, manifest: Manifest, index: int) -> bytes:
+    def read(self, inode: UUID, manifest: Manifest, index: int, *, keep_token: bool = True) -> bytes:
+        """A chunk's plaintext. ``keep_token``: also keep the ciphertext in the disk
+        cache (not for read-ahead: a streaming read should not write the file to
+        disk a second time)."""
         ref = manifest.chunks[index]
         if ref.is_hole:
             return bytes(manifest.chunk_length(index))
@@ -46,7 +49,7 @@ class BlockStore:
         if not mine:
             return fut.result()
         try:
-            data = self._load(inode, manifest, index, ref)
+            data = self._load(inode, manifest, index, ref, keep_token)
             fut.set_result(data)
             return data
         except BaseException as exc:
@@ -56,13 +59,13 @@ class BlockStore:
             with self._lock:
                 self._inflight.pop(ref.blob_id, None)
 
-    def _load(self, inode: UUID, manifest: Manifest, index: int, ref: ChunkRef) -> bytes:
+    def _load(self, inode: UUID, manifest: Manifest, index: int, ref: ChunkRef, keep_token: bool) -> bytes:
         token = self.tokens.get(ref.blob_id)
         fetched = token is None
         if fetched:
             token = self.vault.fetch_chunk_token(inode, ref)
         data = self.vault.open_chunk(inode, manifest, index, token)   # verifies before caching
-        if fetched:
+        if fetched and keep_token:
             self.tokens.put(ref.blob_id, token)
         self.plain.put(ref.blob_id, data)
         return data
@@ -79,7 +82,7 @@ class BlockStore:
 
     def _quiet_read(self, inode: UUID, manifest: Manifest, index: int) -> None:
         try:
-            self.read(inode, manifest, index)
+            self.read(inode, manifest, index, keep_token=False)
         except Exception:
             pass    # the foreground read will raise and log it
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="ciphertext cache and encrypted spool (default: $ZKFS_HOME/cache/...)")
     p.add_argument("--cache-size", default="1G", help="ciphertext cache bound, e.g. 512M, 2G (default 1G)")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--retry-seconds", type=float, default=60.0,
+                   help="how long an outage of the server is retried before calls fail with EIO (default 60)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users in, with the kernel enforcing modes (allow_other,default_permissions)")
     p.add_argument("--foreground", "-f", action="store_true")
@@ -125,7 +127,7 @@ def serve(args) -> None:
 
     fuse.fuse_operations = _Ops
     state = LocalState()
-    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=60)
+    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=args.retry_seconds)
     cache = _cache_dir(args, state)
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     ops = ZkfsOperations(vault, cache, _parse_size(args.cache_size), read_only=args.read_only)
@@ -137,7 +139,10 @@ def serve(args) -> None:
                    # attr_timeout 0: libfuse2 gives each path (not inode) its own kernel
                    # node, so cached attrs of a hard link would go stale; our own cache
                    # answers getattr without a round trip anyway.
-                   attr_timeout=0, entry_timeout=1.0, auto_cache=True)
+                   attr_timeout=0, entry_timeout=1.0, auto_cache=True,
+                   # O_TRUNC comes with open() instead of a separate truncate that
+                   # would publish an empty version before the new content is written.
+                   atomic_o_trunc=True)
     if args.read_only:
         options["ro"] = True
     if args.allow_other:

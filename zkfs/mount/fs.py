@@ -228,6 +228,24 @@ class ZkfsOperations(fuse.Operations):
                 self._touched_dir(d, (nlink_delta or {}).get(d.id, 0))
             return results
 
+    def _create_or_rename(self, of: OpenFile) -> None:
+        """Publish a new file. If another client took the name meanwhile, theirs
+        keeps it and ours becomes a conflict copy beside it: neither is lost."""
+        try:
+            self.vault.apply([of.create_op()])
+        except ServerError as exc:
+            if exc.code != "exists":
+                log.error("could not create %s on the server: %s", of.last_path or of.id, exc)
+                raise
+            taken = of.pending.name
+            self.meta.set_entry(of.pending.parent, taken, None)
+            self.meta.forget(of.pending.parent)
+            of.pending.name = self._conflict_name(taken)
+            self.vault.apply([of.create_op()])
+            log.warning("conflict: %s was created elsewhere too; this one was saved as %s",
+                        taken, of.pending.name)
+        of.created()
+
     def _prefix_done(self, creating: list[OpenFile], waiting: list, results: list[dict]) -> None:
         for of in creating:
             of.created()
@@ -243,11 +261,7 @@ class ZkfsOperations(fuse.Operations):
     def _flush_one_by_one(self, creating: list[OpenFile], waiting: list) -> None:
         for of in creating:
             if of.pending is not None:
-                try:
-                    self.vault.apply([of.create_op()])
-                    of.created()
-                except ServerError as exc:
-                    log.error("could not create %s on the server: %s", of.last_path or of.id, exc)
+                self._create_or_rename(of)
         for inode, p in waiting:
             for attempt in range(3):
                 try:
@@ -306,6 +320,15 @@ class ZkfsOperations(fuse.Operations):
             node.nlink = cached[0].nlink if cached else 1
             self.meta.put_node(node)
 
+    def _conflict_name(self, name: str) -> str:
+        """NAME (conflict DATE TIME HOST XXXX).EXT: clear to a person, unique
+        across mounts of one host within the same second."""
+        stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+        tag = f" (conflict {time.strftime('%Y-%m-%d %H%M%S')} {self._hostname} {os.urandom(2).hex()})"
+        budget = MAX_NAME_BYTES - len((tag + dot + ext).encode())
+        stem = stem.encode()[:max(budget, 1)].decode(errors="ignore")
+        return f"{stem}{tag}{dot}{ext}"
+
     def _save_conflict_copy(self, of: OpenFile, path: str | None) -> None:
         """Someone else committed this file first: keep both. Theirs stays under the
         name; ours becomes a clearly named sibling, created atomically with its content."""
@@ -313,9 +336,7 @@ class ZkfsOperations(fuse.Operations):
             parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(of.id))
         except OSError:
             parent, name = self.meta.node(self.vault.root), Path(path or str(of.id)).name
-        stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
-        stamp = time.strftime("%Y-%m-%d %H%M%S")
-        copy_name = f"{stem} (conflict {stamp} {self._hostname}){dot}{ext}"[-MAX_NAME_BYTES:]
+        copy_name = self._conflict_name(name)
         new_id = uuid4()
         cipher, key_fields = self.vault.new_file_key(new_id)
         attrs = of.attrs.evolve(size=0, manifest_digest=None)
@@ -686,7 +707,12 @@ class ZkfsOperations(fuse.Operations):
             if p is not None:                 # the open file carries them from now on
                 of.base_version, of.attrs = p.node.version, p.attrs
                 of.attr_changes, of.meta_dirty = list(p.changes), True
-            return self._new_handle(of, path)
+            fh = self._new_handle(of, path)
+        if flags & os.O_TRUNC:
+            # atomic_o_trunc: the old version stays on the server until this
+            # handle's first commit replaces it with the new content, whole.
+            of.truncate(0)
+        return fh
 
     @_errors
     def read(self, path, size, offset, fh):

@@ -98,6 +98,7 @@ class OpenFile:
         # commit holds while it waits for them.
         self._unconfirmed: dict[int, tuple[Future, bytes]] = {}
         self._upload_failed = False
+        self._upload_error: BaseException | None = None
 
     # ------------------------------------------------------------ helpers
     @property
@@ -136,6 +137,7 @@ class OpenFile:
             ref = fut.result()
         except Exception:
             log.warning("upload of chunk %d of inode %s failed; kept for retry", i, self.id)
+            self._upload_error = fut.exception()
             del self.staged[i]
             with self._confirm_lock:
                 plain = self._unconfirmed.pop(i)[1]
@@ -205,6 +207,9 @@ class OpenFile:
 
     # ------------------------------------------------------------ I/O
     def read(self, offset: int, length: int) -> bytes:
+        """Local state is copied under the lock; chunks of the base version are
+        fetched after it is released, so the kernel's parallel read-ahead requests
+        are served in parallel."""
         with self.lock:
             end = min(self.size, offset + length)
             if offset >= end:
@@ -213,13 +218,26 @@ class OpenFile:
             if first == self._last_read_chunk + 1 or first == self._last_read_chunk:
                 self._readahead(last + 1)
             self._last_read_chunk = last
-            parts = []
+            plan: list[bytes | tuple[int, int, int]] = []
             for i in range(first, last + 1):
-                data = self._view(i)
                 lo = max(offset, i * self.cs) - i * self.cs
                 hi = min(end, (i + 1) * self.cs) - i * self.cs
-                parts.append(data[lo:hi])
-            return b"".join(parts)
+                if i in self.dirty or i in self.spilled or i in self.staged:
+                    plan.append(self._view(i)[lo:hi])
+                else:
+                    plan.append((i, lo, hi))
+            base, floor = self.base_manifest, self.floor
+        return b"".join(p if isinstance(p, bytes) else self._base_slice(base, floor, *p) for p in plan)
+
+    def _base_slice(self, base: Manifest, floor: int, i: int, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of chunk i as the base version has them, zeros past ``floor``."""
+        start = i * base.chunk_size
+        valid = 0 if i >= len(base.chunks) else max(0, min(floor - start, base.chunk_length(i)))
+        if hi <= valid:
+            return self.blocks.read(self.id, base, i)[lo:hi]
+        if lo >= valid:
+            return bytes(hi - lo)
+        return self.blocks.read(self.id, base, i)[lo:valid] + bytes(hi - valid)
 
     def _readahead(self, start: int) -> None:
         base = self.base_manifest
@@ -395,7 +413,9 @@ class OpenFile:
                 refs[i] = ref
             failed |= ref is None
         if failed:
-            raise OSError(5, "uploading chunks failed; the data is kept for a retry")
+            # The server's reason (e.g. no_space -> ENOSPC) reaches the caller; the
+            # data stays here for a retry.
+            raise self._upload_error
         self._upload_failed = False
         return Manifest(self.id, size=self.size, chunk_size=self.cs, chunks=refs), inline
 
