@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mount_helpers import storage_bytes, storage_files  # noqa: F401 (storage_bytes: re-exported)
+
 MiB = 1 << 20
 
 
@@ -117,23 +119,6 @@ def sha256_bytes(data: bytes) -> str:
 
 
 # ------------------------------------------------------------------ server side
-def storage_files(server) -> dict[Path, int]:
-    """Every file under the server's storage/ (temp files included) -> size."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(Path(server.data_dir) / "storage"):
-        for name in files:
-            p = Path(dirpath) / name
-            try:
-                out[p] = p.stat().st_size
-            except FileNotFoundError:
-                pass
-    return out
-
-
-def storage_bytes(server) -> int:
-    return sum(storage_files(server).values())
-
-
 def temp_leftovers(server) -> list[Path]:
     return sorted(p for p in storage_files(server) if p.name.endswith(".tmp"))
 

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from harness import Machine, Mount
 
 
@@ -155,13 +157,13 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.1, what: str = "c
         time.sleep(interval)
 
 
-def blob_files(server) -> dict[Path, int]:
-    """Every chunk object stored by the server (path -> size); inode key objects excluded."""
+def storage_files(server, *, chunks_only: bool = False) -> dict[Path, int]:
+    """Every file under the server's storage/ (path -> size); with ``chunks_only``
+    just the chunk objects (no key objects, no temp files)."""
     out = {}
-    root = Path(server.data_dir) / "storage"
-    for dirpath, _dirs, files in os.walk(root):
+    for dirpath, _dirs, files in os.walk(Path(server.data_dir) / "storage"):
         for name in files:
-            if name == "key" or name.endswith(".tmp"):
+            if chunks_only and (name == "key" or name.endswith(".tmp")):
                 continue
             p = Path(dirpath) / name
             try:
@@ -171,8 +173,32 @@ def blob_files(server) -> dict[Path, int]:
     return out
 
 
+def blob_files(server) -> dict[Path, int]:
+    """Every chunk object stored by the server (path -> size)."""
+    return storage_files(server, chunks_only=True)
+
+
 def storage_bytes(server) -> int:
-    return sum(blob_files(server).values())
+    return sum(storage_files(server).values())
+
+
+@pytest.fixture(scope="module")
+def mnt(shared_server, tmp_path_factory):
+    """One mount for a test module (import this fixture, and ``watchdog``)."""
+    mounts = Mounts(tmp_path_factory)
+    try:
+        m = mounts.mount(mounts.machine(shared_server))
+        m.mounts = mounts
+        yield m
+    finally:
+        mounts.close()
+
+
+@pytest.fixture(autouse=True)
+def watchdog(mnt):
+    """A hung FUSE call fails the test (stacks logged) instead of hanging the run."""
+    with mnt.mounts.watchdog(120):
+        yield
 
 
 def sha256_file(path: Path) -> str:

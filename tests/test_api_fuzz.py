@@ -8,7 +8,6 @@ overall budget of ZKFS_FUZZ_SECONDS (default 45 s) for the generated part.
 """
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os

@@ -22,14 +22,13 @@ import statistics
 import stat
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 from jose import jwt
 
 from apiuser import ApiUser, assert_error_shape, b64, client, fresh_addr, nh, register_body
-from faultkit import Bg, make_pattern_file, sha256_file
+from faultkit import make_pattern_file
 
 pytestmark = pytest.mark.timeout(180)
 

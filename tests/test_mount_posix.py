@@ -9,29 +9,12 @@ import os
 import stat
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from mount_helpers import Mounts, run
+from mount_helpers import mnt, run, watchdog  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def mnt(shared_server, tmp_path_factory):
-    mounts = Mounts(tmp_path_factory)
-    try:
-        machine = mounts.machine(shared_server)
-        m = mounts.mount(machine)
-        m.mounts = mounts
-        yield m
-    finally:
-        mounts.close()
-
-
-@pytest.fixture(autouse=True)
-def watchdog(mnt):
-    with mnt.mounts.watchdog(120):
-        yield
 
 
 @pytest.fixture

@@ -10,26 +10,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
-import pytest
+from mount_helpers import mnt, run, watchdog  # noqa: F401 (fixtures)
 
-from mount_helpers import Mounts, run
-
-@pytest.fixture(scope="module")
-def mnt(shared_server, tmp_path_factory):
-    mounts = Mounts(tmp_path_factory)
-    try:
-        machine = mounts.machine(shared_server)
-        m = mounts.mount(machine)
-        m.mounts = mounts
-        yield m
-    finally:
-        mounts.close()
-
-
-@pytest.fixture(autouse=True)
-def watchdog(mnt):
-    with mnt.mounts.watchdog(120):
-        yield
 
 
 def make_tree(root: Path, *, big: int = 0) -> Path:

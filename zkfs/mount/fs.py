@@ -124,7 +124,7 @@ class ZkfsOperations(fuse.Operations):
                 continue
             for of in [f for f in list(self.open_files.values()) if f.handles == 0]:
                 try:
-                    self._commit(of, None)
+                    self._commit(of, None, background=True)
                 except OSError:
                     next_retry = time.monotonic() + 5
                     continue
@@ -153,6 +153,13 @@ class ZkfsOperations(fuse.Operations):
         hidden = self.hidden.get(path)
         if hidden is not None:
             return hidden
+        for of in list(self.open_files.values()):
+            # An open (or not yet published) file's path resolves here: the kernel's
+            # getxattr before each write must not depend on the server, and a new
+            # file whose first commit failed must not vanish when a listing is refreshed.
+            if of.last_path == path and (of.handles or of.pending) and not of.unlinked:
+                cached = self.meta._nodes.get(of.id)
+                return Node(of.id, False, of.base_version, cached[0].nlink if cached else 1, of.attrs)
         for part in path.split("/"):
             if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
                 raise FsError(errno.ENAMETOOLONG)
@@ -244,11 +251,17 @@ class ZkfsOperations(fuse.Operations):
             self.vault.apply([of.create_op()])
             log.warning("conflict: %s was created elsewhere too; this one was saved as %s",
                         taken, of.pending.name)
+        self._published(of)
+
+    def _published(self, of: OpenFile) -> None:
+        """A new file's create went through: the cache learns its entry."""
+        parent, name = of.pending.parent, of.pending.name
         of.created()
+        self.meta.set_entry(parent, name, Node(of.id, False, 1, 1, of.attrs.evolve(size=0, manifest_digest=None)))
 
     def _prefix_done(self, creating: list[OpenFile], waiting: list, results: list[dict]) -> None:
         for of in creating:
-            of.created()
+            self._published(of)
         for (inode, p), res in zip(waiting, results[len(creating):]):
             if self.pending_attrs.get(inode) is p:
                 del self.pending_attrs[inode]
@@ -298,9 +311,22 @@ class ZkfsOperations(fuse.Operations):
             of.handles += 1
             return fh
 
-    def _commit(self, of: OpenFile, path: str | None, *, durable: bool = False) -> None:
+    def _commit(self, of: OpenFile, path: str | None, *, durable: bool = False,
+                background: bool = False) -> None:
         if of.unlinked:
             return                       # nobody can see it any more: nothing to publish
+        if of.write_failed and of.handles == 0:
+            # A write() already failed: publishing the rest later would make a torn
+            # version visible. The application was told; the previous version stays.
+            log.error("%s: a write failed, so these changes are not published", path or of.last_path)
+            if of.pending is not None:      # never reached the server: the new file goes
+                self.meta.set_entry(of.pending.parent, of.pending.name, None)
+                of.unlinked = True
+            else:                           # back to what the server has, refetched
+                self.meta.forget(of.id)
+                of.rebase(self.meta.node(of.id))
+            of.write_failed = False
+            return
         path = of.last_path = path or of.last_path
         if not durable and of.meta_dirty and not of.pending:
             with of.lock:
@@ -308,10 +334,12 @@ class ZkfsOperations(fuse.Operations):
                     self._defer_attrs(of)
                     return
         try:
-            node = of.commit(self._apply)
-        except ConflictError:
-            self._save_conflict_copy(of, path)
-            return
+            with of.lock:     # the conflict copy is a snapshot of exactly what failed to commit
+                try:
+                    node = of.commit(self._apply, only_if_closed=background)
+                except ConflictError:
+                    self._save_conflict_copy(of, path)
+                    return
         except ZkfsError as exc:
             log.error("commit of %s failed (data kept for retry): %s", path or of.id, exc)
             raise FsError(errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO) from None
@@ -411,6 +439,10 @@ class ZkfsOperations(fuse.Operations):
             raise FsError(errno.ENOTDIR)
         entries = self.meta.listdir(node.id)
         self.meta.check_listing(node.id)
+        listed = {name for name, _ in entries}
+        entries += [(of.pending.name, Node(of.id, False, 0, 1, of.attrs)) for of in list(self.open_files.values())
+                    if of.pending is not None and of.pending.parent == node.id and of.pending.name not in listed
+                    and not of.unlinked]
         return [".", ".."] + [(name, {"st_mode": child.attrs.mode, "st_ino": ino(child.id)}, 0)
                               for name, child in entries]
 
@@ -720,7 +752,12 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def write(self, path, data, offset, fh):
-        return self.handles[fh].write(offset, data)
+        of = self.handles[fh]
+        try:
+            return of.write(offset, data)
+        except BaseException:
+            of.write_failed = True    # the writer knows its data is incomplete
+            raise
 
     @_errors
     def truncate(self, path, length, fh=None):

@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 
 from ..crypto import BinaryFernet
 from ..errors import ServerError
-from ..format import HOLE_REF, ChunkRef, Manifest, seal_chunk
+from ..format import HOLE_REF, Attrs, ChunkRef, Manifest, seal_chunk
 from ..vault import Node, Vault, any_nonzero
 from .blocks import BlockStore
 from .cache import EncryptedSpool
@@ -70,6 +70,7 @@ class OpenFile:
         self.lock = threading.RLock()
         self.handles = 0
         self.last_path: str | None = None    # where to put a conflict copy
+        self.write_failed = False            # a write() returned an error: never publish
         self.unlinked = False
         self.pending = pending
         self._reset_base(node, manifest)
@@ -340,13 +341,17 @@ class OpenFile:
         self.pending = None
         self.base_version = 1
 
-    def commit(self, apply) -> Node | None:
+    def commit(self, apply, *, only_if_closed: bool = False) -> Node | None:
         """Make the current content and attributes the server's version.
 
         ``apply(ops)`` runs ops in one transaction and sends this file's pending
-        create (if any) ahead of them in the same batch. Raises ConflictError if
-        someone else committed first (our state is kept)."""
+        create (if any) ahead of them in the same batch. ``only_if_closed``: a
+        background retry, which must not publish a file reopened meanwhile (it may
+        be mid-rewrite). Raises ConflictError if someone else committed first (our
+        state is kept)."""
         with self.lock:
+            if only_if_closed and self.handles:
+                return None                   # reopened meanwhile: its own close commits
             if not (self.meta_dirty or self.pending or self.content_dirty):
                 return None
             gen = self.meta_gen
