@@ -488,8 +488,11 @@ def test_two_mounts_and_the_cli_write_the_same_files(make_server, make_machine, 
         assert at_name[n] is not None, f"{n} is gone; {summary}"
 
     # no lost update: each writer's last successful write of a name is at the name, in a
-    # conflict copy, or was replaced by a later write (started after it finished) that
-    # itself went to the name (i.e. not into a conflict copy)
+    # conflict copy, or was replaced by a write that finished after it and itself went to
+    # the name (not into a conflict copy). "Finished after" rather than "started after":
+    # the CLI records its start before ~0.4 s of process start-up and reads the folder
+    # (its compare-and-swap base) only then, so it can legitimately build on a version
+    # that was committed after its recorded start.
     in_copies = {sha for v in copies.values() for sha in v}
     lost = []
     for wid in ("A", "B", "C"):
@@ -500,7 +503,7 @@ def test_two_mounts_and_the_cli_write_the_same_files(make_server, make_machine, 
             last = mine[-1]
             if last["sha"] == at_name[n] or last["sha"] in copies[n]:
                 continue
-            superseded = any(s["name"] == n and s["w"] != wid and s["t_open"] > last["t_done"]
+            superseded = any(s["name"] == n and s["w"] != wid and s["t_done"] > last["t_done"]
                              and s["sha"] not in in_copies for s in successes)
             if not superseded:
                 lost.append(f"{wid}'s last write of {n} ({versions[last['sha']]})")
