@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import hashlib
 import json
 import os
 import sqlite3
@@ -20,22 +19,12 @@ import httpx
 import pytest
 from jose import jwt
 
+from apiuser import b64, kdf, nh
+
 pytestmark = pytest.mark.timeout(120)
 
 
 # ------------------------------------------------------------------ helpers
-def b64(n: int = 32) -> str:
-    return base64.b64encode(os.urandom(n)).decode()
-
-
-def nh(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()
-
-
-def kdf() -> dict:
-    return {"alg": "argon2id", "salt": b64(16), "memory_kib": 65536, "iterations": 3, "lanes": 4}
-
-
 def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
