@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from zkfs.transfer import download_file
 from faultkit import (Bg, MiB, client_vault, make_pattern_file, pattern_sha, py_stacks, remote_node, remote_sha,
                       sha256_bytes, storage_bytes, temp_leftovers, tmpfs, wait_until, write_pattern)
 from harness import REPO, Mount
@@ -469,7 +470,12 @@ def test_two_mounts_and_the_cli_write_the_same_files(make_server, make_machine, 
     conflict_re = re.compile(r"^(?P<stem>.+) \(conflict [^)]*\)(?P<ext>\.\w+)?$")
     copies: dict[str, set[str]] = {n: set() for n in names}
     at_name = {n: final.get(n) for n in names}
-    corrupt = [f"{n} ({sha[:12]})" for n, sha in final.items() if sha not in versions]
+    def describe(n: str) -> str:        # which version it starts as, and how long it is
+        out = tmp_path / "describe.bin"
+        download_file(vault, vault.resolve("/" + n), out)
+        data = out.read_bytes()
+        return f"{n} ({final[n][:12]}, {len(data)} bytes, starts {data[:12]!r})"
+    corrupt = [describe(n) for n, sha in final.items() if sha not in versions]
     for n, sha in final.items():
         if n in names:
             continue

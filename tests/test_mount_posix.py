@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import stat
 import threading
 import time
@@ -419,3 +420,18 @@ def test_unlink_one_name_of_an_open_hardlinked_file(d):
         f.write(b"CONTENT")
     assert (d / "b").read_bytes() == b"CONTENT"
     assert os.stat(d / "b").st_nlink == 1
+
+
+def test_a_forked_child_closing_its_copy_does_not_publish_a_partial_file(mnt):
+    """A child process inherits the open descriptor and closes it at exec: FUSE
+    sends a FLUSH for that close, which must not publish what the parent has
+    written so far (the parent's own close does)."""
+    path = mnt.path / "forked.bin"
+    with open(path, "wb") as f:
+        f.write(b"a" * 1000)
+        f.flush()
+        subprocess.run(["true"], check=True)          # inherits f, closes it at exec
+        assert "forked.bin" not in mnt.machine.run("ls", "/").stdout
+        f.write(b"b" * 1000)
+    listing = mnt.machine.run("ls", "/").stdout
+    assert any(line.endswith(" forked.bin") and " 2000 " in line for line in listing.splitlines()), listing

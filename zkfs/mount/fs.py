@@ -66,6 +66,18 @@ def _errors(method):
     return wrapper
 
 
+def _process_of(tid: int) -> int | None:
+    """The process (thread group id) of the thread FUSE names in a request."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def ino(inode: UUID) -> int:
     return (inode.int & 0x7FFF_FFFF_FFFF_FFFF) | 2
 
@@ -86,6 +98,7 @@ class ZkfsOperations(fuse.Operations):
         self.ns_lock = threading.RLock()
         self.open_files: dict[UUID, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
+        self.openers: dict[int, int | None] = {}     # fh -> process (thread group) that opened it
         # Attribute changes of closed files not yet sent: they ride on the next
         # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
         # become one request).
@@ -304,10 +317,12 @@ class ZkfsOperations(fuse.Operations):
 
     def _new_handle(self, of: OpenFile, path: str) -> int:
         of.last_path = path
+        opener = _process_of(fuse.fuse_get_context()[2])
         with self.ns_lock:
             fh = self._next_fh
             self._next_fh += 1
             self.handles[fh] = of
+            self.openers[fh] = opener
             of.handles += 1
             return fh
 
@@ -779,7 +794,12 @@ class ZkfsOperations(fuse.Operations):
 
     @_errors
     def flush(self, path, fh):
-        self._commit(self.handles[fh], path)
+        # Every close(2) of every copy of the descriptor flushes, including a forked
+        # child's inherited copy closed at exec: committing then would publish
+        # whatever the opener has written so far. Only the opening process's close
+        # commits (close-to-open for it); the last close (release) commits anyway.
+        if _process_of(fuse.fuse_get_context()[2]) == self.openers.get(fh):
+            self._commit(self.handles[fh], path)
 
     @_errors
     def fsync(self, path, datasync, fh):
@@ -796,6 +816,7 @@ class ZkfsOperations(fuse.Operations):
     def release(self, path, fh):
         with self.ns_lock:
             of = self.handles.pop(fh)
+            self.openers.pop(fh, None)
             of.handles -= 1
             if of.handles > 0:
                 return
