@@ -171,8 +171,7 @@ class ZkfsOperations(fuse.Operations):
             # getxattr before each write must not depend on the server, and a new
             # file whose first commit failed must not vanish when a listing is refreshed.
             if of.last_path == path and (of.handles or of.pending) and not of.unlinked:
-                cached = self.meta._nodes.get(of.id)
-                return Node(of.id, False, of.base_version, cached[0].nlink if cached else 1, of.attrs)
+                return Node(of.id, False, of.base_version, self.meta.nlink(of.id), of.attrs)
         for part in path.split("/"):
             if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
                 raise FsError(errno.ENAMETOOLONG)
@@ -359,8 +358,7 @@ class ZkfsOperations(fuse.Operations):
             log.error("commit of %s failed (data kept for retry): %s", path or of.id, exc)
             raise FsError(errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO) from None
         if node is not None:
-            cached = self.meta._nodes.get(node.id)
-            node.nlink = cached[0].nlink if cached else 1
+            node.nlink = self.meta.nlink(node.id)
             self.meta.put_node(node)
 
     def _conflict_name(self, name: str) -> str:
@@ -409,9 +407,7 @@ class ZkfsOperations(fuse.Operations):
             base_version, attrs, changes = of.take_attr_changes()
             p = self.pending_attrs.get(of.id)
             if p is None:
-                cached = self.meta._nodes.get(of.id)
-                nlink = cached[0].nlink if cached else 1
-                self.pending_attrs[of.id] = PendingAttrs(Node(of.id, False, base_version, nlink, attrs),
+                self.pending_attrs[of.id] = PendingAttrs(Node(of.id, False, base_version, self.meta.nlink(of.id), attrs),
                                                          attrs, changes, time.monotonic())
             else:
                 p.attrs = attrs
@@ -440,8 +436,7 @@ class ZkfsOperations(fuse.Operations):
     def getattr(self, path, fh=None):
         of = self.handles.get(fh) if fh else None
         if of is not None:
-            cached = self.meta._nodes.get(of.id)
-            nlink = 0 if of.unlinked else (cached[0].nlink if cached else 1)
+            nlink = 0 if of.unlinked else self.meta.nlink(of.id)
             return self._stat(Node(of.id, False, of.base_version, nlink, of.attrs))
         return self._stat(self._resolve(path))
 

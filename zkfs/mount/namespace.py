@@ -48,6 +48,11 @@ class MetaCache:
         self.put_node(node)
         return node
 
+    def nlink(self, inode: UUID) -> int:
+        """Link count of a cached inode (1 when not cached: a file just created)."""
+        hit = self._nodes.get(inode)
+        return hit[0].nlink if hit else 1
+
     def put_node(self, node: Node) -> None:
         """Cache a node, unless the cache already holds a newer version of it
         (callers may hand back a Node object they looked up before an op)."""
