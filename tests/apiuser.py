@@ -48,13 +48,18 @@ def register_body(username: str, auth_key: str, root: uuid.UUID) -> dict:
 
 
 class ApiUser:
+    """A registered (and by default logged-in) user driving the API with httpx and
+    random key material (the server cannot tell it from real keys)."""
+
     def __init__(self, srv, username: str | None = None, *, login: bool = True):
         self.srv = srv
         self.username = username or "u" + uuid.uuid4().hex[:12]
         self.auth_key = b64(32)
         self.root = uuid.uuid4()
         self.c = client(srv)
-        r = self.c.post("/users", json=register_body(self.username, self.auth_key, self.root))
+        body = register_body(self.username, self.auth_key, self.root)
+        self.kdf = body["kdf"]
+        r = self.c.post("/users", json=body)
         assert r.status_code == 201, r.text
         self.user_id = uuid.UUID(r.json()["user_id"])
         self.token: str | None = None
@@ -75,8 +80,11 @@ class ApiUser:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def ops(self, *ops: dict) -> httpx.Response:
+        return self.c.post("/fs/ops", json={"ops": list(ops)})
+
     def ok(self, *ops: dict) -> dict:
-        r = self.c.post("/fs/ops", json={"ops": list(ops)})
+        r = self.ops(*ops)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -89,15 +97,29 @@ class ApiUser:
         self.ok(op)
         return ino
 
-    def put_blob(self, ino, data: bytes) -> uuid.UUID:
-        blob = uuid.uuid4()
+    def names(self, parent) -> dict[str, dict]:
+        r = self.c.get(f"/fs/dirs/{parent}/entries")
+        assert r.status_code == 200, r.text
+        return {e["name_hash"]: e for e in r.json()["entries"]}
+
+    def inode(self, ino) -> dict:
+        r = self.c.get(f"/fs/inodes/{ino}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def put_blob(self, ino, data: bytes, blob: uuid.UUID | None = None) -> uuid.UUID:
+        blob = blob or uuid.uuid4()
         r = self.c.put(f"/blobs/{ino}/{blob}", content=data)
         assert r.status_code == 201, r.text
         return blob
 
-    def commit(self, ino, blobs, base: int) -> dict:
-        return self.ok({"op": "commit", "inode": str(ino), "base_version": base, "meta": b64(48),
-                        "manifest": b64(100), "blobs": [str(b) for b in blobs]})
+    def commit(self, ino, blobs, inline=(), base=None) -> httpx.Response:
+        if base is None:
+            base = self.inode(ino)["version"]
+        return self.ops({"op": "commit", "inode": str(ino), "base_version": base, "meta": b64(48),
+                         "manifest": b64(100), "blobs": [str(b) for b in blobs],
+                         "inline": [{"blob_id": str(b), "data": base64.b64encode(d).decode()}
+                                    for b, d in inline]})
 
 
 def assert_error_shape(r: httpx.Response, status: int | tuple[int, ...], code: str | None = None) -> dict:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from jose import jwt
 
-from apiuser import b64, kdf, nh
+from apiuser import ApiUser as Account, b64, kdf, nh
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,75 +31,6 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"detail", "code"}, body
     assert body["code"] == code, body
     assert isinstance(body["detail"], str)
-
-
-class Account:
-    """A registered (and logged in) user driving the API with httpx."""
-
-    def __init__(self, srv, username: str | None = None, login: bool = True) -> None:
-        self.srv = srv
-        self.username = username or "u" + uuid.uuid4().hex[:12]
-        self.auth_key = b64(32)
-        self.root = uuid.uuid4()
-        self.kdf = kdf()
-        self.c = srv.client()
-        r = self.c.post("/users", json={
-            "username": self.username, "auth_key": self.auth_key, "kdf": self.kdf,
-            "master_key": {"gen": 1, "wrapped_master": b64(40), "wrapped_namespace": b64(40)},
-            "root_inode": str(self.root), "root_meta": b64(64)})
-        assert r.status_code == 201, r.text
-        self.user_id = uuid.UUID(r.json()["user_id"])
-        self.token = None
-        if login:
-            self.login()
-
-    def login(self) -> str:
-        r = self.c.post("/auth/login", json={"username": self.username, "auth_key": self.auth_key})
-        assert r.status_code == 200, r.text
-        self.token = r.json()["access_token"]
-        self.c.headers["Authorization"] = f"Bearer {self.token}"
-        return self.token
-
-    def ops(self, *ops: dict) -> httpx.Response:
-        return self.c.post("/fs/ops", json={"ops": list(ops)})
-
-    def ok(self, *ops: dict) -> dict:
-        r = self.ops(*ops)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def create(self, parent, name: str, is_dir: bool = False, key: bool = False) -> uuid.UUID:
-        ino = uuid.uuid4()
-        op = {"op": "create", "inode": str(ino), "is_dir": is_dir, "meta": b64(48),
-              "parent": str(parent), "name_hash": nh(name), "name": b64(24)}
-        if key:
-            op.update(key_gen=1, wrapped_key=b64(40))
-        self.ok(op)
-        return ino
-
-    def names(self, parent) -> dict[str, dict]:
-        r = self.c.get(f"/fs/dirs/{parent}/entries")
-        assert r.status_code == 200, r.text
-        return {e["name_hash"]: e for e in r.json()["entries"]}
-
-    def inode(self, ino) -> dict:
-        r = self.c.get(f"/fs/inodes/{ino}")
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def put_blob(self, ino, data: bytes, blob: uuid.UUID | None = None) -> uuid.UUID:
-        blob = blob or uuid.uuid4()
-        r = self.c.put(f"/blobs/{ino}/{blob}", content=data)
-        assert r.status_code == 201, r.text
-        return blob
-
-    def commit(self, ino, blobs, inline=(), base=None) -> httpx.Response:
-        if base is None:
-            base = self.inode(ino)["version"]
-        return self.ops({"op": "commit", "inode": str(ino), "base_version": base, "meta": b64(48),
-                         "manifest": b64(100), "blobs": [str(b) for b in blobs],
-                         "inline": [{"blob_id": str(b), "data": base64.b64encode(d).decode()}
-                                    for b, d in inline]})
 
 
 def rename(src_parent, src: str, dst_parent, dst: str, **kw) -> dict:
