@@ -38,16 +38,29 @@ class BlockStore:
         data = self.plain.get(ref.blob_id)
         if data is not None:
             return data
+        fut = self._claim(ref.blob_id)
+        if fut is None:                      # another thread is loading it
+            return self._inflight_result(ref.blob_id, manifest, inode, index, keep_token)
+        return self._fill(fut, inode, manifest, index, keep_token)
+
+    def _claim(self, blob: UUID) -> Future | None:
+        """Register a load of ``blob``; None if one is already in flight."""
         with self._lock:
-            fut = self._inflight.get(ref.blob_id)
-            if fut is None:
-                fut = Future()
-                self._inflight[ref.blob_id] = fut
-                mine = True
-            else:
-                mine = False
-        if not mine:
-            return fut.result()
+            if blob in self._inflight:
+                return None
+            fut = self._inflight[blob] = Future()
+            return fut
+
+    def _inflight_result(self, blob: UUID, manifest: Manifest, inode: UUID, index: int,
+                         keep_token: bool) -> bytes:
+        with self._lock:
+            fut = self._inflight.get(blob)
+        if fut is None:                      # finished in between: cached, or failed
+            return self.read(inode, manifest, index, keep_token=keep_token)
+        return fut.result()
+
+    def _fill(self, fut: Future, inode: UUID, manifest: Manifest, index: int, keep_token: bool) -> bytes:
+        ref = manifest.chunks[index]
         try:
             data = self._load(inode, manifest, index, ref, keep_token)
             fut.set_result(data)
@@ -71,18 +84,20 @@ class BlockStore:
         return data
 
     def prefetch(self, inode: UUID, manifest: Manifest, indices) -> None:
+        """Start loading chunks in the background. A chunk is claimed before it is
+        queued: the kernel asks for every 128 KiB of a sequential read, and queueing
+        the same chunks again left the workers waiting on each other's loads."""
         for i in indices:
             ref = manifest.chunks[i]
             if ref.is_hole or self.plain.get(ref.blob_id) is not None:
                 continue
-            with self._lock:
-                if ref.blob_id in self._inflight:
-                    continue
-            self._readers.submit(self._quiet_read, inode, manifest, i)
+            fut = self._claim(ref.blob_id)
+            if fut is not None:
+                self._readers.submit(self._quiet_fill, fut, inode, manifest, i)
 
-    def _quiet_read(self, inode: UUID, manifest: Manifest, index: int) -> None:
+    def _quiet_fill(self, fut: Future, inode: UUID, manifest: Manifest, index: int) -> None:
         try:
-            self.read(inode, manifest, index, keep_token=False)
+            self._fill(fut, inode, manifest, index, keep_token=False)
         except Exception:
             pass    # the foreground read will raise and log it
 
