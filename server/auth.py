@@ -71,19 +71,31 @@ def issue_token(settings: Settings, user_id: UUID, token_version: int) -> TokenR
 
 
 def decode_token(settings: Settings, token: str) -> tuple[UUID, int]:
+    """(user id, token version) of a valid token; token_invalid / token_expired otherwise."""
+    user_id, tv, exp = _verified_claims(settings.secret_key, token)
+    if exp <= time.time():
+        raise E.token_expired()
+    return user_id, tv
+
+
+@lru_cache(maxsize=4096)
+def _verified_claims(secret_key: str, token: str) -> tuple[UUID, int, float]:
+    """Signature and claim checks, done once per token: a client sends the same token
+    with every request, and verifying it was a tenth of a small request's server time.
+    Only successes are cached; expiry and revocation (tv) are checked per request."""
     try:
         header = jwt.get_unverified_header(token)
         if header.get("alg") != ALGORITHM:
             raise E.token_invalid()
-        claims = jwt.decode(token, settings.secret_key, algorithms=[ALGORITHM],
+        claims = jwt.decode(token, secret_key, algorithms=[ALGORITHM],
                             options={"require_exp": True, "require_iat": True, "require_sub": True})
         exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or exp <= time.time():
-            raise E.token_expired()
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise E.token_invalid()
         tv = claims.get("tv")
         if not isinstance(tv, int) or isinstance(tv, bool):
             raise E.token_invalid()
-        return UUID(claims["sub"]), tv
+        return UUID(claims["sub"]), tv, float(exp)
     except ExpiredSignatureError:
         raise E.token_expired() from None
     except (JWTError, ValueError, TypeError, KeyError, AttributeError):
