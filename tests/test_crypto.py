@@ -15,8 +15,9 @@ from zkfs import crypto
 from zkfs.crypto import (BinaryFernet, IntegrityError, KdfParams, NamespaceKey,
                          TOKEN_OVERHEAD_MAX, derive_password_keys, file_key_context,
                          master_context, namespace_context, unwrap_key, wrap_key)
-from zkfs.format import (CHUNK_SIZE, HOLE_REF, Attrs, ChunkRef, Manifest, open_chunk,
-                         open_name, seal_chunk, seal_name)
+from zkfs.format import (CHUNK_SIZE, HOLE_REF, SEGMENT_SIZE, Attrs, ChunkRef, Manifest, open_chunk,
+                         open_name, open_segments, seal_chunk, seal_name, segment_span,
+                         segment_token_size)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,10 +226,10 @@ def make_file(n_chunks: int, last_len: int = 1000):
 
 
 def raw_manifest(inode: UUID, size: int, chunk_size: int, refs: list[ChunkRef], count: int | None = None,
-                 magic: bytes = b"ZKM1") -> bytes:
+                 magic: bytes = b"ZKM2") -> bytes:
     head = struct.pack(">4s16sQII", magic, inode.bytes, size, chunk_size,
                        len(refs) if count is None else count)
-    return head + b"".join(struct.pack(">16s32s", r.blob_id.bytes, r.digest) for r in refs)
+    return head + b"".join(r.blob_id.bytes for r in refs)
 
 
 @pytest.fixture(scope="module")
@@ -283,13 +284,13 @@ def test_reordered_chunks_rejected(three_chunk_file):
 def test_chunk_swapped_in_from_another_file_rejected(three_chunk_file):
     inode, cipher, plains, sealed, manifest = three_chunk_file
     other_inode, other_cipher, other_plains, other_sealed, other_manifest = make_file(1, last_len=CHUNK_SIZE)
-    # another file's chunk served in place of ours: digest mismatch
+    # another file's chunk served in place of ours: sealed under another key
     with pytest.raises(IntegrityError):
         open_chunk(cipher, other_sealed[0][0], manifest.chunks[0], CHUNK_SIZE)
-    # even with a matching digest (a forged ref), our key does not open it
-    forged = ChunkRef(manifest.chunks[0].blob_id, crypto.digest(other_sealed[0][0]))
+    # under our key but written as another blob: its segments name that blob
+    token, _ = seal_chunk(cipher, other_plains[0], uuid4())
     with pytest.raises(IntegrityError):
-        open_chunk(cipher, other_sealed[0][0], forged, CHUNK_SIZE)
+        open_chunk(cipher, token, manifest.chunks[0], CHUNK_SIZE)
     # another file's manifest under our inode: wrong key
     with pytest.raises(IntegrityError):
         Manifest.decrypt(cipher, other_manifest.encrypt(other_cipher), inode)
@@ -315,7 +316,7 @@ def test_manifest_tampering_rejected(three_chunk_file, case):
     inode, cipher, plains, sealed, manifest = three_chunk_file
     refs = list(manifest.chunks)
     size = manifest.size
-    extra = ChunkRef(uuid4(), os.urandom(32))
+    extra = ChunkRef(uuid4())
     plain = {
         "truncated": lambda: raw_manifest(inode, size, CHUNK_SIZE, refs[:2]),
         "extended": lambda: raw_manifest(inode, size, CHUNK_SIZE, refs + [extra]),
@@ -342,21 +343,96 @@ def test_manifest_token_tampering_rejected(three_chunk_file):
         Manifest.decrypt(cipher, token[:-16], inode)
 
 
-def test_open_chunk_checks_digest_and_length():
+def test_open_chunk_checks_blob_and_length():
     cipher = BinaryFernet(crypto.random_key())
     plain = os.urandom(5000)
     token, ref = seal_chunk(cipher, plain, uuid4())
-    assert ref.digest == crypto.digest(token)
     assert open_chunk(cipher, token, ref, 5000) == plain
-    with pytest.raises(IntegrityError):                     # digest mismatch
-        open_chunk(cipher, token, ChunkRef(ref.blob_id, os.urandom(32)), 5000)
+    with pytest.raises(IntegrityError):                     # the manifest names another blob
+        open_chunk(cipher, token, ChunkRef(uuid4()), 5000)
     with pytest.raises(IntegrityError):                     # token modified
         open_chunk(cipher, flip(token, 8 * 100), ref, 5000)
     for wrong in (4999, 5001, 0, CHUNK_SIZE):               # length disagrees with manifest
         with pytest.raises(IntegrityError):
             open_chunk(cipher, token, ref, wrong)
-    with pytest.raises(IntegrityError):                     # right digest, wrong key
+    with pytest.raises(IntegrityError):                     # wrong key
         open_chunk(BinaryFernet(crypto.random_key()), token, ref, 5000)
+
+
+SEGMENTED_SIZES = [1, SEGMENT_SIZE - 1, SEGMENT_SIZE, SEGMENT_SIZE + 1, 5 * SEGMENT_SIZE + 7, CHUNK_SIZE]
+
+
+@pytest.mark.parametrize("size", SEGMENTED_SIZES)
+def test_any_range_opens_from_its_segments_alone(size):
+    """A read of any range fetches only the token bytes segment_span names, and
+    those decrypt to the plaintext (what the mount does for a random read)."""
+    cipher, blob = BinaryFernet(crypto.random_key()), uuid4()
+    plain = os.urandom(size)
+    token, ref = seal_chunk(cipher, plain, blob)
+    assert len(token) == sum(segment_token_size(min(SEGMENT_SIZE, size - off))
+                             for off in range(0, size, SEGMENT_SIZE))
+    rng = random.Random(size)
+    ranges = [(0, 1), (size - 1, size), (0, size)] + \
+        [tuple(sorted(rng.sample(range(size + 1), 2))) for _ in range(20) if size > 1]
+    for lo, hi in ranges:
+        if lo == hi:
+            continue
+        first, start, end = segment_span(size, lo, hi)
+        assert start < end <= len(token)
+        got = open_segments(cipher, token[start:end], ref, size, lo, hi)
+        base = first * SEGMENT_SIZE
+        assert got[lo - base:hi - base] == plain[lo:hi]
+        assert len(got) <= hi - base + SEGMENT_SIZE          # nothing past the last segment
+    with pytest.raises(ValueError):
+        segment_span(size, 0, size + 1)
+
+
+def segments_of(token: bytes, size: int) -> list[bytes]:
+    out, pos = [], 0
+    for off in range(0, size, SEGMENT_SIZE):
+        n = segment_token_size(min(SEGMENT_SIZE, size - off))
+        out.append(token[pos:pos + n])
+        pos += n
+    assert pos == len(token)
+    return out
+
+
+def test_segments_are_standard_fernet_tokens():
+    key = crypto.random_key()
+    blob = uuid4()
+    plain = os.urandom(3 * SEGMENT_SIZE + 5)
+    token, _ = seal_chunk(BinaryFernet(key), plain, blob)
+    fernet = Fernet(base64.urlsafe_b64encode(key))
+    opened = [fernet.decrypt(base64.urlsafe_b64encode(seg)) for seg in segments_of(token, len(plain))]
+    assert [o[:20] for o in opened] == [blob.bytes + struct.pack(">I", j) for j in range(4)]
+    assert b"".join(o[20:] for o in opened) == plain
+
+
+def test_segment_tampering_rejected():
+    """Segments cannot be reordered, dropped, added, or moved between chunks, in a
+    whole-chunk read or a partial one."""
+    cipher = BinaryFernet(crypto.random_key())
+    size = 4 * SEGMENT_SIZE
+    plain = os.urandom(size)
+    token, ref = seal_chunk(cipher, plain, uuid4())
+    other, _ = seal_chunk(cipher, os.urandom(size), uuid4())        # same file key
+    segs, other_segs = segments_of(token, size), segments_of(other, size)
+    swapped = b"".join([segs[1], segs[0]] + segs[2:])
+    moved = b"".join([segs[0], other_segs[1]] + segs[2:])
+    for bad in (swapped, moved):
+        with pytest.raises(IntegrityError):
+            open_chunk(cipher, bad, ref, size)
+    with pytest.raises(IntegrityError):                     # dropped last segment
+        open_chunk(cipher, b"".join(segs[:3]), ref, size)
+    with pytest.raises(IntegrityError):                     # one too many
+        open_chunk(cipher, token + segs[3], ref, size)
+    # partial reads: segment 1 served where segment 2 was asked for, or another
+    # chunk's segment 2, or a short/long answer
+    first, start, end = segment_span(size, 2 * SEGMENT_SIZE, 2 * SEGMENT_SIZE + 10)
+    assert first == 2 and token[start:end] == segs[2]
+    for bad in (segs[1], other_segs[2], segs[2][:-1], segs[2] + b"\0", flip(segs[2], 8 * 40)):
+        with pytest.raises(IntegrityError):
+            open_segments(cipher, bad, ref, size, 2 * SEGMENT_SIZE, 2 * SEGMENT_SIZE + 10)
 
 
 def test_manifest_chunk_lengths():
@@ -453,7 +529,8 @@ def test_storage_overhead_below_one_percent(size):
     refs, stored = [], 0
     for off in range(0, size, CHUNK_SIZE):
         token, ref = seal_chunk(cipher, data[off:off + CHUNK_SIZE], uuid4())
-        assert len(token) <= len(data[off:off + CHUNK_SIZE]) + TOKEN_OVERHEAD_MAX
+        segments = -(-len(data[off:off + CHUNK_SIZE]) // SEGMENT_SIZE)
+        assert len(token) <= len(data[off:off + CHUNK_SIZE]) + segments * (20 + TOKEN_OVERHEAD_MAX)
         refs.append(ref)
         stored += len(token)
     manifest_token = Manifest(inode=inode, size=size, chunks=refs).encrypt(cipher)

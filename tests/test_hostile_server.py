@@ -25,6 +25,8 @@ from uuid import UUID
 
 import pytest
 
+from zkfs.format import SEGMENT_SIZE
+
 from harness import Machine
 from hostile import (HostileServer, error_line, flip_b64, flip_bit, log_lines, mount_log,
                      uploads)
@@ -241,8 +243,9 @@ def test_flipped_bit(world, mount, target):
     a = world.id(rel)
     if target == "chunk":
         blob = hs.blobs(a)[1]
-        hs.write_blob(a, blob.id, flip_bit(blob.read()))
-        why = rf"chunk \d of inode {a} failed verification: chunk does not match the manifest"
+        data = blob.read()       # (the exact middle is a segment's version byte)
+        hs.write_blob(a, blob.id, flip_bit(data, len(data) // 2 + 1000))
+        why = rf"chunk \d of inode {a} failed verification: authentication failed"
     elif target == "manifest":
         hs.set_inode(a, manifest=flip_b64(hs.inode(a)["manifest"]))
         why = f"manifest of inode {a} does not match its attributes"
@@ -271,7 +274,7 @@ def test_chunks_reordered(world, mount):
     assert len(data1) == len(data2)
     hs.write_blob(a, first.id, data2)
     hs.write_blob(a, second.id, data1)
-    why = rf"chunk [01] of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk [01] of inode {a} failed verification: chunk segment does not belong here"
     world.refused(rel, why)
     m = mount()
     mount_eio(m, rel, why)
@@ -283,7 +286,7 @@ def test_chunks_reordered(world, mount):
 
 def test_stale_chunk_of_same_file_replayed(world, mount):
     """A chunk of the file's previous version (same key: it decrypts fine) served
-    in place of the current one. Only the manifest's digests can catch this."""
+    in place of the current one. Only the blob id sealed in each segment can catch this."""
     hs, rel = world.hs, "stale/a.bin"
     a = world.id(rel)
     old = hs.blobs(a)[0].read()
@@ -291,7 +294,7 @@ def test_stale_chunk_of_same_file_replayed(world, mount):
     current = hs.blobs(a)[0]
     assert len(current.read()) == len(old)
     hs.write_blob(a, current.id, old)
-    why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk 0 of inode {a} failed verification: chunk segment does not belong here"
     world.refused(rel, why)
     mount_eio(mount(), rel, why)
 
@@ -308,19 +311,19 @@ def test_truncated(world, mount, how):
     else:
         blob = hs.blobs(a)[0]
         hs.write_blob(a, blob.id, blob.read()[: blob.size // 2])
-        why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
+        why = rf"chunk 0 of inode {a} failed verification: chunk has the wrong length"
     world.refused(rel, why)
     mount_eio(mount(), rel, why)
 
 
 def test_extended_chunk(world, mount):
-    """Bytes appended to a stored chunk (a whole extra AES block and a new tag would
-    still be caught: the digest covers the exact token)."""
+    """Bytes appended to a stored chunk (a whole extra segment would still be caught:
+    the manifest's size fixes the exact token length)."""
     hs, rel = world.hs, "extend/append.bin"
     a = world.id(rel)
     blob = hs.blobs(a)[-1]
     hs.write_blob(a, blob.id, blob.read() + os.urandom(48))
-    why = rf"chunk 2 of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk 2 of inode {a} failed verification: chunk has the wrong length"
     world.refused(rel, why)
     mount_eio(mount(), rel, why)
 
@@ -345,7 +348,7 @@ def test_chunk_swapped_from_other_file(world, mount):
     mine, theirs = hs.blobs(a)[0], hs.blobs(b)[0]
     assert mine.size == theirs.size
     hs.write_blob(a, mine.id, theirs.read())
-    why = rf"chunk 0 of inode {a} failed verification: chunk does not match the manifest"
+    why = rf"chunk 0 of inode {a} failed verification: authentication failed"
     world.refused(rel, why)
     m = mount()
     mount_eio(m, rel, why)
@@ -725,14 +728,16 @@ def test_server_stores_no_plaintext(world):
 
 def test_server_learns_sizes_and_shape(world):
     """What the server does learn, shown from its own records: each file's size to
-    within 16 bytes per chunk (chunk token = plaintext + 1..16 bytes of padding +
-    57 bytes of Fernet framing), and which inode sits in which directory."""
+    within 16 bytes per 64 KiB segment (segment token = 20-byte position header +
+    plaintext + 1..16 bytes of padding + 57 bytes of Fernet framing), and which
+    inode sits in which directory."""
     hs = world.hs
     for rel in ("control/ok.bin", "control/ok.txt", "keyswap/b.txt"):
         a = world.id(rel)
         blobs = hs.blobs(a)
+        segments = -(-len(FILES[rel]) // SEGMENT_SIZE)
         overhead = sum(b.size for b in blobs) - len(FILES[rel])
-        assert 57 * len(blobs) + len(blobs) <= overhead <= (57 + 16) * len(blobs)
+        assert (57 + 20 + 1) * segments <= overhead <= (57 + 20 + 16) * segments
         assert len(blobs) == -(-len(FILES[rel]) // MiB)
     control = world.dir_id("control")
     assert hs.parent_of(world.id("control/ok.bin")) == hs.parent_of(world.id("control/ok.txt")) == control

@@ -30,6 +30,11 @@ class IntegrityError(Exception):
     """Ciphertext failed authentication or does not belong where it was found."""
 
 
+def sealed_size(n: int) -> int:
+    """Length of the token that ``BinaryFernet.encrypt`` makes of ``n`` bytes."""
+    return _HEADER + 16 * (n // 16 + 1) + _TAG
+
+
 def random_key() -> bytes:
     return os.urandom(KEY_BYTES)
 

@@ -10,29 +10,30 @@ import struct
 from dataclasses import dataclass, field, replace
 from uuid import UUID
 
-from .crypto import BinaryFernet, IntegrityError, NamespaceKey, digest
+from .crypto import BinaryFernet, IntegrityError, NamespaceKey, sealed_size
 
 CHUNK_SIZE = 1 << 20
+SEGMENT_SIZE = 1 << 16            # a chunk token is a run of independently sealed segments
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_BYTES = 4095          # PATH_MAX - 1
 HOLE = UUID(int=0)                # a chunk that was never written reads as zeros
 
-_MANIFEST_MAGIC = b"ZKM1"
+_MANIFEST_MAGIC = b"ZKM2"
 _MANIFEST_HEAD = struct.Struct(">4s16sQII")    # magic, inode, size, chunk size, count
-_CHUNK_REF = struct.Struct(">16s32s")          # blob id, sha256 of the chunk token
+_CHUNK_REF = struct.Struct(">16s")             # blob id
+_SEGMENT_HEAD = struct.Struct(">16sI")         # blob id, segment index
 
 
 @dataclass(frozen=True)
 class ChunkRef:
     blob_id: UUID
-    digest: bytes
 
     @property
     def is_hole(self) -> bool:
         return self.blob_id == HOLE
 
 
-HOLE_REF = ChunkRef(HOLE, bytes(32))
+HOLE_REF = ChunkRef(HOLE)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Manifest:
             raise ValueError("manifest chunk count does not match its size")
         parts = [_MANIFEST_HEAD.pack(_MANIFEST_MAGIC, self.inode.bytes, self.size,
                                      self.chunk_size, len(self.chunks))]
-        parts.extend(_CHUNK_REF.pack(c.blob_id.bytes, c.digest) for c in self.chunks)
+        parts.extend(_CHUNK_REF.pack(c.blob_id.bytes) for c in self.chunks)
         return file_cipher.encrypt(b"".join(parts))
 
     @classmethod
@@ -72,23 +73,69 @@ class Manifest:
         body = memoryview(plain)[_MANIFEST_HEAD.size:]
         if chunk_size <= 0 or len(body) != count * _CHUNK_REF.size or count != -(-size // chunk_size):
             raise IntegrityError("manifest length mismatch")
-        chunks = [ChunkRef(UUID(bytes=b), d) for b, d in _CHUNK_REF.iter_unpack(body)]
+        chunks = [ChunkRef(UUID(bytes=b)) for (b,) in _CHUNK_REF.iter_unpack(body)]
         return cls(inode=inode, size=size, chunk_size=chunk_size, chunks=chunks)
 
 
+def segment_token_size(n: int) -> int:
+    """Bytes of the sealed segment holding ``n`` plaintext bytes."""
+    return sealed_size(_SEGMENT_HEAD.size + n)
+
+
+_FULL_SEGMENT_TOKEN = segment_token_size(SEGMENT_SIZE)
+
+
+def segment_span(chunk_len: int, lo: int, hi: int) -> tuple[int, int, int]:
+    """For plaintext bytes ``[lo, hi)`` of a chunk of ``chunk_len`` bytes: the first
+    segment that covers them and the byte range ``[start, end)`` of the chunk token
+    holding the covering segments. Every segment but the last is full, so the
+    token offsets follow from the lengths alone."""
+    if not 0 <= lo < hi <= chunk_len:
+        raise ValueError("range outside the chunk")
+    first, last = lo // SEGMENT_SIZE, (hi - 1) // SEGMENT_SIZE
+    end = last * _FULL_SEGMENT_TOKEN + segment_token_size(min(SEGMENT_SIZE, chunk_len - last * SEGMENT_SIZE))
+    return first, first * _FULL_SEGMENT_TOKEN, end
+
+
 def seal_chunk(file_cipher: BinaryFernet, plain: bytes, blob_id: UUID) -> tuple[bytes, ChunkRef]:
-    token = file_cipher.encrypt(plain)
-    return token, ChunkRef(blob_id, digest(token))
+    """A chunk token: each segment of the plaintext sealed on its own, prefixed with
+    the blob id and its index, so any segment can be fetched and checked alone and
+    none can be moved to another chunk or position."""
+    view = memoryview(plain)
+    parts = [file_cipher.encrypt(_SEGMENT_HEAD.pack(blob_id.bytes, j) + view[off:off + SEGMENT_SIZE])
+             for j, off in enumerate(range(0, len(plain), SEGMENT_SIZE))]
+    return b"".join(parts), ChunkRef(blob_id)
 
 
 def open_chunk(file_cipher: BinaryFernet, token: bytes, ref: ChunkRef, expected_len: int) -> bytes:
-    """Check a chunk against its manifest entry (position and file binding) and decrypt."""
-    if not hmac.compare_digest(digest(token), ref.digest):
-        raise IntegrityError("chunk does not match the manifest")
-    plain = file_cipher.decrypt(token)
-    if len(plain) != expected_len:
+    """Check a whole chunk against its manifest entry (position, file, length) and decrypt."""
+    if expected_len <= 0:
+        raise IntegrityError("empty chunk")
+    return open_segments(file_cipher, token, ref, expected_len, 0, expected_len)
+
+
+def open_segments(file_cipher: BinaryFernet, data: bytes, ref: ChunkRef, chunk_len: int,
+                  lo: int, hi: int) -> bytes:
+    """Decrypt the token bytes that ``segment_span(chunk_len, lo, hi)`` names and
+    return the plaintext of the segments they hold (starting at the first one's
+    offset), after checking each is the segment of this chunk at that index."""
+    first, start, end = segment_span(chunk_len, lo, hi)
+    if len(data) != end - start:
         raise IntegrityError("chunk has the wrong length")
-    return plain
+    view = memoryview(data)
+    out: list[bytes] = []
+    pos, j = 0, first
+    while pos < len(data):
+        want = min(SEGMENT_SIZE, chunk_len - j * SEGMENT_SIZE)
+        size = segment_token_size(want)
+        plain = file_cipher.decrypt(view[pos:pos + size])
+        if len(plain) != _SEGMENT_HEAD.size + want or \
+                plain[:_SEGMENT_HEAD.size] != _SEGMENT_HEAD.pack(ref.blob_id.bytes, j):
+            raise IntegrityError("chunk segment does not belong here")
+        out.append(plain[_SEGMENT_HEAD.size:])
+        pos += size
+        j += 1
+    return b"".join(out)
 
 
 # ---------------------------------------------------------------- attributes

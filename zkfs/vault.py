@@ -19,8 +19,8 @@ from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError
 from .errors import ServerError, TamperedError, ZkfsError
-from .format import (CHUNK_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode, open_chunk,
-                     open_name, seal_chunk, seal_name, encode_name)
+from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
+                     open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
 from .state import VersionLedger
 
 
@@ -160,9 +160,11 @@ class Vault:
             raise TamperedError(f"inode {node.id}: manifest size disagrees with its attributes")
         return manifest
 
-    def fetch_chunk_token(self, inode: UUID, ref: ChunkRef) -> bytes:
+    def fetch_chunk_token(self, inode: UUID, ref: ChunkRef, start: int | None = None,
+                          end: int | None = None) -> bytes:
+        """A chunk token, or its bytes ``[start, end)``."""
         try:
-            return self.api.get_blob(inode, ref.blob_id)
+            return self.api.get_blob(inode, ref.blob_id, start, end)
         except ServerError as exc:
             if exc.code == "not_found":
                 raise TamperedError(f"a chunk of inode {inode} is missing on the server") from None
@@ -173,6 +175,19 @@ class Vault:
             return open_chunk(self.file_cipher(inode), token, manifest.chunks[index], manifest.chunk_length(index))
         except IntegrityError as exc:
             raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
+
+    def read_chunk_range(self, inode: UUID, manifest: Manifest, index: int, lo: int, hi: int) -> bytes:
+        """Plaintext bytes ``[lo, hi)`` of chunk ``index``, fetching and checking only
+        the segments that cover them."""
+        ref, n = manifest.chunks[index], manifest.chunk_length(index)
+        first, start, end = segment_span(n, lo, hi)
+        data = self.fetch_chunk_token(inode, ref, start, end)
+        try:
+            plain = open_segments(self.file_cipher(inode), data, ref, n, lo, hi)
+        except IntegrityError as exc:
+            raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
+        base = first * SEGMENT_SIZE
+        return plain[lo - base:hi - base]
 
     def read_chunk(self, inode: UUID, manifest: Manifest, index: int) -> bytes:
         ref = manifest.chunks[index]

@@ -43,6 +43,19 @@ class BlockStore:
             return self._inflight_result(ref.blob_id, manifest, inode, index, keep_token)
         return self._fill(fut, inode, manifest, index, keep_token)
 
+    def read_part(self, inode: UUID, manifest: Manifest, index: int, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of a chunk for a random read: from the whole chunk if it is
+        cached or already coming, else only the segments that cover them (not cached:
+        the kernel's page cache keeps what was read)."""
+        ref = manifest.chunks[index]
+        if ref.is_hole:
+            return bytes(hi - lo)
+        with self._lock:
+            loading = ref.blob_id in self._inflight
+        if loading or self.plain.get(ref.blob_id) is not None or ref.blob_id in self.tokens:
+            return self.read(inode, manifest, index)[lo:hi]
+        return self.vault.read_chunk_range(inode, manifest, index, lo, hi)
+
     def _claim(self, blob: UUID) -> Future | None:
         """Register a load of ``blob``; None if one is already in flight."""
         with self._lock:

@@ -41,6 +41,10 @@ class CiphertextCache:
             self._bytes += size
         self._evict()
 
+    def __contains__(self, blob: UUID) -> bool:
+        with self._lock:
+            return blob in self._index
+
     def get(self, blob: UUID) -> bytes | None:
         with self._lock:
             if blob not in self._index:

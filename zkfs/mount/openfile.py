@@ -216,7 +216,10 @@ class OpenFile:
             if offset >= end:
                 return b""
             first, last = offset // self.cs, (end - 1) // self.cs
-            if first == self._last_read_chunk + 1 or first == self._last_read_chunk:
+            # A sequential reader gets whole chunks and read-ahead; a random one only
+            # the 64 KiB segments its read covers.
+            sequential = offset == 0 or first in (self._last_read_chunk, self._last_read_chunk + 1)
+            if sequential:
                 self._readahead(last + 1)
             self._last_read_chunk = last
             plan: list[bytes | tuple[int, int, int]] = []
@@ -228,17 +231,20 @@ class OpenFile:
                 else:
                     plan.append((i, lo, hi))
             base, floor = self.base_manifest, self.floor
-        return b"".join(p if isinstance(p, bytes) else self._base_slice(base, floor, *p) for p in plan)
+        return b"".join(p if isinstance(p, bytes) else self._base_slice(base, floor, sequential, *p)
+                        for p in plan)
 
-    def _base_slice(self, base: Manifest, floor: int, i: int, lo: int, hi: int) -> bytes:
-        """Bytes [lo, hi) of chunk i as the base version has them, zeros past ``floor``."""
+    def _base_slice(self, base: Manifest, floor: int, whole: bool, i: int, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of chunk i as the base version has them, zeros past ``floor``;
+        ``whole``: load (and cache) the whole chunk rather than just what covers them."""
         start = i * base.chunk_size
         valid = 0 if i >= len(base.chunks) else max(0, min(floor - start, base.chunk_length(i)))
-        if hi <= valid:
-            return self.blocks.read(self.id, base, i)[lo:hi]
         if lo >= valid:
             return bytes(hi - lo)
-        return self.blocks.read(self.id, base, i)[lo:valid] + bytes(hi - valid)
+        top = min(hi, valid)
+        data = self.blocks.read(self.id, base, i)[lo:top] if whole else \
+            self.blocks.read_part(self.id, base, i, lo, top)
+        return data if top == hi else data + bytes(hi - top)
 
     def _readahead(self, start: int) -> None:
         base = self.base_manifest
