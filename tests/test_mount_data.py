@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ServerProcess
-from mount_helpers import Mounts, blob_files, drop_caches, sha256_file
+from mount_helpers import Mounts, blob_files, drop_caches, run, sha256_file, wait_until
 
 MiB = 1 << 20
 CS = MiB                      # zkfs.format.CHUNK_SIZE
@@ -48,10 +48,11 @@ class Ctx:
         """An additional mount of the same account with a cold cache."""
         return self.mounts.mount(self.machine)
 
-    def blob_requests(self, method: str) -> list[str]:
-        """The server's access-log lines for blob requests of this method so far."""
+    def requests(self, method: str, path: str = "/api/v1/blobs/") -> list[str]:
+        """The server's access-log lines so far for requests of this method whose path
+        starts with ``path``."""
         text = self.server.log_path.read_text(errors="replace")
-        return re.findall(rf'^.*"{method} /api/v1/blobs/.*$', text, re.M)
+        return re.findall(rf'^.*"{method} {re.escape(path)}.*$', text, re.M)
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +105,79 @@ def test_sparse_file_seek_100mb_write_one_byte(ctx):
     check(m.path / "sparse.bin")
 
 
+# ---------------------------------------------------------------- write-back of renames
+def tree_state(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.read_bytes(), stat_bits(p)) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def stat_bits(p: Path) -> tuple:
+    st = p.stat()
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+
+
+def test_rsync_sends_one_request_per_file(ctx, tmp_path):
+    """rsync's create + write + close + chown + chmod + utimens + rename of each file
+    reaches the server as one /fs/ops request: the rename and attributes of a
+    closed file are written back and ride on the next file's commit. A cold mount
+    then sees exactly the source tree (final names, modes, owners, mtimes)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    n = 40
+    for i in range(n):
+        f = src / f"file-{i:02d}.bin"
+        f.write_bytes(rng.randbytes(rng.randrange(1, 40000)))
+        os.chmod(f, rng.choice([0o600, 0o640, 0o755]))
+        os.chown(f, 1000 + i % 3, 2000 + i % 2)
+        os.utime(f, ns=(1_600_000_000_000_000_000 + i, 1_500_000_000_123_456_789 + i))
+    dst = ctx.m.path / "rsynced"
+    ops = len(ctx.requests("POST", "/api/v1/fs/ops"))
+    run("rsync", "-a", f"{src}/", f"{dst}/")
+    assert tree_state(dst) == tree_state(src)
+    sent = len(ctx.requests("POST", "/api/v1/fs/ops")) - ops
+    assert sent <= n + 3, f"{sent} /fs/ops requests for {n} files"
+    fresh = ctx.fresh_mount()
+    try:
+        # The last file's rename and the folder's mtime are sent within 0.5 s.
+        wait_until(lambda: tree_state(fresh.path / "rsynced") == tree_state(src), 5,
+                   what="a cold mount sees the rsynced tree")
+    finally:
+        fresh.unmount()
+
+
+def test_renames_written_back_in_order(ctx):
+    """Name reuse right after a deferred rename (git's lockfile pattern, editors'
+    save-by-rename): each step sees the previous one, locally and on the server."""
+    d = ctx.m.path / "renames"
+    d.mkdir()
+    (d / "config.lock").write_text("v1")
+    os.rename(d / "config.lock", d / "config")
+    (d / "config.lock").write_text("v2")              # the name the rename freed
+    os.rename(d / "config.lock", d / "config")        # over the file just renamed
+    (d / "a").write_text("a")
+    os.rename(d / "a", d / "b")
+    os.rename(d / "b", d / "c")                       # a chain, before anything was sent
+    (d / "a").write_text("a again")
+    expect = {"a": "a again", "c": "a", "config": "v2"}
+    assert {p.name: p.read_text() for p in d.iterdir()} == expect
+    m = ctx.remount()                                  # unmount sends what is left
+    assert {p.name: p.read_text() for p in (m.path / "renames").iterdir()} == expect
+
+
 # ---------------------------------------------------------------- partial reads and edits
 def test_reads_fetch_only_the_chunks_they_cover(ctx):
     data = os.urandom(8 * CS)
     (ctx.m.path / "ranged.bin").write_bytes(data)
     fresh = ctx.fresh_mount()
     drop_caches()
-    gets = len(ctx.blob_requests("GET"))
+    gets = len(ctx.requests("GET"))
     fd = os.open(fresh.path / "ranged.bin", os.O_RDONLY)
     try:
         assert os.pread(fd, 4096, 5 * CS + 1000) == data[5 * CS + 1000: 5 * CS + 5096]
     finally:
         os.close(fd)
-    fetched = ctx.blob_requests("GET")[gets:]
+    fetched = ctx.requests("GET")[gets:]
     assert len(fetched) == 1, fetched
     fresh.unmount()
 
@@ -127,7 +188,7 @@ def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
     path = m.path / "big-edit.bin"
     path.write_bytes(data)
 
-    before, puts = blob_files(ctx.server), len(ctx.blob_requests("PUT"))
+    before, puts = blob_files(ctx.server), len(ctx.requests("PUT"))
     patch = os.urandom(100)
     with open(path, "r+b") as f:
         f.seek(4 * CS + 12345)
@@ -137,7 +198,7 @@ def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
     added = new_blobs(before, after)
     assert len(added) == 1, added
     assert sum(added.values()) < CS + 64 * 1024
-    assert len(ctx.blob_requests("PUT")[puts:]) <= 1
+    assert len(ctx.requests("PUT")[puts:]) <= 1
     # The replaced chunk is dropped: the file still occupies about 8 chunks.
     assert sum(after.values()) - sum(before.values()) < 64 * 1024
 

@@ -71,6 +71,24 @@ def test_two_mounts_see_each_others_changes(shared_server, mounts):
     wait_until(lambda: listing(a.path) == [], 4, what="B's rmdir in A")
 
 
+def test_written_back_rename_refused_by_the_server(shared_server, mounts):
+    """A rename is written back within 0.5 s. If another mount deletes the file in
+    that window, the server refuses the rename: the mount logs it and shows the
+    server's names again (the delete wins, as if it had come first)."""
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    (a.path / "doomed.txt").write_text("x")
+    (a.path / "kept.txt").write_text("kept")
+    wait_until(lambda: listing(b.path) == ["doomed.txt", "kept.txt"], 4, what="A's files in B")
+    os.rename(a.path / "doomed.txt", a.path / "renamed.txt")
+    os.unlink(b.path / "doomed.txt")                 # reaches the server first
+    wait_until(lambda: "rename /doomed.txt -> /renamed.txt could not be saved on the server"
+               in a.log(), 4, what="the refused rename in A's log")
+    wait_until(lambda: listing(a.path) == ["kept.txt"], 4, what="the server's names in A")
+    assert listing(b.path) == ["kept.txt"]
+
+
 def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
     a_machine = mounts.machine(shared_server)
     b_machine = second_machine(mounts, a_machine, shared_server)

@@ -42,6 +42,14 @@ class PendingAttrs:
     since: float
 
 
+@dataclass
+class PendingRename:
+    op: dict
+    what: str                  # "OLD -> NEW", for the log if the server refuses it
+    parents: tuple[UUID, UUID]
+    since: float
+
+
 def _errors(method):
     """Every operation: server/crypto failures become the right errno and a log line."""
     @functools.wraps(method)
@@ -103,6 +111,11 @@ class ZkfsOperations(fuse.Operations):
         # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
         # become one request).
         self.pending_attrs: dict[UUID, PendingAttrs] = {}
+        # Renames of closed files, written back the same way, in order (rsync's
+        # temp-file rename rides on the next file's commit). Any listing fetched
+        # from the server is preceded by sending them, so the cache never loses one.
+        self.pending_renames: list[PendingRename] = []
+        self.meta.before_fetch = self._send_pending_renames
         # libfuse renames a file that is unlinked while open to .fuse_hidden*, so
         # fstat/fchmod/ftruncate keep a path. Here that name is local only: on the
         # server the file is an orphan (no name) until its last close.
@@ -127,7 +140,8 @@ class ZkfsOperations(fuse.Operations):
                 next_ledger = time.monotonic() + 1.0
                 self.vault.ledger.flush()
             try:
-                oldest = min((p.since for p in list(self.pending_attrs.values())), default=None)
+                oldest = min([p.since for p in list(self.pending_attrs.values())]
+                             + [r.since for r in self.pending_renames[:1]], default=None)
                 if oldest is not None and time.monotonic() - oldest >= WRITEBACK_DELAY:
                     with self.ns_lock:
                         self._apply([])
@@ -225,7 +239,12 @@ class ZkfsOperations(fuse.Operations):
         with self.ns_lock:
             creating = [of for of in self.open_files.values() if of.pending is not None]
             waiting = list(self.pending_attrs.items())
-            prefix = [of.create_op() for of in creating]
+            moving = list(self.pending_renames)
+            # Renames first: a file created since may reuse a name one of them frees
+            # (git's config.lock), and none of them can depend on a pending create
+            # (renames onto an open file are not deferred).
+            prefix = [r.op for r in moving]
+            prefix += [of.create_op() for of in creating]
             prefix += [self.vault.op_setmeta(i, p.node.version, p.attrs.evolve()) for i, p in waiting]
             if not prefix:
                 results = self.vault.apply(ops) if ops else []
@@ -234,14 +253,15 @@ class ZkfsOperations(fuse.Operations):
                     results = self.vault.apply(prefix + ops)
                 except ServerError:
                     if not ops:
-                        self._flush_one_by_one(creating, waiting)
+                        self._flush_one_by_one(creating, waiting, moving)
                         return []
                     # Which op failed is unknown: settle the prefix on its own (it
                     # resolves its conflicts), then let the caller's ops fail or not.
-                    self._flush_one_by_one(creating, waiting)
+                    self._flush_one_by_one(creating, waiting, moving)
                     results = self.vault.apply(ops)
                 else:
-                    self._prefix_done(creating, waiting, results[:len(prefix)])
+                    del self.pending_renames[:len(moving)]
+                    self._prefix_done(creating, waiting, results[len(moving):len(prefix)])
                     results = results[len(prefix):]
             for d in {d.id: d for d in touched_dirs}.values():
                 self._touched_dir(d, (nlink_delta or {}).get(d.id, 0))
@@ -283,7 +303,21 @@ class ZkfsOperations(fuse.Operations):
             if of is not None and of.base_version == p.node.version:
                 of.base_version = res["version"]
 
-    def _flush_one_by_one(self, creating: list[OpenFile], waiting: list) -> None:
+    def _send_pending_renames(self) -> None:
+        if self.pending_renames:
+            with self.ns_lock:
+                self._apply([])
+
+    def _flush_one_by_one(self, creating: list[OpenFile], waiting: list, moving: list[PendingRename]) -> None:
+        for r in moving:
+            try:
+                self.vault.apply([r.op])
+            except ServerError as exc:
+                # Refused (changed elsewhere meanwhile): the server's names stand.
+                log.error("rename %s could not be saved on the server: %s", r.what, exc)
+                for d in r.parents:
+                    self.meta.forget(d)
+            self.pending_renames.remove(r)
         for of in creating:
             if of.pending is not None:
                 self._create_or_rename(of)
@@ -721,8 +755,16 @@ class ZkfsOperations(fuse.Operations):
                 delta = {src_parent.id: -1, dst_parent.id: 1}
             if target is not None and target.is_dir:
                 delta[dst_parent.id] = delta.get(dst_parent.id, 0) - 1
-            self._apply([self.vault.op_rename(node.id, src_parent.id, src_name, dst_parent.id, dst_name,
-                                              keep_orphan=target_open)], [src_parent, dst_parent], delta)
+            op = self.vault.op_rename(node.id, src_parent.id, src_name, dst_parent.id, dst_name,
+                                      keep_orphan=target_open)
+            if node.is_dir or node.id in self.open_files or target_open or (target is not None and target.is_dir):
+                self._apply([op], [src_parent, dst_parent], delta)
+            else:
+                # A closed file's rename is written back like its attributes.
+                self.pending_renames.append(PendingRename(op, f"{old} -> {new}", (src_parent.id, dst_parent.id),
+                                                          time.monotonic()))
+                for d in {src_parent.id: src_parent, dst_parent.id: dst_parent}.values():
+                    self._touched_dir(d)
             self.meta.set_entry(src_parent.id, src_name, None)
             self.meta.set_entry(dst_parent.id, dst_name, node)
             if node.id in self.open_files:

@@ -7,6 +7,7 @@ import errno
 import logging
 import threading
 import time
+from typing import Callable
 from uuid import UUID
 
 from ..errors import ZkfsError
@@ -37,6 +38,9 @@ class MetaCache:
         # gives EIO, its siblings stay usable.
         self._tampered: dict[UUID, dict[str, Exception]] = {}
         self._seq: int | None = None
+        # Called before a listing is fetched from the server (the mount sends its
+        # written-back renames first, so the listing already has them).
+        self.before_fetch: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ nodes
     def node(self, inode: UUID, *, fresh: bool = False) -> Node:
@@ -147,6 +151,7 @@ class MetaCache:
                     out.append((name, node[0]))
                 else:
                     return out
+        self.before_fetch()
         entries, bad = self.vault.listdir_partial(parent)
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
