@@ -2,6 +2,7 @@
 vault operations; it holds no cryptography and no wire format."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -90,8 +91,21 @@ def ino(inode: UUID) -> int:
     return (inode.int & 0x7FFF_FFFF_FFFF_FFFF) | 2
 
 
+_pinned = threading.local()
+
+
 class ZkfsOperations(fuse.Operations):
     use_ns = True
+
+    def __call__(self, op, *args):
+        # libfuse's worker threads call in through ctypes, which makes a Python
+        # thread state for each call and destroys it after: a quarter of the
+        # mount's time in `ls -lR`. One extra PyGILState_Ensure, never released,
+        # keeps each worker's state for its lifetime.
+        if not getattr(_pinned, "done", False):
+            ctypes.pythonapi.PyGILState_Ensure()
+            _pinned.done = True
+        return super().__call__(op, *args)
 
     def __init__(self, vault: Vault, cache_dir: Path, cache_bytes: int, *, read_only: bool = False,
                  write_buffer_bytes: int = 64 << 20, poll_interval: float = 1.0):
@@ -186,9 +200,6 @@ class ZkfsOperations(fuse.Operations):
             # file whose first commit failed must not vanish when a listing is refreshed.
             if of.last_path == path and (of.handles or of.pending) and not of.unlinked:
                 return Node(of.id, False, of.base_version, self.meta.nlink(of.id), of.attrs)
-        for part in path.split("/"):
-            if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-                raise FsError(errno.ENAMETOOLONG)
         return self.meta.resolve(path)
 
     def _writable(self) -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 from uuid import UUID
 
 from ..errors import ZkfsError
+from ..format import MAX_NAME_BYTES
 from ..vault import Node, Vault, split_path
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,14 @@ class MetaCache:
                 self._tampered[parent] = bad
             else:
                 self._tampered.pop(parent, None)
-            self._drop_paths()
             now = time.monotonic()
+            fresh = {name: node.id for name, node in entries}
+            stale = False
             for key in [k for k in self._entries if k[0] == parent]:
+                stale = stale or self._entries[key][0] not in (None, fresh.get(key[1]))
                 del self._entries[key]
+            if stale:     # a cached path may go through an entry that changed
+                self._drop_paths()
             for name, node in entries:
                 self._entries[(parent, name)] = (node.id, now)
                 self._nodes[node.id] = (node, now)
@@ -187,6 +192,8 @@ class MetaCache:
     def _walk(self, path: str) -> Node:
         node = self.node(self.vault.root)
         for part in split_path(path):
+            if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+                raise FsError(errno.ENAMETOOLONG)
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
             child = self.lookup(node.id, part)
