@@ -219,7 +219,7 @@ class OpenFile:
             # A sequential reader gets whole chunks and read-ahead; a random one only
             # the 64 KiB segments its read covers.
             sequential = offset == 0 or first in (self._last_read_chunk, self._last_read_chunk + 1)
-            if sequential:
+            if sequential and (offset == 0 or last != self._last_read_chunk):    # once per chunk
                 self._readahead(last + 1)
             self._last_read_chunk = last
             plan: list[bytes | tuple[int, int, int]] = []
