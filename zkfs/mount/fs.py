@@ -92,6 +92,7 @@ def ino(inode: UUID) -> int:
 
 
 _pinned = threading.local()
+_pins = threading.BoundedSemaphore(32)
 
 
 class ZkfsOperations(fuse.Operations):
@@ -101,10 +102,14 @@ class ZkfsOperations(fuse.Operations):
         # libfuse's worker threads call in through ctypes, which makes a Python
         # thread state for each call and destroys it after: a quarter of the
         # mount's time in `ls -lR`. One extra PyGILState_Ensure, never released,
-        # keeps each worker's state for its lifetime.
+        # keeps a worker's state for its lifetime. That state leaks when the worker
+        # exits, and under parallel load libfuse starts and ends workers by the
+        # hundred, so only the first 32 workers are pinned (the long-lived ones that
+        # serve a single busy reader); the rest pay the per-call cost.
         if not getattr(_pinned, "done", False):
-            ctypes.pythonapi.PyGILState_Ensure()
             _pinned.done = True
+            if _pins.acquire(blocking=False):
+                ctypes.pythonapi.PyGILState_Ensure()
         return super().__call__(op, *args)
 
     def __init__(self, vault: Vault, cache_dir: Path, cache_bytes: int, *, read_only: bool = False,
