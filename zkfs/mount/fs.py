@@ -239,14 +239,6 @@ class ZkfsOperations(fuse.Operations):
         except ValueError:
             raise FsError(errno.EINVAL) from None
 
-    def _new_attrs(self, parent: Node, mode: int, **kw) -> Attrs:
-        uid, gid, _ = fuse.fuse_get_context()
-        if parent.attrs.mode & stat.S_ISGID:             # BSD group semantics of setgid dirs
-            gid = parent.attrs.gid
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        return new_attrs(mode, uid=uid, gid=gid, **kw)
-
     def _apply(self, ops: list[dict], touched_dirs: list[Node] = (),
                nlink_delta: dict[UUID, int] | None = None) -> list[dict]:
         """Apply ops in one transaction, preceded by everything waiting: creates of
@@ -618,21 +610,27 @@ class ZkfsOperations(fuse.Operations):
     def mkdir(self, path, mode):
         self._writable()
         with self.ns_lock:
-            parent, name = self.meta.resolve_parent(path)
-            self._check_name(name)
-            attrs = self._new_attrs(parent, stat.S_IFDIR | stat.S_IMODE(mode))
-            inode = uuid4()
+            parent, name, attrs, inode = self._new_entry(path, stat.S_IFDIR | stat.S_IMODE(mode))
             self._apply([self.vault.op_create(parent.id, name, inode, attrs)], [parent], {parent.id: 1})
             self.meta.set_entry(parent.id, name, Node(inode, True, 1, 2, attrs))
             self.meta.new_dir(inode)
 
+    def _new_entry(self, path: str, mode: int, **attrs) -> tuple[Node, str, Attrs, UUID]:
+        """Parent, checked name, attributes (owned by the caller) and a fresh id for a
+        new entry at ``path``."""
+        parent, name = self.meta.resolve_parent(path)
+        self._check_name(name)
+        uid, gid, _ = fuse.fuse_get_context()
+        if parent.attrs.mode & stat.S_ISGID:             # BSD group semantics of setgid dirs
+            gid = parent.attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return parent, name, new_attrs(mode, uid=uid, gid=gid, **attrs), uuid4()
+
     def _make_node(self, path: str, mode: int, *, rdev: int = 0, target: bytes = b"") -> Node:
         self._writable()
         with self.ns_lock:
-            parent, name = self.meta.resolve_parent(path)
-            self._check_name(name)
-            attrs = self._new_attrs(parent, mode, rdev=rdev, target=target)
-            inode = uuid4()
+            parent, name, attrs, inode = self._new_entry(path, mode, rdev=rdev, target=target)
             key_fields = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
             self._apply([self.vault.op_create(parent.id, name, inode, attrs, key_fields)], [parent])
             node = Node(inode, False, 1, 1, attrs)
@@ -645,10 +643,7 @@ class ZkfsOperations(fuse.Operations):
         commit (close, fsync) or with any earlier batch: one request, not two."""
         self._writable()
         with self.ns_lock:
-            parent, name = self.meta.resolve_parent(path)
-            self._check_name(name)
-            attrs = self._new_attrs(parent, stat.S_IFREG | stat.S_IMODE(mode))
-            inode = uuid4()
+            parent, name, attrs, inode = self._new_entry(path, stat.S_IFREG | stat.S_IMODE(mode))
             cipher, key_fields = self.vault.new_file_key(inode)
             node = Node(inode, False, 0, 1, attrs)
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher,
