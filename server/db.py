@@ -216,6 +216,13 @@ class MetadataStore(abc.ABC):
     def list_entries(self, user_id: UUID, parent: UUID) -> list[EntryRecord] | None: ...
 
     @abc.abstractmethod
+    def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
+                          max_entries: int) -> list[tuple[UUID, list[EntryRecord]]]:
+        """Listings of those ``parents`` that are the user's directories, in order
+        and from one snapshot, stopping before the one that would take the total
+        past ``max_entries``."""
+
+    @abc.abstractmethod
     def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None: ...
 
     @abc.abstractmethod
@@ -490,14 +497,31 @@ class SqliteMetadataStore(MetadataStore):
                            inode=InodeRecord(id=UUID(row[2]), is_dir=bool(row[3]), version=row[4],
                                              nlink=row[5], meta=row[6], entries_mtime_ns=row[7]))
 
-    def list_entries(self, user_id, parent):
-        uid, p = _s(user_id), _s(parent)
-        with self.read() as c:
-            row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, p)).fetchone()
-            if row is None or not row[0]:
-                return None
-            rows = c.execute(self._ENTRY_SQL + " ORDER BY d.name_hash", (uid, p)).fetchall()
+    def _listing(self, c, uid: str, parent: str, limit: int = -1) -> list[EntryRecord] | None:
+        """None when ``parent`` is not one of the user's directories; at most
+        ``limit`` entries (-1: all)."""
+        row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, parent)).fetchone()
+        if row is None or not row[0]:
+            return None
+        rows = c.execute(self._ENTRY_SQL + " ORDER BY d.name_hash LIMIT ?", (uid, parent, limit)).fetchall()
         return [self._entry(r) for r in rows]
+
+    def list_entries(self, user_id, parent):
+        with self.read() as c:
+            return self._listing(c, _s(user_id), _s(parent))
+
+    def list_entries_many(self, user_id, parents, max_entries):
+        uid, found, room = _s(user_id), [], max_entries
+        with self.read() as c:
+            for parent in dict.fromkeys(parents):
+                entries = self._listing(c, uid, _s(parent), room + 1)
+                if entries is None:
+                    continue
+                if len(entries) > room:
+                    break
+                found.append((parent, entries))
+                room -= len(entries)
+        return found
 
     def lookup_entry(self, user_id, parent, name_hash):
         with self.read() as c:

@@ -18,6 +18,7 @@ MAX_KEY_B64 = 512                  # a wrapped key
 MAX_MANIFEST_B64 = 8 * 1024 * 1024  # manifest of a ~150 GiB file at 1 MiB chunks
 MAX_INLINE_B64 = 2 * 1024 * 1024   # inline blob data carried in one ops request
 MAX_OPS = 1000
+MAX_LISTINGS = 256             # directories per POST /fs/listings
 
 B64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 NameHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -144,6 +145,19 @@ class EntryOut(BaseModel):
 
 class EntryList(BaseModel):
     entries: list[EntryOut]
+
+
+class ListingsRequest(Strict):
+    dirs: list[UUID] = Field(min_length=1, max_length=MAX_LISTINGS)
+
+
+class DirListing(BaseModel):
+    dir: UUID
+    entries: list[EntryOut]
+
+
+class ListingsResponse(BaseModel):
+    listings: list[DirListing]
 
 
 class StatfsResponse(BaseModel):

@@ -99,6 +99,7 @@ def test_other_users_objects_are_invisible_and_untouchable(server, make_machine,
         assert_404(cb.get(f"/fs/inodes/{ino}"), f"GET inode {ino}")
     for d in a_dirs:
         assert_404(cb.get(f"/fs/dirs/{d}/entries"), f"list dir {d}")
+    assert cb.post("/fs/listings", json={"dirs": [str(d) for d in a_dirs]}).json() == {"listings": []}
     for e in a_entries:
         assert_404(cb.get(f"/fs/dirs/{e['parent']}/entries/{e['name_hash']}"), "lookup entry")
     for ino in a_files:

@@ -147,6 +147,33 @@ def test_rsync_sends_one_request_per_file(ctx, tmp_path):
         fresh.unmount()
 
 
+def test_tree_listing_reads_folders_ahead(ctx):
+    """`ls -lR` on a cold mount: the listings of the folders it is about to enter
+    come ahead, several per request, instead of one round trip per folder, and
+    the tree shown is exactly the one written."""
+    root = ctx.m.path / "wide"
+    for i in range(40):
+        d = root / f"d{i:02d}"
+        d.mkdir(parents=True)
+        for j in range(i % 5):
+            (d / f"f{j}").write_text(f"{i}/{j}" * j)
+    (root / "d07" / "deeper" / "deepest").mkdir(parents=True)
+    (root / "d07" / "deeper" / "deepest" / "leaf").write_text("leaf")
+    os.fsync(os.open(root, os.O_RDONLY))      # written-back attributes are on the server
+    # (Folder mtimes are left out: the server's clock sets them, see README.)
+    listing = ["find", ".", "-printf", r"%p %y %m %U %G %s %n\n", "-type", "f", "-printf", r"%p %T@\n"]
+    expected = run(*listing, cwd=root).stdout
+    fresh = ctx.fresh_mount()
+    try:
+        before = len(ctx.requests("GET", "/api/v1/fs/dirs/")) + len(ctx.requests("POST", "/api/v1/fs/listings"))
+        run("ls", "-lR", fresh.path / "wide")
+        sent = len(ctx.requests("GET", "/api/v1/fs/dirs/")) + len(ctx.requests("POST", "/api/v1/fs/listings")) - before
+        assert sent <= 12, f"{sent} listing requests for 44 folders"
+        assert run(*listing, cwd=fresh.path / "wide").stdout == expected
+    finally:
+        fresh.unmount()
+
+
 def test_renames_written_back_in_order(ctx):
     """Name reuse right after a deferred rename (git's lockfile pattern, editors'
     save-by-rename): each step sees the previous one, locally and on the server."""

@@ -71,6 +71,23 @@ def test_two_mounts_see_each_others_changes(shared_server, mounts):
     wait_until(lambda: listing(a.path) == [], 4, what="B's rmdir in A")
 
 
+def test_listing_read_ahead_yields_to_the_change_feed(shared_server, mounts):
+    """Listing a folder makes a mount read its subfolders' listings ahead; one
+    that another mount changes meanwhile is dropped, not shown stale."""
+    a_machine = mounts.machine(shared_server)
+    a = mounts.mount(a_machine)
+    (a.path / "top" / "sub").mkdir(parents=True)
+    (a.path / "top" / "sub" / "old.txt").write_text("old")
+    b = mounts.mount(second_machine(mounts, a_machine, shared_server))
+    assert listing(b.path / "top") == ["sub"]         # B now reads "sub" ahead
+    time.sleep(0.5)
+    (a.path / "top" / "sub" / "new.txt").write_text("new")
+    (a.path / "top" / "marker").write_text("")
+    # Once B shows the later change, its change feed has passed the earlier one.
+    wait_until(lambda: listing(b.path / "top") == ["marker", "sub"], 4, what="A's marker in B")
+    assert listing(b.path / "top" / "sub") == ["new.txt", "old.txt"]
+
+
 def test_written_back_rename_refused_by_the_server(shared_server, mounts):
     """A rename is written back within 0.5 s. If another mount deletes the file in
     that window, the server refuses the rename: the mount logs it and shows the

@@ -20,6 +20,7 @@ import pytest
 from jose import jwt
 
 from apiuser import ApiUser as Account, b64, kdf, nh
+from server.db import SqliteMetadataStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -276,6 +277,38 @@ def test_create_lookup_list_nlink(shared_server):
                         "name": b64(8)}), 409, "exists")
     a.ok(unlink(a.root, "hl"))
     assert a.inode(f)["nlink"] == 1
+
+
+def test_listings_of_several_dirs(shared_server):
+    """POST /fs/listings: each listing as its own GET gives it, in the order asked,
+    from one request; ids that are not this account's directories are left out."""
+    a, b = Account(shared_server), Account(shared_server)
+    dirs = [a.create(a.root, f"d{i}", is_dir=True) for i in range(3)]
+    for i, d in enumerate(dirs):
+        for j in range(i + 1):
+            a.create(d, f"f{j}")
+    a_file = next(iter(a.names(dirs[0]).values()))["inode"]["id"]
+    b_dir = b.create(b.root, "bd", is_dir=True)
+    asked = [dirs[2], uuid.uuid4(), a_file, b_dir, dirs[0], dirs[2]]
+    r = a.c.post("/fs/listings", json={"dirs": [str(d) for d in asked]})
+    assert r.status_code == 200, r.text
+    got = r.json()["listings"]
+    assert [x["dir"] for x in got] == [str(dirs[2]), str(dirs[0])]
+    for x in got:
+        assert x["entries"] == a.c.get(f"/fs/dirs/{x['dir']}/entries").json()["entries"]
+    assert b.c.post("/fs/listings", json={"dirs": [str(d) for d in dirs]}).json() == {"listings": []}
+    assert_error(a.c.post("/fs/listings", json={"dirs": []}), 422, "validation")
+    assert_error(a.c.post("/fs/listings", json={"dirs": [str(dirs[0])] * 257}), 422, "validation")
+    assert_error(a.c.post("/fs/listings", json={"dirs": ["nope"]}), 422, "validation")
+
+    # The answer is bounded: whole listings, in order, up to the first that would not fit.
+    db = SqliteMetadataStore(shared_server.data_dir / "app.db")
+    sizes = lambda found: [(d, len(entries)) for d, entries in found]    # noqa: E731
+    order = [dirs[2], dirs[0], dirs[1]]                                   # 3, 1 and 2 entries
+    assert sizes(db.list_entries_many(a.user_id, order, 6)) == [(dirs[2], 3), (dirs[0], 1), (dirs[1], 2)]
+    assert sizes(db.list_entries_many(a.user_id, order, 5)) == [(dirs[2], 3), (dirs[0], 1)]
+    assert sizes(db.list_entries_many(a.user_id, order, 3)) == [(dirs[2], 3)]
+    assert sizes(db.list_entries_many(a.user_id, order, 2)) == []
 
 
 def test_unlink_rmdir(shared_server):

@@ -171,6 +171,12 @@ class ApiClient:
     def list_dir(self, inode: UUID) -> list[dict]:
         return self._json("GET", f"/fs/dirs/{inode}/entries")["entries"]
 
+    def list_dirs(self, inodes: list[UUID]) -> dict[UUID, list[dict]]:
+        """Listings of several directories (read, so safe to retry). Some may be
+        missing from the answer: the server bounds its size."""
+        body = self._json("POST", "/fs/listings", json={"dirs": [str(i) for i in inodes]}, idempotent=True)
+        return {UUID(listing["dir"]): listing["entries"] for listing in body["listings"]}
+
     def lookup(self, parent: UUID, name_hash: str) -> dict:
         return self._json("GET", f"/fs/dirs/{parent}/entries/{name_hash}")
 

@@ -53,6 +53,9 @@ class Vault:
         self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
         self._keys_lock = threading.Lock()
         self.own_seqs: set[int] = set()      # change-feed seqs of our own ops
+        # Counts batches of ops once they are answered (or failed): a listing
+        # fetched before the count moved may predate one of our own changes.
+        self.ops_applied = 0
 
     # ------------------------------------------------------------ reading
     def node_from_wire(self, d: dict) -> Node:
@@ -94,11 +97,13 @@ class Vault:
     def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
         return [self._entry(inode, d) for d in self.api.list_dir(inode)]
 
-    def listdir_partial(self, inode: UUID) -> tuple[list[tuple[str, Node]], dict[str, TamperedError]]:
+    def listdir_partial(self, inode: UUID, raw: list[dict] | None = None
+                        ) -> tuple[list[tuple[str, Node]], dict[str, TamperedError]]:
         """Like listdir, but entries that fail verification are returned apart
-        (by name hash) instead of failing the whole directory."""
+        (by name hash) instead of failing the whole directory. ``raw``: the
+        server's listing when already fetched (``api.list_dirs``)."""
         good, bad = [], {}
-        for d in self.api.list_dir(inode):
+        for d in self.api.list_dir(inode) if raw is None else raw:
             try:
                 good.append(self._entry(inode, d))
             except TamperedError as exc:
@@ -208,7 +213,10 @@ class Vault:
 
     # ------------------------------------------------------------ ops
     def apply(self, ops: list[dict]) -> list[dict]:
-        resp = self.api.ops(ops)
+        try:
+            resp = self.api.ops(ops)
+        finally:
+            self.ops_applied += 1
         self.own_seqs.add(resp["seq"])
         results = resp["results"]
         for op, res in zip(ops, results):

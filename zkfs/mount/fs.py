@@ -135,6 +135,7 @@ class ZkfsOperations(fuse.Operations):
         # from the server is preceded by sending them, so the cache never loses one.
         self.pending_renames: list[PendingRename] = []
         self.meta.before_fetch = self._send_pending_renames
+        self.meta.unsent_changes = lambda: bool(self.pending_renames)
         # libfuse renames a file that is unlinked while open to .fuse_hidden*, so
         # fstat/fchmod/ftruncate keep a path. Here that name is local only: on the
         # server the file is an orphan (no name) until its last close.
@@ -147,6 +148,7 @@ class ZkfsOperations(fuse.Operations):
     def init(self, path):
         self.meta.poll_changes()
         self.meta.start_poller(self.poll_interval, self._stop)
+        self.meta.start_read_ahead(self._stop)
         threading.Thread(target=self._writeback, name="zkfs-writeback", daemon=True).start()
 
     def _writeback(self) -> None:
@@ -551,7 +553,11 @@ class ZkfsOperations(fuse.Operations):
         # POSIX ACLs arrive as system.posix_acl_* xattrs; storing them opaquely
         # would make cp -a/rsync -A "set" modes that never reach st_mode.
         # Refusing them makes those tools fall back to chmod.
-        if name.startswith("system."):
+        # SELinux labels: FUSE mounts get theirs from policy, never from stored
+        # xattrs. ls -l asks for one per file and, told "not supported" (rather
+        # than "no such attribute"), stops asking for the rest of the mount: a
+        # third of the upcalls in `ls -lR`.
+        if name.startswith("system.") or name == "security.selinux":
             raise FsError(errno.EOPNOTSUPP)
 
     @_errors

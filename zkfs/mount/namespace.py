@@ -16,6 +16,12 @@ from ..vault import Node, Vault, split_path
 
 log = logging.getLogger(__name__)
 
+# Read-ahead of listings: folders per request (small, so the first answer comes
+# back before the reader gets there), and a bound on the undecoded listings held.
+READ_AHEAD_BATCH = 16
+READ_AHEAD_MAX_ENTRIES = 10_000     # ~1 KiB each in memory
+READ_AHEAD_WAIT = 2.0           # a reader waits this long for a listing in flight
+
 
 class FsError(OSError):
     def __init__(self, code: int):
@@ -42,6 +48,18 @@ class MetaCache:
         # Called before a listing is fetched from the server (the mount sends its
         # written-back renames first, so the listing already has them).
         self.before_fetch: Callable[[], None] = lambda: None
+        # Read-ahead holds off while this says local changes are unsent (it must
+        # not send them itself: the caller may be waiting for it under its lock).
+        self.unsent_changes: Callable[[], bool] = lambda: False
+        # Listings read ahead, as the server sent them: decoded (and verified)
+        # only when asked for, so one never used costs no decryption.
+        self._read_ahead: dict[UUID, tuple[list[dict], float, int]] = {}   # + vault.ops_applied
+        self._wanted: dict[UUID, None] = {}          # ordered set: next to read ahead
+        self._in_flight: set[UUID] = set()
+        self._reading_ahead = False                  # the background thread runs
+        self._read_ahead_ready = threading.Condition(self.lock)
+        self._changes = 0        # bumped by every change to what is cached: a listing
+                                 # read ahead across one is dropped
 
     # ------------------------------------------------------------ nodes
     def node(self, inode: UUID, *, fresh: bool = False) -> Node:
@@ -75,6 +93,8 @@ class MetaCache:
     def forget(self, inode: UUID) -> None:
         with self.lock:
             self._drop_paths()
+            self._changes += 1
+            self._read_ahead.pop(inode, None)
             self._nodes.pop(inode, None)
             self._listed.pop(inode, None)
             for key in [k for k in self._entries if k[0] == inode]:
@@ -126,6 +146,8 @@ class MetaCache:
         """Record our own change of an entry (keeps a cached listing complete)."""
         with self.lock:
             self._drop_paths()
+            self._changes += 1
+            self._read_ahead.pop(parent, None)
             self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
             if node:
                 self.put_node(node)
@@ -152,8 +174,10 @@ class MetaCache:
                     out.append((name, node[0]))
                 else:
                     return out
-        self.before_fetch()
-        entries, bad = self.vault.listdir_partial(parent)
+            raw = self._take_read_ahead(parent)
+        if raw is None:
+            self.before_fetch()
+        entries, bad = self.vault.listdir_partial(parent, raw)
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
         with self.lock:
@@ -173,7 +197,82 @@ class MetaCache:
                 self._entries[(parent, name)] = (node.id, now)
                 self._nodes[node.id] = (node, now)
             self._listed[parent] = ({n for n, _ in entries}, now)
+            self._want([node.id for _, node in entries if node.is_dir])
         return entries
+
+    # ------------------------------------------------------------ read-ahead
+    # A folder just listed is followed by its subfolders (ls -R, find, rsync, a
+    # file manager's item counts): their listings come in one request from a
+    # background thread instead of one round trip each when asked for.
+    def _take_read_ahead(self, parent: UUID) -> list[dict] | None:
+        """(Under the lock.) The listing read ahead for ``parent``, waiting a
+        little if it is in flight; None if there is none (fetch it now)."""
+        deadline = time.monotonic() + READ_AHEAD_WAIT
+        while parent in self._in_flight and time.monotonic() < deadline:
+            self._read_ahead_ready.wait(deadline - time.monotonic())
+        raw = self._read_ahead.pop(parent, None)
+        if raw and time.monotonic() - raw[1] < self.ttl and raw[2] == self.vault.ops_applied:
+            return raw[0]
+        return None
+
+    def _want(self, dirs: list[UUID]) -> None:
+        if not self._reading_ahead:
+            return
+        for d in dirs:
+            if d not in self._listed and d not in self._read_ahead and d not in self._in_flight:
+                self._wanted[d] = None
+        if self._wanted:
+            self._read_ahead_ready.notify_all()
+
+    def _next_batch(self, stop: threading.Event) -> list[UUID]:
+        with self.lock:
+            while not self._wanted and not stop.is_set():
+                self._read_ahead_ready.wait(1.0)
+            now = time.monotonic()
+            for d in [d for d, (_, at, applied) in self._read_ahead.items()
+                      if now - at >= self.ttl or applied != self.vault.ops_applied]:
+                del self._read_ahead[d]
+            if sum(len(raw) for raw, _, _ in self._read_ahead.values()) >= READ_AHEAD_MAX_ENTRIES:
+                self._wanted.clear()             # nobody is reading these: stop
+                return []
+            batch = list(self._wanted)[:READ_AHEAD_BATCH]
+            for d in batch:
+                del self._wanted[d]
+            self._in_flight.update(batch)
+            return batch
+
+    def _read_ahead_batch(self, batch: list[UUID]) -> None:
+        with self.lock:
+            changes, applied = self._changes, self.vault.ops_applied
+        found = {}
+        try:
+            if not self.unsent_changes():
+                found = self.vault.api.list_dirs(batch)
+        except ZkfsError as exc:
+            log.debug("listing read-ahead: %s", exc)
+        finally:
+            with self.lock:
+                if changes == self._changes and applied == self.vault.ops_applied:
+                    now = time.monotonic()
+                    for d, raw in found.items():
+                        if d in self._in_flight and d not in self._listed:
+                            self._read_ahead[d] = (raw, now, applied)
+                self._in_flight.difference_update(batch)
+                self._read_ahead_ready.notify_all()
+
+    def start_read_ahead(self, stop: threading.Event) -> threading.Thread:
+        def run():
+            while not stop.is_set():
+                batch = self._next_batch(stop)
+                if batch:
+                    try:
+                        self._read_ahead_batch(batch)
+                    except Exception:
+                        log.exception("listing read-ahead failed")
+        t = threading.Thread(target=run, name="zkfs-read-ahead", daemon=True)
+        self._reading_ahead = True
+        t.start()
+        return t
 
     # ------------------------------------------------------------ paths
     def resolve(self, path: str) -> Node:
