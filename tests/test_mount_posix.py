@@ -303,6 +303,11 @@ def test_xattrs_with_setfattr_getfattr(d):
         fh.write(b" more")
     assert os.getxattr(f, "user.bin") == b"\x00\xff\x10"
     assert f.read_bytes() == b"data more"
+    # No SELinux labels: "unsupported" (not "no such attribute") makes ls -l stop
+    # asking for one per file. Other security.* attributes are stored.
+    assert errno_of(os.getxattr, f, "security.selinux") == errno.EOPNOTSUPP
+    os.setxattr(f, "security.zkfs-test", b"kept")
+    assert os.getxattr(f, "security.zkfs-test") == b"kept"
 
 
 # ---------------------------------------------------------------- names
