@@ -178,6 +178,9 @@ class MetaCache:
         if raw is None:
             self.before_fetch()
         entries, bad = self.vault.listdir_partial(parent, raw)
+        # By name, as from the cache: find walks readdir's order, ls -R sorts;
+        # subfolders are read ahead in that order too.
+        entries.sort(key=lambda e: e[0])
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
         with self.lock:
