@@ -170,6 +170,7 @@ class ChangesResponse(BaseModel):
     seq: int
     inodes: list[UUID]              # inodes (incl. directories) changed after ?since
     seqs: list[int]                 # for each, the seq of its last change (a client skips its own)
+    key_gen: int                    # the account's current master key generation (rotate-key)
 
 
 # Ops: one POST /fs/ops applies a list of these in a single transaction.

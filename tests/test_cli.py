@@ -399,10 +399,10 @@ def populate_in_process(machine, n: int, folder: str) -> dict[str, bytes]:
             name = f"file-{i:04d}.txt"
             data = f"file {i} of {n}: {uuid4().hex}\n".encode()
             inode = uuid4()
-            cipher, key_fields = vault.new_file_key(inode)
+            cipher, file_key = vault.new_file_key(inode)
             attrs = new_attrs(stat.S_IFREG | 0o644)
             token, ref = seal_chunk(cipher, data, uuid4())
-            ops.append(vault.op_create(dir_id, name, inode, attrs.evolve(), key_fields))
+            ops.append(vault.op_create(dir_id, name, inode, attrs.evolve(), file_key))
             ops.append(vault.op_commit(inode, 1, attrs, Manifest(inode=inode, size=len(data), chunks=[ref]),
                                        [(ref.blob_id, token)]))
             contents[name] = data

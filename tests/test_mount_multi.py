@@ -88,6 +88,38 @@ def test_listing_read_ahead_yields_to_the_change_feed(shared_server, mounts):
     assert listing(b.path / "top" / "sub") == ["new.txt", "old.txt"]
 
 
+def test_mount_follows_a_rotate_key_run_elsewhere(shared_server, mounts, tmp_path):
+    """rotate-key on another machine re-wraps every file key under a new master key
+    and deletes the old one. A running mount keeps reading files it had not opened
+    yet (their keys now name a generation it did not have) and publishes new files
+    under the new generation (the old one is gone: the server would refuse it)."""
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a = mounts.mount(a_machine)
+    src = tmp_path / "from-b.txt"
+    src.write_text("uploaded by B before the rotation\n")
+    b_machine.run("upload", str(src))
+    wait_until(lambda: "from-b.txt" in listing(a.path), 4, what="B's upload in A")
+
+    b_machine.run("rotate-key", "--password-stdin", input=b_machine.password + "\n")
+    # A never opened this file: its key is wrapped under generation 2 only.
+    assert (a.path / "from-b.txt").read_text() == "uploaded by B before the rotation\n"
+    (a.path / "after-1.txt").write_text("A, after the first rotation\n")
+
+    b_machine.run("rotate-key", "--password-stdin", input=b_machine.password + "\n")
+    # Without reading anything first: A learns generation 3 from the change feed.
+    wait_until(lambda: "master key generation 2 -> 3" in a.log(), 4, what="the new generation in A's log")
+    (a.path / "after-2.txt").write_text("A, after the second rotation\n")
+
+    # Nothing is left under an old generation (rotate-key deletes them), and
+    # a fresh machine reads everything.
+    b_machine.run("rotate-key", "--password-stdin", input=b_machine.password + "\n")
+    fresh = mounts.mount(second_machine(mounts, a_machine, shared_server))
+    assert (fresh.path / "after-1.txt").read_text() == "A, after the first rotation\n"
+    assert (fresh.path / "after-2.txt").read_text() == "A, after the second rotation\n"
+    assert (fresh.path / "from-b.txt").read_text() == "uploaded by B before the rotation\n"
+
+
 def test_written_back_rename_refused_by_the_server(shared_server, mounts):
     """A rename is written back within 0.5 s. If another mount deletes the file in
     that window, the server refuses the rename: the mount logs it and shows the

@@ -51,4 +51,5 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
             raise ZkfsError("the saved login is no longer valid: run `client.py login` again") from None
         raise
     keyring = account.Keyring.unlock(acct, keys.kek)
-    return Vault(api, keyring, UUID(acct["root_inode"]), VersionLedger(state.root / "versions.db"))
+    return Vault(api, keyring, UUID(acct["root_inode"]), VersionLedger(state.root / "versions.db"),
+                 unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))

@@ -44,9 +44,9 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
         raise ZkfsError(f"{name}: exists on the server and is not a regular file")
     inode = existing.id if existing else uuid4()
     if existing:
-        cipher, key_fields = vault.file_cipher(inode), None
+        cipher, file_key = vault.file_cipher(inode), None
     else:
-        cipher, key_fields = vault.new_file_key(inode)
+        cipher, file_key = vault.new_file_key(inode)
     st = src.stat()
     sha = hashlib.sha256()
     inline: list[tuple[UUID, bytes]] = []
@@ -81,7 +81,7 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
         ops = []
     else:
         attrs = new_attrs(stat.S_IFREG | stat.S_IMODE(st.st_mode))
-        ops = [vault.op_create(parent.id, name, inode, attrs.evolve(), key_fields)]
+        ops = [vault.op_create(parent.id, name, inode, attrs.evolve(), file_key)]
         base = 1
     attrs.mtime_ns = st.st_mtime_ns
     ops.append(vault.op_commit(inode, base, attrs, manifest, inline))

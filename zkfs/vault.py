@@ -6,12 +6,14 @@ is authenticated and checked against the version ledger before it is used.
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 from uuid import UUID, uuid4
 
 from . import crypto
@@ -22,6 +24,8 @@ from .errors import ServerError, TamperedError, ZkfsError
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
 from .state import VersionLedger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,9 +48,11 @@ class Node:
 
 
 class Vault:
-    def __init__(self, api: ApiClient, keyring: Keyring, root: UUID, ledger: VersionLedger):
+    def __init__(self, api: ApiClient, keyring: Keyring, root: UUID, ledger: VersionLedger,
+                 unlock: Callable[[], Keyring] | None = None):
         self.api = api
         self.keyring = keyring
+        self._unlock = unlock            # fetches and unlocks the account's keys again
         self.ns = keyring.namespace
         self.root = root
         self.ledger = ledger
@@ -132,6 +138,8 @@ class Vault:
                 self._file_keys.move_to_end(inode)
                 return cipher
         d = self.api.get_key(inode)
+        if d["gen"] not in self.keyring.masters:
+            self.refresh_keyring()       # re-wrapped by a rotate-key since we unlocked
         key = self.keyring.unwrap_file_key(inode, d["gen"], b64decode(d["wrapped_key"]))
         cipher = BinaryFernet(key)
         with self._keys_lock:
@@ -140,14 +148,34 @@ class Vault:
                 self._file_keys.popitem(last=False)
         return cipher
 
-    def new_file_key(self, inode: UUID) -> tuple[BinaryFernet, dict]:
-        """A fresh per-file key and the create-op fields that store it wrapped."""
+    def new_file_key(self, inode: UUID) -> tuple[BinaryFernet, bytes]:
+        """A fresh per-file key and its cipher (``op_create`` stores it wrapped)."""
         key = crypto.random_key()
-        gen, wrapped = self.keyring.wrap_file_key(inode, key)
         cipher = BinaryFernet(key)
         with self._keys_lock:
             self._file_keys[inode] = cipher
-        return cipher, {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+        return cipher, key
+
+    def refresh_keyring(self) -> None:
+        """Fetch and unlock the account's master keys again: another client ran
+        rotate-key (new generation current, old ones deleted once unused)."""
+        if self._unlock is None:
+            raise ZkfsError("the account's master key changed: log in again")
+        keyring = self._unlock()
+        if keyring.namespace.raw != self.ns.raw:
+            raise TamperedError("the server sent another namespace key for this account")
+        if keyring.current_gen < self.keyring.current_gen:
+            # New file keys would be wrapped under a retired (perhaps leaked) key.
+            raise TamperedError(f"the server rolled the master key back from generation "
+                                f"{self.keyring.current_gen} to {keyring.current_gen}")
+        self.keyring = keyring
+
+    def note_key_gen(self, gen: int) -> None:
+        """The server's current master key generation, from the change feed."""
+        if gen != self.keyring.current_gen:
+            log.info("master key generation %d -> %d (rotate-key elsewhere): reloading keys",
+                     self.keyring.current_gen, gen)
+            self.refresh_keyring()
 
     def manifest(self, node: Node) -> Manifest:
         if node.attrs.manifest_digest is None:
@@ -227,12 +255,17 @@ class Vault:
         self.ledger.flush()
         return results
 
-    def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, key_fields: dict | None = None) -> dict:
+    def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, file_key: bytes | None = None) -> dict:
+        """``file_key`` is wrapped here, under the generation current when the op is
+        built: a file created before a rotate-key is published under the new one."""
         attrs.version = 1
         op = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir,
               "meta": b64encode(attrs.encrypt(self.ns, inode)), "parent": str(parent),
               "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
-        return op | (key_fields or {})
+        if file_key is not None:
+            gen, wrapped = self.keyring.wrap_file_key(inode, file_key)
+            op |= {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+        return op
 
     def op_link(self, inode: UUID, parent: UUID, name: str) -> dict:
         return {"op": "link", "inode": str(inode), "parent": str(parent),

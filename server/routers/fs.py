@@ -83,7 +83,8 @@ def statfs(user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep)
 @router.get("/changes", response_model=ChangesResponse)
 def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2**62)] = 0):
     seq, changed = db.changes(user.id, since)
-    return ChangesResponse(seq=seq, inodes=[i for i, _ in changed], seqs=[n for _, n in changed])
+    return ChangesResponse(seq=seq, inodes=[i for i, _ in changed], seqs=[n for _, n in changed],
+                           key_gen=user.current_gen)
 
 
 @router.post("/ops", response_model=OpsResponse,

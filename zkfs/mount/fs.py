@@ -423,10 +423,10 @@ class ZkfsOperations(fuse.Operations):
             parent, name = self.meta.node(self.vault.root), Path(path or str(of.id)).name
         copy_name = self._conflict_name(name)
         new_id = uuid4()
-        cipher, key_fields = self.vault.new_file_key(new_id)
+        cipher, file_key = self.vault.new_file_key(new_id)
         attrs = of.attrs.evolve(size=0, manifest_digest=None)
         copy = OpenFile(self.vault, self.blocks, self.spool, self.budget, Node(new_id, False, 0, 1, attrs),
-                        cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, key_fields))
+                        cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, file_key))
         offset = 0
         for chunk in of.snapshot_chunks():
             copy.write(offset, chunk)
@@ -637,8 +637,8 @@ class ZkfsOperations(fuse.Operations):
         self._writable()
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, mode, rdev=rdev, target=target)
-            key_fields = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
-            self._apply([self.vault.op_create(parent.id, name, inode, attrs, key_fields)], [parent])
+            file_key = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
+            self._apply([self.vault.op_create(parent.id, name, inode, attrs, file_key)], [parent])
             node = Node(inode, False, 1, 1, attrs)
             self.meta.set_entry(parent.id, name, node)
             return node
@@ -650,10 +650,10 @@ class ZkfsOperations(fuse.Operations):
         self._writable()
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, stat.S_IFREG | stat.S_IMODE(mode))
-            cipher, key_fields = self.vault.new_file_key(inode)
+            cipher, file_key = self.vault.new_file_key(inode)
             node = Node(inode, False, 0, 1, attrs)
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher,
-                          Manifest(inode), PendingCreate(parent.id, name, key_fields))
+                          Manifest(inode), PendingCreate(parent.id, name, file_key))
             self.open_files[inode] = of
             self.meta.set_entry(parent.id, name, node)
             self._touched_dir(parent)

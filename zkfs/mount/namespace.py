@@ -317,9 +317,12 @@ class MetaCache:
     def poll_changes(self) -> None:
         """Drop everything another writer changed since the last poll."""
         if self._seq is None:
-            self._seq = self.vault.api.changes(0)["seq"]
+            feed = self.vault.api.changes(0)
+            self._seq = feed["seq"]
+            self.vault.note_key_gen(feed["key_gen"])
             return
         feed = self.vault.api.changes(self._seq)
+        self.vault.note_key_gen(feed["key_gen"])
         own = self.vault.own_seqs
         with self.lock:
             for raw, seq in zip(feed["inodes"], feed["seqs"]):

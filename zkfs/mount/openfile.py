@@ -54,7 +54,7 @@ class MemoryBudget:
 class PendingCreate:
     parent: UUID
     name: str
-    key_fields: dict
+    file_key: bytes         # wrapped when the create op is built (see Vault.op_create)
 
 
 class OpenFile:
@@ -341,7 +341,7 @@ class OpenFile:
     def create_op(self) -> dict:
         """The op that publishes this new file (empty; content follows in a commit)."""
         return self.vault.op_create(self.pending.parent, self.pending.name, self.id,
-                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.key_fields)
+                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.file_key)
 
     def created(self) -> None:
         self.pending = None
