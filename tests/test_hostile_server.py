@@ -30,6 +30,7 @@ from zkfs.format import SEGMENT_SIZE
 from harness import Machine
 from hostile import (HostileServer, error_line, flip_b64, flip_bit, log_lines, mount_log,
                      uploads)
+from mount_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -665,6 +666,36 @@ def test_account_keys_tampered(world, make_mount, how):
     finally:
         set_rec(wrapped_master=rec["wrapped_master"], wrapped_namespace=rec["wrapped_namespace"])
         hs.set_user(current_gen=user["current_gen"])
+
+
+def test_master_key_generation_rolled_back_under_a_live_mount(world, mount):
+    """After a rotate-key, a server that kept the retired master key record puts it
+    back as current. A running mount refuses to go back (it would wrap new file
+    keys under the retired key) and keeps the generation it has."""
+    hs = world.hs
+    old_gen = hs.user()["current_gen"]
+    retired = dict(hs.db.execute("SELECT * FROM master_keys WHERE user_id = ? AND gen = ?",
+                                 (hs.user_id, old_gen)).fetchone())
+    world.machine.run("rotate-key", "--password-stdin", input=world.machine.password + "\n")
+    m = mount()
+    cols = ", ".join(retired)
+    hs.db.execute(f"INSERT INTO master_keys ({cols}) VALUES ({', '.join('?' * len(retired))})",
+                  tuple(retired.values()))
+    hs.set_user(current_gen=old_gen)
+
+    def files_under(gen: int) -> int:
+        return hs.db.execute("SELECT count(*) FROM inodes WHERE user_id = ? AND key_gen = ?",
+                             (hs.user_id, gen)).fetchone()[0]
+    try:
+        wait_until(lambda: log_lines(mount_log(m), f"rolled the master key back from generation "
+                                                   f"{old_gen + 1} to {old_gen}"), 5,
+                   what="the refused rollback in the mount's log")
+        before = files_under(old_gen + 1)
+        (m.path / "h" / "after-rollback.txt").write_text("new file\n")
+        assert (files_under(old_gen), files_under(old_gen + 1)) == (0, before + 1)
+    finally:
+        hs.set_user(current_gen=old_gen + 1)
+        hs.db.execute("DELETE FROM master_keys WHERE user_id = ? AND gen = ?", (hs.user_id, old_gen))
 
 
 # ================================================================ limitations
