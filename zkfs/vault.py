@@ -49,7 +49,7 @@ class Node:
 
 class Vault:
     def __init__(self, api: ApiClient, keyring: Keyring, root: UUID, ledger: VersionLedger,
-                 unlock: Callable[[], Keyring] | None = None):
+                 unlock: Callable[[], Keyring]):
         self.api = api
         self.keyring = keyring
         self._unlock = unlock            # fetches and unlocks the account's keys again
@@ -159,8 +159,6 @@ class Vault:
     def refresh_keyring(self) -> None:
         """Fetch and unlock the account's master keys again: another client ran
         rotate-key (new generation current, old ones deleted once unused)."""
-        if self._unlock is None:
-            raise ZkfsError("the account's master key changed: log in again")
         keyring = self._unlock()
         if keyring.namespace.raw != self.ns.raw:
             raise TamperedError("the server sent another namespace key for this account")

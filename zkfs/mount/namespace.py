@@ -258,7 +258,7 @@ class MetaCache:
                 if changes == self._changes and applied == self.vault.ops_applied:
                     now = time.monotonic()
                     for d, raw in found.items():
-                        if d in self._in_flight and d not in self._listed:
+                        if d not in self._listed:        # fetched meanwhile by a reader
                             self._read_ahead[d] = (raw, now, applied)
                 self._in_flight.difference_update(batch)
                 self._read_ahead_ready.notify_all()
@@ -316,13 +316,11 @@ class MetaCache:
     # ------------------------------------------------------------ change feed
     def poll_changes(self) -> None:
         """Drop everything another writer changed since the last poll."""
-        if self._seq is None:
-            feed = self.vault.api.changes(0)
-            self._seq = feed["seq"]
-            self.vault.note_key_gen(feed["key_gen"])
-            return
-        feed = self.vault.api.changes(self._seq)
+        feed = self.vault.api.changes(self._seq or 0)
         self.vault.note_key_gen(feed["key_gen"])
+        if self._seq is None:               # the first poll only sets where to start
+            self._seq = feed["seq"]
+            return
         own = self.vault.own_seqs
         with self.lock:
             for raw, seq in zip(feed["inodes"], feed["seqs"]):
