@@ -58,8 +58,9 @@ class MetaCache:
         self._in_flight: set[UUID] = set()
         self._reading_ahead = False                  # the background thread runs
         self._read_ahead_ready = threading.Condition(self.lock)
-        self._changes = 0        # bumped by every change to what is cached: a listing
-                                 # read ahead across one is dropped
+        # Bumped by every entry change (ours or the change feed's); our own new
+        # versions move vault.ops_applied. A listing read ahead across either is dropped.
+        self._changes = 0
 
     # ------------------------------------------------------------ nodes
     def node(self, inode: UUID, *, fresh: bool = False) -> Node:
