@@ -17,6 +17,7 @@ import httpx
 import tenacity
 
 from .errors import ServerError, Unreachable
+from .transport import TlsError, Urllib3Transport
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ class ApiClient:
         # The transport (connection pool) is used directly: httpx.Client's layers
         # (cookies, redirects, auth flows, URL merging) are unused here and were half
         # the client's CPU per chunk request.
-        self._transport = httpx.HTTPTransport(
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
-        self._timeout = httpx.Timeout(timeout, connect=5.0).as_dict()
+        self._transport = Urllib3Transport(max_connections=32, connect_timeout=5.0, read_timeout=timeout)
         self._reauth_lock = threading.Lock()
         self._down_since: float | None = None
 
@@ -67,7 +66,8 @@ class ApiClient:
                 with attempt:
                     return self._attempt(method, path, headers, kw)
         except _TRANSPORT as exc:
-            raise Unreachable(f"cannot reach the server at {self.base_url} ({exc.__class__.__name__})") from None
+            why = f"TLS: {exc}" if isinstance(exc, TlsError) else exc.__class__.__name__
+            raise Unreachable(f"cannot reach the server at {self.base_url} ({why})") from None
         raise AssertionError("unreachable")
 
     def _attempt(self, method: str, path: str, headers: dict, kw: dict) -> httpx.Response:
@@ -81,14 +81,8 @@ class ApiClient:
         return resp
 
     def _exchange(self, method: str, path: str, headers: dict, **kw) -> httpx.Response:
-        req = httpx.Request(method, f"{self.base_url}/api/v1{path}", headers=headers,
-                            extensions={"timeout": self._timeout}, **kw)
-        resp = self._transport.handle_request(req)
-        try:
-            resp.read()
-        finally:
-            resp.close()
-        return resp
+        req = httpx.Request(method, f"{self.base_url}/api/v1{path}", headers=headers, **kw)
+        return self._transport.handle_request(req)     # the body is read in full
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
