@@ -632,7 +632,7 @@ class SqliteMetadataStore(MetadataStore):
                 if row[0]:
                     raise E.invalid("directories have no file key")
                 if gen not in gens:
-                    raise E.invalid(f"unknown key generation {gen}")
+                    raise E.unknown_key_gen(gen)
                 c.execute("UPDATE inodes SET key_gen = ? WHERE user_id = ? AND id = ?",
                           (gen, uid, _s(inode)))
             if pre_commit is not None:
@@ -788,7 +788,7 @@ class _OpsTx:
             raise E.invalid("directories have no file key")
         if op.key_gen is not None and not self.c.execute(
                 "SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)).fetchone():
-            raise E.invalid(f"unknown key generation {op.key_gen}")
+            raise E.unknown_key_gen(op.key_gen)      # retired by a rotate-key: the client re-wraps
         self.c.execute("INSERT INTO inodes(user_id, id, is_dir, version, meta, key_gen, changed_seq)"
                        " VALUES (?,?,?,1,?,?,?)",
                        (self.uid, ino, int(op.is_dir), op.meta, op.key_gen, self.seq))

@@ -77,6 +77,10 @@ def in_use(detail: str = "in use") -> ApiError:
     return ApiError(409, "in_use", detail)
 
 
+def unknown_key_gen(gen: int) -> ApiError:
+    return ApiError(409, "unknown_key_gen", f"unknown key generation {gen}")
+
+
 def too_large(detail: str = "body too large") -> ApiError:
     return ApiError(413, "too_large", detail)
 

@@ -380,10 +380,23 @@ def test_rotate_key_keeps_files_readable(shared_server, tmp_path_factory, tmp_pa
 N_FILES = 1000
 
 
+def file_ops(vault, parent: UUID, name: str, data: bytes) -> list[dict]:
+    """The create + commit (chunk inline) of one small file, as `upload` builds them."""
+    from zkfs.format import Manifest, seal_chunk
+    from zkfs.vault import new_attrs
+
+    inode = uuid4()
+    cipher, file_key = vault.new_file_key(inode)
+    attrs = new_attrs(stat.S_IFREG | 0o644)
+    token, ref = seal_chunk(cipher, data, uuid4())
+    return [vault.op_create(parent, name, inode, attrs.evolve(), file_key),
+            vault.op_commit(inode, 1, attrs, Manifest(inode=inode, size=len(data), chunks=[ref]),
+                            [(ref.blob_id, token)])]
+
+
 def populate_in_process(machine, n: int, folder: str) -> dict[str, bytes]:
     """Create ``n`` small files under /<folder> the way `upload` does (zkfs.vault ops:
     create + commit with the chunk inline), but 500 files per /fs/ops request."""
-    from zkfs.format import Manifest, seal_chunk
     from zkfs.session import open_vault
     from zkfs.state import LocalState
     from zkfs.vault import new_attrs
@@ -398,13 +411,7 @@ def populate_in_process(machine, n: int, folder: str) -> dict[str, bytes]:
         for i in range(n):
             name = f"file-{i:04d}.txt"
             data = f"file {i} of {n}: {uuid4().hex}\n".encode()
-            inode = uuid4()
-            cipher, file_key = vault.new_file_key(inode)
-            attrs = new_attrs(stat.S_IFREG | 0o644)
-            token, ref = seal_chunk(cipher, data, uuid4())
-            ops.append(vault.op_create(dir_id, name, inode, attrs.evolve(), file_key))
-            ops.append(vault.op_commit(inode, 1, attrs, Manifest(inode=inode, size=len(data), chunks=[ref]),
-                                       [(ref.blob_id, token)]))
+            ops += file_ops(vault, dir_id, name, data)
             contents[name] = data
             if len(ops) >= 1000:
                 vault.apply(ops)
@@ -669,3 +676,50 @@ def test_secrets_at_rest_are_0600(main, sized, shared_server):
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     db = shared_server.data_dir / "app.db"
     assert stat.S_IMODE(db.stat().st_mode) & 0o077 == 0
+
+
+def test_files_created_across_a_rotate_key_elsewhere_stay_readable(shared_server, tmp_path_factory, monkeypatch):
+    """Two races between a client creating files and rotate-key on another machine:
+    (1) a new file's key was wrapped under a generation that rotate-key retired
+    before the create arrived: the server refuses it (`unknown_key_gen`), the client
+    re-wraps the key under the new generation and sends the create again; (2) the
+    create lands while rotate-key runs, after its re-wrap pass: rotate-key re-wraps
+    that key too before it drops the old generation. Either way nothing is left
+    under a retired key and a fresh login reads both files."""
+    from zkfs import account as acct
+    from zkfs.session import open_vault
+    from zkfs.state import LocalState
+
+    a = new_machine(tmp_path_factory, shared_server).register()
+    b = new_machine(tmp_path_factory, shared_server)
+    assert_ok(b.login(a.username, a.password))
+    writer, rotator = open_vault(LocalState(a.home)), open_vault(LocalState(b.home))
+    try:
+        built_before = file_ops(writer, writer.root, "built-before.txt", b"wrapped under generation 1\n")
+        assert_ok(b.run("rotate-key", "--password-stdin", input=a.password + "\n"))
+        writer.apply(built_before)                     # generation 1 is gone by now
+
+        landed_during: list = []
+        real_delete = rotator.api.delete_master_key
+
+        def create_then_delete(gen: int) -> None:      # the writer still wraps under 2
+            if not landed_during:
+                landed_during.append(writer.apply(file_ops(writer, writer.root, "during.txt",
+                                                           b"wrapped under generation 2\n")))
+            real_delete(gen)
+
+        monkeypatch.setattr(rotator.api, "delete_master_key", create_then_delete)
+        kek = acct.derive(rotator.api, a.username, a.password).kek
+        assert acct.rotate_master_key(rotator.api, kek)["generation"] == 3
+        assert landed_during
+
+        assert [k["gen"] for k in rotator.api.account()["master_keys"]] == [3]
+        assert {k["gen"] for k in rotator.api.list_keys()} == {3}
+    finally:
+        writer.ledger.close()
+        rotator.ledger.close()
+    fresh = new_machine(tmp_path_factory, shared_server)
+    assert_ok(fresh.login(a.username, a.password))
+    files = read_all_in_process(fresh, "")
+    assert files["built-before.txt"] == b"wrapped under generation 1\n"
+    assert files["during.txt"] == b"wrapped under generation 2\n"

@@ -235,13 +235,18 @@ def test_file_keys(shared_server):
                 {"inode": str(uuid.uuid4()), "gen": 1, "wrapped_key": b64(40)},
                 {"inode": str(g), "gen": 1, "wrapped_key": "abc"}):
         r = a.c.put("/keys", json={"keys": [{"inode": str(f), "gen": 1, "wrapped_key": b64(40)}, bad]})
-        assert r.status_code in (400, 404), r.text
+        assert r.status_code in (400, 404, 409), r.text
         assert a.c.get(f"/fs/inodes/{f}/key").json()["wrapped_key"] == new
     # a directory cannot carry a key
     r = a.ops({"op": "create", "inode": str(uuid.uuid4()), "is_dir": True, "meta": b64(8),
                "parent": str(a.root), "name_hash": nh("dk"), "name": b64(8), "key_gen": 1,
                "wrapped_key": b64(40)})
     assert_error(r, 400, "invalid")
+    # a create under a generation the account does not have (retired by a rotate-key)
+    r = a.ops({"op": "create", "inode": str(uuid.uuid4()), "is_dir": False, "meta": b64(8),
+               "parent": str(a.root), "name_hash": nh("old"), "name": b64(8), "key_gen": 7,
+               "wrapped_key": b64(40)})
+    assert_error(r, 409, "unknown_key_gen")
 
 
 # ------------------------------------------------------------------ namespace

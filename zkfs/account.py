@@ -150,11 +150,17 @@ def change_password(api: ApiClient, username: str, current: PasswordKeys, new_pa
     return new, token
 
 
+_ROTATE_ROUNDS = 5      # re-wrap passes before giving up on keys that keep arriving
+
+
 def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     """New master key generation; every file key re-wrapped, no content touched.
 
     Resumable: the new generation becomes current first, so a crash leaves every
     file readable under one generation or the other; rerunning finishes the job.
+    A mount that creates files meanwhile may still wrap their keys under an old
+    generation until it notices the new one: the old generations are dropped only
+    once no key uses them, re-wrapping such late keys first.
     """
     account = api.account()
     keyring = Keyring.unlock(account, kek)
@@ -164,25 +170,39 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])))
     keyring.masters[new_gen] = master
     keyring.current_gen = new_gen
-    keys = api.list_keys()
-    batch: list[dict] = []
     rewrapped = 0
-    for entry in keys:
-        inode = UUID(entry["inode"])
-        if entry["gen"] == new_gen:
+    for attempt in range(_ROTATE_ROUNDS):
+        rewrapped += _rewrap_file_keys(api, keyring, progress, rewrapped)
+        try:
+            while old_gens:
+                api.delete_master_key(old_gens[0])
+                old_gens.pop(0)
+        except ServerError as exc:
+            if exc.code != "in_use" or attempt == _ROTATE_ROUNDS - 1:
+                raise
+            continue            # a key was wrapped under an old generation meanwhile
+        break
+    return {"generation": new_gen, "files": rewrapped}
+
+
+def _rewrap_file_keys(api: ApiClient, keyring: "Keyring", progress, done: int) -> int:
+    """Re-wrap every file key not under the current generation; returns how many."""
+    batch: list[dict] = []
+    count = 0
+    for entry in api.list_keys():
+        if entry["gen"] == keyring.current_gen:
             continue
+        inode = UUID(entry["inode"])
         file_key = keyring.unwrap_file_key(inode, entry["gen"], b64decode(entry["wrapped_key"]))
         gen, wrapped = keyring.wrap_file_key(inode, file_key)
         batch.append({"inode": str(inode), "gen": gen, "wrapped_key": b64encode(wrapped)})
         if len(batch) == 500:
             api.put_keys(batch)
-            rewrapped += len(batch)
+            count += len(batch)
             batch = []
             if progress:
-                progress(rewrapped)
+                progress(done + count)
     if batch:
         api.put_keys(batch)
-        rewrapped += len(batch)
-    for gen in old_gens:
-        api.delete_master_key(gen)
-    return {"generation": new_gen, "files": rewrapped}
+        count += len(batch)
+    return count

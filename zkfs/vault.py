@@ -240,7 +240,14 @@ class Vault:
     # ------------------------------------------------------------ ops
     def apply(self, ops: list[dict]) -> list[dict]:
         try:
-            resp = self.api.ops(ops)
+            try:
+                resp = self.api.ops(ops)
+            except ServerError as exc:
+                if exc.code != "unknown_key_gen":
+                    raise
+                # A rotate-key elsewhere retired the generation a new file's key was
+                # wrapped under, between building the op and sending it.
+                resp = self.api.ops(self._rewrapped(ops))
         finally:
             self.ops_applied += 1
         self.own_seqs.add(resp["seq"])
@@ -252,6 +259,21 @@ class Vault:
         # or it could roll them back unnoticed.
         self.ledger.flush()
         return results
+
+    def _rewrapped(self, ops: list[dict]) -> list[dict]:
+        """``ops`` with each file key wrapped under a retired generation unwrapped
+        with the keyring that wrapped it and wrapped again under the current one."""
+        before = self.keyring
+        self.refresh_keyring()
+        out = []
+        for op in ops:
+            if op.get("key_gen") is not None and op["key_gen"] not in self.keyring.masters:
+                inode = UUID(op["inode"])
+                key = before.unwrap_file_key(inode, op["key_gen"], b64decode(op["wrapped_key"]))
+                gen, wrapped = self.keyring.wrap_file_key(inode, key)
+                op = op | {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+            out.append(op)
+        return out
 
     def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, file_key: bytes | None = None) -> dict:
         """``file_key`` is wrapped here, under the generation current when the op is
