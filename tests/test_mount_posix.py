@@ -5,6 +5,7 @@ One server, one account and one mount for the module; each test uses its own fol
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import stat
@@ -440,3 +441,59 @@ def test_a_forked_child_closing_its_copy_does_not_publish_a_partial_file(mnt):
         f.write(b"b" * 1000)
     listing = mnt.machine.run("ls", "/").stdout
     assert any(line.endswith(" forked.bin") and " 2000 " in line for line in listing.splitlines()), listing
+
+
+# Run as another user with an inherited descriptor of the mount's root (the test's
+# temporary folders, and this venv's python, are not reachable by other users).
+_AS_OTHER_USER = r"""
+r=/proc/self/fd/$1
+probe() {
+    if out=$("$@" 2>&1 >/dev/null); then echo ok
+    else case "$out" in *"Permission denied"*) echo EACCES;; *) echo "other: $out";; esac; fi
+}
+printf '{"list": "%s", "read public": "%s", "read private": "%s", "create in root": "%s", "create in shared": "%s"}\n' \
+    "$(probe ls "$r")" "$(probe cat "$r/public.txt")" "$(probe cat "$r/private.txt")" \
+    "$(probe touch "$r/intruder.txt")" "$(probe touch "$r/shared/theirs.txt")"
+"""
+
+
+def _as_nobody(root_fd: int) -> dict:
+    proc = subprocess.run(["sh", "-c", _AS_OTHER_USER, "sh", str(root_fd)], pass_fds=(root_fd,),
+                          user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_allow_other_lets_other_users_in_with_modes_enforced(mnt):
+    """Without --allow-other the kernel turns every other user away; with it, the
+    kernel enforces the file modes (default_permissions) and new files belong to
+    the user who created them."""
+    plain = mnt.mounts.mount(mnt.machine)            # the same account, mounted twice
+    shared_mount = mnt.mounts.mount(mnt.machine, "--allow-other")
+    os.chmod(shared_mount.path, 0o755)
+    (shared_mount.path / "public.txt").write_text("for everyone\n")
+    os.chmod(shared_mount.path / "public.txt", 0o644)
+    (shared_mount.path / "private.txt").write_text("owner only\n")
+    os.chmod(shared_mount.path / "private.txt", 0o600)
+    (shared_mount.path / "shared").mkdir()
+    os.chmod(shared_mount.path / "shared", 0o777)
+
+    fd = os.open(plain.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert _as_nobody(fd) == {"list": "EACCES", "read public": "EACCES", "read private": "EACCES",
+                                  "create in root": "EACCES", "create in shared": "EACCES"}
+    finally:
+        os.close(fd)
+    fd = os.open(shared_mount.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert _as_nobody(fd) == {"list": "ok", "read public": "ok", "read private": "EACCES",
+                                  "create in root": "EACCES", "create in shared": "ok"}
+    finally:
+        os.close(fd)
+    theirs = os.stat(shared_mount.path / "shared" / "theirs.txt")
+    assert (theirs.st_uid, theirs.st_gid) == (65534, 65534)
+    assert not (shared_mount.path / "intruder.txt").exists()
+    # and so they stay on the server: a fresh mount shows the same owner
+    fresh = mnt.mounts.mount(mnt.machine)
+    assert os.stat(fresh.path / "shared" / "theirs.txt").st_uid == 65534
