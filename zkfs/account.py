@@ -170,18 +170,18 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])))
     keyring.masters[new_gen] = master
     keyring.current_gen = new_gen
-    rewrapped = 0
+    rewrapped = _rewrap_file_keys(api, keyring, progress, 0)
     for attempt in range(_ROTATE_ROUNDS):
-        rewrapped += _rewrap_file_keys(api, keyring, progress, rewrapped)
         try:
             while old_gens:
                 api.delete_master_key(old_gens[0])
                 old_gens.pop(0)
+            break
         except ServerError as exc:
             if exc.code != "in_use" or attempt == _ROTATE_ROUNDS - 1:
                 raise
-            continue            # a key was wrapped under an old generation meanwhile
-        break
+            # another client wrapped a new file's key under an old generation meanwhile
+            rewrapped += _rewrap_file_keys(api, keyring, progress, rewrapped)
     return {"generation": new_gen, "files": rewrapped}
 
 

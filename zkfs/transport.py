@@ -5,8 +5,8 @@ Why: httpx's own transport (httpcore + h11) cost 1-1.7 ms of client CPU per 1 Mi
 chunk GET here, in Python-level copies of every 64 KiB the socket returns;
 urllib3 reads a known-length body through http.client in one C-level loop
 (0.36 ms). A mount reading sequentially is CPU-bound, so that was most of the
-gap to the peers. The client code above keeps httpx's Request/Response and
-exception types; only this class knows urllib3.
+gap to the peers. api.py keeps httpx's Request/Response and exception types
+(its retry rules are written in them); only this class knows urllib3.
 """
 from __future__ import annotations
 

@@ -240,14 +240,7 @@ class Vault:
     # ------------------------------------------------------------ ops
     def apply(self, ops: list[dict]) -> list[dict]:
         try:
-            try:
-                resp = self.api.ops(ops)
-            except ServerError as exc:
-                if exc.code != "unknown_key_gen":
-                    raise
-                # A rotate-key elsewhere retired the generation a new file's key was
-                # wrapped under, between building the op and sending it.
-                resp = self.api.ops(self._rewrapped(ops))
+            resp = self._send_ops(ops)
         finally:
             self.ops_applied += 1
         self.own_seqs.add(resp["seq"])
@@ -259,6 +252,16 @@ class Vault:
         # or it could roll them back unnoticed.
         self.ledger.flush()
         return results
+
+    def _send_ops(self, ops: list[dict]) -> dict:
+        try:
+            return self.api.ops(ops)
+        except ServerError as exc:
+            if exc.code != "unknown_key_gen":
+                raise
+        # A rotate-key elsewhere retired the generation a new file's key was wrapped
+        # under, between building the op and sending it.
+        return self.api.ops(self._rewrapped(ops))
 
     def _rewrapped(self, ops: list[dict]) -> list[dict]:
         """``ops`` with each file key wrapped under a retired generation unwrapped
