@@ -457,10 +457,14 @@ printf '{"list": "%s", "read public": "%s", "read private": "%s", "create in roo
 """
 
 
-def _as_nobody(root_fd: int) -> dict:
-    proc = subprocess.run(["sh", "-c", _AS_OTHER_USER, "sh", str(root_fd)], pass_fds=(root_fd,),
-                          user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
-                          timeout=60)
+def _as_nobody(mount_root) -> dict:
+    fd = os.open(mount_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        proc = subprocess.run(["sh", "-c", _AS_OTHER_USER, "sh", str(fd)], pass_fds=(fd,),
+                              user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        os.close(fd)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -479,18 +483,10 @@ def test_allow_other_lets_other_users_in_with_modes_enforced(mnt):
     (shared_mount.path / "shared").mkdir()
     os.chmod(shared_mount.path / "shared", 0o777)
 
-    fd = os.open(plain.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert _as_nobody(fd) == {"list": "EACCES", "read public": "EACCES", "read private": "EACCES",
-                                  "create in root": "EACCES", "create in shared": "EACCES"}
-    finally:
-        os.close(fd)
-    fd = os.open(shared_mount.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert _as_nobody(fd) == {"list": "ok", "read public": "ok", "read private": "EACCES",
-                                  "create in root": "EACCES", "create in shared": "ok"}
-    finally:
-        os.close(fd)
+    assert _as_nobody(plain.path) == {"list": "EACCES", "read public": "EACCES", "read private": "EACCES",
+                                      "create in root": "EACCES", "create in shared": "EACCES"}
+    assert _as_nobody(shared_mount.path) == {"list": "ok", "read public": "ok", "read private": "EACCES",
+                                             "create in root": "EACCES", "create in shared": "ok"}
     theirs = os.stat(shared_mount.path / "shared" / "theirs.txt")
     assert (theirs.st_uid, theirs.st_gid) == (65534, 65534)
     assert not (shared_mount.path / "intruder.txt").exists()
