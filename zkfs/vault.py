@@ -273,8 +273,7 @@ class Vault:
             if op.get("key_gen") is not None and op["key_gen"] not in self.keyring.masters:
                 inode = UUID(op["inode"])
                 key = before.unwrap_file_key(inode, op["key_gen"], b64decode(op["wrapped_key"]))
-                gen, wrapped = self.keyring.wrap_file_key(inode, key)
-                op = op | {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+                op = op | self._wrapped_key_fields(inode, key)
             out.append(op)
         return out
 
@@ -286,9 +285,13 @@ class Vault:
               "meta": b64encode(attrs.encrypt(self.ns, inode)), "parent": str(parent),
               "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
         if file_key is not None:
-            gen, wrapped = self.keyring.wrap_file_key(inode, file_key)
-            op |= {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
+            op |= self._wrapped_key_fields(inode, file_key)
         return op
+
+    def _wrapped_key_fields(self, inode: UUID, file_key: bytes) -> dict:
+        """A create op's fields storing ``file_key`` wrapped under the current generation."""
+        gen, wrapped = self.keyring.wrap_file_key(inode, file_key)
+        return {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
 
     def op_link(self, inode: UUID, parent: UUID, name: str) -> dict:
         return {"op": "link", "inode": str(inode), "parent": str(parent),

@@ -214,10 +214,14 @@ class MetaCache:
         deadline = time.monotonic() + READ_AHEAD_WAIT
         while parent in self._in_flight and time.monotonic() < deadline:
             self._read_ahead_ready.wait(deadline - time.monotonic())
-        raw = self._read_ahead.pop(parent, None)
-        if raw and time.monotonic() - raw[1] < self.ttl and raw[2] == self.vault.ops_applied:
-            return raw[0]
-        return None
+        held = self._read_ahead.pop(parent, None)
+        return held[0] if held and self._still_valid(held, time.monotonic()) else None
+
+    def _still_valid(self, held: tuple[list[dict], float, int], now: float) -> bool:
+        """A listing read ahead is used only within the cache ttl and if none of
+        our own ops was answered since it was fetched."""
+        _, fetched_at, applied = held
+        return now - fetched_at < self.ttl and applied == self.vault.ops_applied
 
     def _want(self, dirs: list[UUID]) -> None:
         if not self._reading_ahead:
@@ -233,8 +237,7 @@ class MetaCache:
             while not self._wanted and not stop.is_set():
                 self._read_ahead_ready.wait(1.0)
             now = time.monotonic()
-            for d in [d for d, (_, at, applied) in self._read_ahead.items()
-                      if now - at >= self.ttl or applied != self.vault.ops_applied]:
+            for d in [d for d, held in self._read_ahead.items() if not self._still_valid(held, now)]:
                 del self._read_ahead[d]
             if sum(len(raw) for raw, _, _ in self._read_ahead.values()) >= READ_AHEAD_MAX_ENTRIES:
                 self._wanted.clear()             # nobody is reading these: stop
