@@ -485,6 +485,43 @@ def test_randomized_exerciser_against_a_model(ctx):
 
 
 # ---------------------------------------------------------------- tampering
+def test_after_a_failed_write_close_reports_it_and_publishes_nothing(ctx):
+    """A write() that failed (here: the chunk it edits fails verification) means the
+    writer's data is incomplete: its close() says EIO and the server keeps the
+    previous version, with none of the writes that did succeed."""
+    d = ctx.m.path / "failed-write"
+    d.mkdir()
+    original = os.urandom(CS + 100_000)
+    before = blob_files(ctx.server)
+    (d / "f.bin").write_bytes(original)
+    blobs = new_blobs(before, blob_files(ctx.server))
+    assert len(blobs) == 2, blobs
+    second = min(blobs, key=blobs.get)     # chunk 1: the short one
+    saved = second.read_bytes()
+    second.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+
+    writer = ctx.fresh_mount()         # cold cache: editing chunk 1 must fetch it
+    try:
+        fd = os.open(writer.path / "failed-write" / "f.bin", os.O_RDWR)
+        try:
+            assert os.pwrite(fd, b"N" * CS, 0) == CS
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"x", CS + 10)
+            assert ei.value.errno == errno.EIO
+        finally:
+            with pytest.raises(OSError) as ei:
+                os.close(fd)
+        assert ei.value.errno == errno.EIO
+    finally:
+        writer.unmount()
+    second.write_bytes(saved)
+    reader = ctx.fresh_mount()
+    try:
+        assert (reader.path / "failed-write" / "f.bin").read_bytes() == original
+    finally:
+        reader.unmount()
+
+
 def test_tampered_ciphertext_reads_eio_and_logs_the_file(ctx):
     m = ctx.m
     d = m.path / "tamper"

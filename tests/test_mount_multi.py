@@ -178,6 +178,86 @@ def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
     assert len(listing(a.path)) == 2
 
 
+def test_a_descriptor_held_open_does_not_hide_newer_versions(shared_server, mounts):
+    """Close-to-open holds while some process keeps the file open: a new open (and
+    stat) in A sees B's newer version, and an append in A extends it (no conflict)."""
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    (a.path / "f").write_bytes(b"version one\n")
+    wait_until(lambda: (b.path / "f").read_bytes() == b"version one\n", 4, what="version one in B")
+    two = b"version two, longer\n"
+    held = os.open(a.path / "f", os.O_RDONLY)
+    try:
+        (b.path / "f").write_bytes(two)
+        wait_until(lambda: (a.path / "f").read_bytes() == two, 4, what="version two in A")
+        assert os.stat(a.path / "f").st_size == len(two)
+        with open(a.path / "f", "ab") as f:
+            f.write(b"appended in A\n")
+    finally:
+        os.close(held)
+    wait_until(lambda: (b.path / "f").read_bytes() == two + b"appended in A\n", 4, what="A's append in B")
+    assert listing(a.path) == ["f"]
+
+
+def test_reading_a_file_deleted_or_replaced_elsewhere_is_estale_not_tampering(shared_server, mounts):
+    """Chunks another client's delete or rewrite removed are not an integrity
+    failure: the open file's reader gets ESTALE, and the log keeps its tampering
+    alarms for tampering."""
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    mib = 1 << 20
+    for how in ("deleted", "replaced"):
+        name = f"{how}.bin"
+        (b.path / name).write_bytes(os.urandom(12 * mib))    # (not in A's page cache)
+        wait_until(lambda: (a.path / name).exists(), 4, what=f"{name} in A")
+        fd = os.open(a.path / name, os.O_RDONLY)
+        try:
+            assert len(os.pread(fd, 4096, 0)) == 4096
+            if how == "deleted":
+                os.unlink(b.path / name)
+            else:
+                (b.path / name).write_bytes(b"all new")
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, 11 * mib)          # a chunk A has not fetched
+            assert ei.value.errno == errno.ESTALE, how
+        finally:
+            os.close(fd)
+    assert "integrity" not in a.log(), a.log()
+    assert a.is_mounted()
+
+
+def test_a_crash_after_a_save_by_rename_leaves_old_or_new_never_nothing(shared_server, mounts, tmp_path):
+    """Saves by rename over the old file, killed before the writer's close: a
+    source still being written is published before it replaces the target, and
+    an open target's removal travels with the rename. Either version may be on
+    the server after the crash, never an empty or missing file."""
+    machine = mounts.machine(shared_server)
+    m = mounts.mount(machine)
+    (m.path / "target").write_bytes(b"OLD target\n")
+    (m.path / "cfg").write_bytes(b"OLD cfg\n")
+    new = os.urandom(5 << 20)
+    writing = os.open(m.path / ".target.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(writing, new)
+    os.replace(m.path / ".target.tmp", m.path / "target")     # not closed yet
+    (m.path / ".cfg.tmp").write_bytes(b"NEW cfg\n")
+    held = os.open(m.path / "cfg", os.O_RDONLY)
+    os.replace(m.path / ".cfg.tmp", m.path / "cfg")           # its open target moved aside
+    m.kill()
+    for fd in (writing, held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass                        # the mount is dead
+    other = second_machine(mounts, machine, shared_server)
+    for name, versions in (("cfg", (b"OLD cfg\n", b"NEW cfg\n")), ("target", (b"OLD target\n", new))):
+        out = tmp_path / name
+        other.run("download", f"/{name}", "-o", str(out))
+        assert out.read_bytes() in versions, (name, out.stat().st_size)
+    m.unmount()
+
+
 def test_sigkilled_mount_keeps_closed_files_and_unmount_cleans_up(shared_server, mounts, tmp_path):
     machine = mounts.machine(shared_server)
     m = mounts.mount(machine)

@@ -428,6 +428,43 @@ def test_unlink_one_name_of_an_open_hardlinked_file(d):
     assert os.stat(d / "b").st_nlink == 1
 
 
+def test_a_gone_name_of_an_open_file_is_free_for_a_new_file(d):
+    """An open file is found by the path it was opened under only while that path
+    still names it: after its name is unlinked (another link remains), its folder
+    is renamed, or another file is renamed over that name, the path means what the
+    namespace says, and writing there never lands in the open file."""
+    (d / "a").write_bytes(b"A-content")
+    os.link(d / "a", d / "b")
+    with open(d / "a", "rb"):
+        os.unlink(d / "a")
+        assert errno_of(os.stat, d / "a") == errno.ENOENT
+        (d / "a").write_bytes(b"new file")
+        assert (d / "a").read_bytes() == b"new file"
+    assert (d / "b").read_bytes() == b"A-content"
+    assert (d / "a").read_bytes() == b"new file"
+
+    (d / "d1").mkdir()
+    (d / "d1" / "f").write_bytes(b"orig")
+    with open(d / "d1" / "f", "rb"):
+        os.rename(d / "d1", d / "d2")
+        (d / "d1").mkdir()
+        assert errno_of(os.stat, d / "d1" / "f") == errno.ENOENT
+        (d / "d1" / "f").write_bytes(b"new")
+    assert (d / "d2" / "f").read_bytes() == b"orig"
+    assert (d / "d1" / "f").read_bytes() == b"new"
+
+    (d / "y").write_bytes(b"old y")
+    os.link(d / "y", d / "y2")
+    (d / "x").write_bytes(b"x content")
+    with open(d / "y", "rb"):
+        os.rename(d / "x", d / "y")
+        assert (d / "y").read_bytes() == b"x content"
+        with open(d / "y", "ab") as f:
+            f.write(b"+")
+    assert (d / "y").read_bytes() == b"x content+"
+    assert (d / "y2").read_bytes() == b"old y"
+
+
 def test_a_forked_child_closing_its_copy_does_not_publish_a_partial_file(mnt):
     """A child process inherits the open descriptor and closes it at exec: FUSE
     sends a FLUSH for that close, which must not publish what the parent has

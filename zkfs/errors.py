@@ -38,5 +38,10 @@ class TamperedError(ZkfsError):
     """Ciphertext or metadata from the server failed verification."""
 
 
+class StaleError(ZkfsError):
+    """What an open file was reading is gone: deleted or replaced by another client."""
+    errno = E.ESTALE
+
+
 class NotLoggedIn(ZkfsError):
     errno = E.EACCES

@@ -20,7 +20,7 @@ from . import crypto
 from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError
-from .errors import ServerError, TamperedError, ZkfsError
+from .errors import ServerError, StaleError, TamperedError, ZkfsError
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
 from .state import VersionLedger
@@ -198,8 +198,22 @@ class Vault:
             return self.api.get_blob(inode, ref.blob_id, start, end)
         except ServerError as exc:
             if exc.code == "not_found":
-                raise TamperedError(f"a chunk of inode {inode} is missing on the server") from None
+                raise self._missing_chunk(inode, ref) from None
             raise
+
+    def _missing_chunk(self, inode: UUID, ref: ChunkRef) -> ZkfsError:
+        """A chunk the server does not have. If the file is gone or its current version
+        no longer uses that chunk, another client deleted or replaced it while it was
+        open here (ESTALE); missing from the current version, it is tampering (EIO)."""
+        try:
+            current = self.manifest(self.get(inode))
+        except ServerError as exc:
+            if exc.code != "not_found":
+                raise
+            return StaleError(f"inode {inode} was deleted elsewhere while open")
+        if ref in current.chunks:
+            return TamperedError(f"a chunk of inode {inode} is missing on the server")
+        return StaleError(f"inode {inode} was replaced elsewhere while open")
 
     def open_chunk(self, inode: UUID, manifest: Manifest, index: int, token: bytes) -> bytes:
         try:

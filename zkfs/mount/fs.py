@@ -205,9 +205,24 @@ class ZkfsOperations(fuse.Operations):
             # An open (or not yet published) file's path resolves here: the kernel's
             # getxattr before each write must not depend on the server, and a new
             # file whose first commit failed must not vanish when a listing is refreshed.
-            if of.last_path == path and (of.handles or of.pending) and not of.unlinked:
+            if (of.last_path == path and (of.handles or of.pending) and not of.clean
+                    and not of.unlinked and self._still_named(of, path)):
                 return Node(of.id, False, of.base_version, self.meta.nlink(of.id), of.attrs)
         return self.meta.resolve(path)
+
+    def _still_named(self, of: OpenFile, path: str) -> bool:
+        """Whether ``path`` still names this open file: an unlinked link, a renamed
+        folder or a file renamed over it (here or elsewhere) frees the path, and
+        writing there must not land in the open file."""
+        if of.pending is not None:
+            return True          # unknown to the server: only our own ops move it
+        known, inode = self.meta.cached_inode(path)
+        if not known:
+            try:
+                inode = self.meta.resolve(path).id
+            except OSError:
+                return False
+        return inode == of.id
 
     def _writable(self) -> None:
         if self.read_only:
@@ -215,6 +230,8 @@ class ZkfsOperations(fuse.Operations):
 
     def _stat(self, node: Node) -> dict:
         of = self.open_files.get(node.id)
+        if of is not None and of.clean and node.version > of.base_version:
+            of = None                  # changed elsewhere: the next open() follows it
         pending = self.pending_attrs.get(node.id)
         if of is not None:
             a, size = of.attrs, of.size
@@ -356,6 +373,8 @@ class ZkfsOperations(fuse.Operations):
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
                           self.vault.file_cipher(node.id), None)
             self.open_files[node.id] = of
+        elif of.clean and node.version > of.base_version:
+            of.rebase(node)        # close-to-open, also while other handles hold it
         return of
 
     def _new_handle(self, of: OpenFile, path: str) -> int:
@@ -373,9 +392,11 @@ class ZkfsOperations(fuse.Operations):
                 background: bool = False) -> None:
         if of.unlinked:
             return                       # nobody can see it any more: nothing to publish
-        if of.write_failed and of.handles == 0:
-            # A write() already failed: publishing the rest later would make a torn
-            # version visible. The application was told; the previous version stays.
+        if of.write_failed:
+            # A write() already failed: publishing the rest would make a torn version
+            # visible. The previous version stays; close() and fsync() say so too.
+            if of.handles > 0:
+                raise FsError(errno.EIO)
             log.error("%s: a write failed, so these changes are not published", path or of.last_path)
             if of.pending is not None:      # never reached the server: the new file goes
                 self.meta.set_entry(of.pending.parent, of.pending.name, None)
@@ -699,12 +720,18 @@ class ZkfsOperations(fuse.Operations):
 
     def _hide(self, old: str, new: str) -> None:
         """The unlink of a file that is still open: the name goes on the server
-        (the inode stays, nameless, until the last close); ``new`` stays local."""
+        (the inode stays, nameless, until the last close); ``new`` stays local.
+        libfuse also hides a rename's open target this way, just before the rename
+        itself: the unlink is written back like a rename, so both reach the server
+        in one transaction and the name is never missing there."""
         parent, name = self.meta.resolve_parent(old)
         node = self.meta.lookup(parent.id, name)
         if node is None:
             raise FsError(errno.ENOENT)
-        self._apply([self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id)], [parent])
+        self.pending_renames.append(PendingRename(
+            self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id),
+            f"unlink of open {old}", (parent.id, parent.id), time.monotonic()))
+        self._touched_dir(parent)
         self.meta.set_entry(parent.id, name, None)
         self.meta.forget(node.id)
         node = Node(node.id, node.is_dir, node.version, node.nlink - 1, node.attrs)
@@ -752,6 +779,7 @@ class ZkfsOperations(fuse.Operations):
     @_errors
     def rename(self, old, new):
         self._writable()
+        self._publish_before_replacing(old, new)
         with self.ns_lock:
             if Path(new).name.startswith(".fuse_hidden") and old not in self.hidden:
                 return self._hide(old, new)
@@ -786,10 +814,31 @@ class ZkfsOperations(fuse.Operations):
             self.meta.set_entry(dst_parent.id, dst_name, node)
             if node.id in self.open_files:
                 self.open_files[node.id].last_path = new
+            if node.is_dir:
+                for of in self.open_files.values():
+                    if of.last_path and of.last_path.startswith(old + "/"):
+                        of.last_path = new + of.last_path[len(old):]
             if target is not None and target.id != node.id:
                 self.meta.forget(target.id)
                 if target_open and target.nlink <= 1:
                     self.open_files[target.id].unlinked = True
+
+    def _publish_before_replacing(self, old: str, new: str) -> None:
+        """A file still being written, renamed over an existing one (a save without
+        fsync): its content is committed first, as ext4 does, so a crash cannot leave
+        the name with an empty new version instead of the old one."""
+        if old in self.hidden or Path(new).name.startswith(".fuse_hidden"):
+            return
+        of = self.open_files.get(self._resolve(old).id)
+        if of is None or of.clean:
+            return
+        try:
+            self._resolve(new)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return                 # nothing to replace: nothing to lose
+            raise
+        self._commit(of, old, durable=True)
 
     # ------------------------------------------------------------ files
     @_errors
@@ -892,7 +941,8 @@ class ZkfsOperations(fuse.Operations):
 
     def _delete_orphan(self, inode: UUID) -> None:
         try:
-            self.vault.apply([self.vault.op_delete_inode(inode)])
+            with self.ns_lock:        # after its written-back unlink, in one transaction
+                self._apply([self.vault.op_delete_inode(inode)])
         except ServerError as exc:
             if exc.code not in ("in_use", "not_found"):   # in_use: another name appeared
                 log.warning("could not delete orphan %s: %s", inode, exc)

@@ -129,6 +129,28 @@ class MetaCache:
         self._raise_if_tampered(parent, name)
         return None
 
+    def cached_inode(self, path: str) -> tuple[bool, UUID | None]:
+        """What the cache alone says ``path`` names: ``(True, inode)``, ``(True, None)``
+        for no such name, or ``(False, None)`` when only the server could say."""
+        with self.lock:
+            inode = self._paths.get(path)
+            if inode is not None:
+                return True, inode
+            now = time.monotonic()
+            current = self.vault.root
+            for part in split_path(path):
+                hit = self._entries.get((current, part))
+                if hit and now - hit[1] < self.ttl:
+                    if hit[0] is None:
+                        return True, None
+                    current = hit[0]
+                    continue
+                listed = self._listed.get(current)
+                if listed and now - listed[1] < self.ttl and part not in listed[0]:
+                    return True, None
+                return False, None
+            return True, current
+
     def check_listing(self, parent: UUID) -> None:
         """A listing with an entry that failed verification is an error (EIO):
         hiding the entry quietly would be a listing the server chose."""

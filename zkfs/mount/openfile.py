@@ -117,6 +117,12 @@ class OpenFile:
         return bool(self.dirty or self.spilled or self.staged) or self.size != self.floor \
             or self.floor != self.base_size
 
+    @property
+    def clean(self) -> bool:
+        """Nothing here that the server does not have: another client's newer
+        version can replace the base without losing anything."""
+        return self.pending is None and not (self.meta_dirty or self.content_dirty or self.write_failed)
+
     def chunk_len(self, i: int) -> int:
         return max(0, min(self.cs, self.size - i * self.cs))
 
