@@ -5,8 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import re
+import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 
 from clitools import (assert_cli_error, assert_ok, config, keys_file, ls_names, ls_sizes,
                       new_machine, sha256_file, unique, uploads, user_id, write_random)
-from harness import PASSWORD
+from harness import PASSWORD, REPO, Machine
 from zkfs.format import CHUNK_SIZE
 
 pytestmark = pytest.mark.timeout(300)
@@ -723,3 +726,148 @@ def test_files_created_across_a_rotate_key_elsewhere_stay_readable(shared_server
     files = read_all_in_process(fresh, "")
     assert files["built-before.txt"] == b"wrapped under generation 1\n"
     assert files["during.txt"] == b"wrapped under generation 2\n"
+
+
+# ------------------------------------------------------------------ non-regular paths, state, messages
+def run_in(machine, *args: str, cwd: Path | None = None, env: dict | None = None,
+           stdout=subprocess.PIPE, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`client.py` from another folder, with no terminal (own session) and stdin empty."""
+    return subprocess.run([sys.executable, str(REPO / "client.py"), *args], env={**machine.env(), **(env or {})},
+                          cwd=cwd or machine.home, stdin=subprocess.DEVNULL, stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout, start_new_session=True)
+
+
+def uploaded_one(machine, tmp_path: Path) -> tuple[str, bytes]:
+    name = f"one-{uuid4().hex[:6]}.txt"
+    data = uuid4().bytes
+    (tmp_path / name).write_bytes(data)
+    assert_ok(machine.run("upload", str(tmp_path / name)))
+    return name, data
+
+
+def test_download_refuses_a_target_that_is_not_a_regular_file(main, tmp_path):
+    name, data = uploaded_one(main, tmp_path)
+    kept = tmp_path / "kept.txt"
+    kept.write_bytes(b"the link's target")
+    (tmp_path / "link").symlink_to(kept)
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)        # stands in for a device such as /dev/null
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        for target in ("link", "fifo", "sock"):
+            assert_cli_error(main.run("download", name, "-o", str(tmp_path / target), check=False),
+                             "not a regular file|symlink")
+    finally:
+        sock.close()
+    assert (tmp_path / "link").is_symlink() and kept.read_bytes() == b"the link's target"
+    assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
+    assert stat.S_ISSOCK((tmp_path / "sock").lstat().st_mode)
+    assert not list(tmp_path.glob(".*zkfs-partial"))
+    # a trailing slash means a folder: created when missing, never a file named like it
+    proc = main.run("download", name, "-o", str(tmp_path / "newdir") + "/")
+    assert (tmp_path / "newdir" / name).read_bytes() == data, proc.stdout
+    assert_cli_error(main.run("download", name, "-o", str(kept) + "/", check=False), "not a directory")
+    assert kept.read_bytes() == b"the link's target"
+
+
+def test_default_download_goes_to_the_current_folder(shared_server, tmp_path_factory, tmp_path):
+    m = new_machine(tmp_path_factory, shared_server).register()      # logged in from m.home
+    assert str(m.home) not in (m.home / "config.json").read_text()
+    name, data = uploaded_one(m, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert_ok(run_in(m, "download", name, cwd=elsewhere))
+    assert (elsewhere / name).read_bytes() == data
+    assert not (m.home / name).exists()
+
+
+def test_upload_refuses_sources_that_are_not_regular_files(main, tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    for src in ("/dev/zero", str(tmp_path / "fifo")):
+        assert_cli_error(run_in(main, "upload", src, "--to", "/never", timeout=20), "device|fifo")
+    assert "never/" not in ls_names(main)
+    # -r skips them, each with one warning, and uploads the rest
+    tree = tmp_path / "tree"
+    write_random(tree / "sub" / "real.bin", 100)
+    os.mkfifo(tree / "pipe")
+    (tree / "broken").symlink_to(tree / "nowhere")
+    (tree / "dirlink").symlink_to(tree / "sub")
+    (tree / "filelink").symlink_to(tree / "sub" / "real.bin")      # followed, as before
+    top = f"/r-{uuid4().hex[:6]}"
+    proc = run_in(main, "upload", "-r", str(tree), "--to", top, timeout=20)
+    assert_ok(proc)
+    warnings = proc.stderr.splitlines()
+    assert len(warnings) == 3 and all(w.startswith("warning: skipped") for w in warnings), proc.stderr
+    for skipped in ("pipe", "broken", "dirlink"):
+        assert any(str(tree / skipped) in w for w in warnings), (skipped, proc.stderr)
+    assert ls_names(main, f"{top}/tree") == ["filelink", "sub/"]
+
+
+def test_unusable_zkfs_home_is_one_line(tmp_path):
+    m = Machine(tmp_path / "m", "http://127.0.0.1:9")
+    (tmp_path / "a-file").write_text("x")
+    for home in (tmp_path / "a-file", "/proc/nope"):
+        assert_cli_error(run_in(m, "ls", env={"ZKFS_HOME": str(home)}), "ZKFS_HOME")
+
+
+def test_corrupt_state_is_one_line_and_login_recovers(shared_server, tmp_path_factory):
+    m = new_machine(tmp_path_factory, shared_server).register()
+    assert_ok(m.run("ls"))
+    good = {n: (m.home / n).read_bytes() for n in ("config.json", "keys.json")}
+    (m.home / "uploaded_file.json").write_text("{}")
+    cases = [("config.json", "{not json"), ("config.json", "null"), ("config.json", "[]"),
+             ("keys.json", "null"), ("keys.json", json.dumps({**keys_file(m), "user_id": "not-a-uuid"})),
+             ("uploaded_file.json", "[]"), ("uploaded_file.json", '{"/x": null}'),
+             ("versions.db", "this is not a database")]
+    for name, text in cases:
+        (m.home / name).write_text(text)
+        line = assert_cli_error(m.run("download", "x", "-o", str(m.home / "out"), check=False),
+                                f"{name} is corrupt", "client.py login")
+        assert "unexpected" not in line, line
+        if name in good:
+            (m.home / name).write_bytes(good[name])
+        else:
+            (m.home / name).unlink()
+    # logout works with a corrupt config.json; login replaces every corrupt file
+    (m.home / "config.json").write_text("{not json")
+    assert_ok(m.run("logout"))
+    assert not (m.home / "keys.json").exists()
+    (m.home / "config.json").write_text("[]")
+    (m.home / "uploaded_file.json").write_text("null")
+    (m.home / "versions.db").write_text("this is not a database")
+    assert_ok(m.login())
+    assert_ok(m.run("ls"))
+    assert config(m)["token"] and not (m.home / "uploaded_file.json").exists()
+
+
+def test_dot_dot_rejected_before_any_change(main, tmp_path):
+    top = unique("dots")
+    local = write_random(tmp_path / "f.txt", 10)
+    runs = [("ls", f"/{top}/.."), ("download", "../x", "-o", str(tmp_path / "x")),
+            ("upload", str(local), "--to", f"{top}/../x"), ("mkdir", f"{top}/../b"),
+            ("rm", f"/{top}/.."), ("mv", f"/{top}", "/..")]
+    for args in runs:
+        line = assert_cli_error(main.run(*args, check=False), "..", "not supported")
+        assert "unexpected" not in line, (args, line)
+    assert top + "/" not in ls_names(main)
+    # a LOCAL `..` is the folder it names
+    folder = tmp_path / unique("real")
+    write_random(folder / "sub" / "x.bin", 10)
+    assert_ok(run_in(main, "upload", "-r", "..", "--to", f"/{top}", cwd=folder / "sub"))
+    assert ls_names(main, f"/{top}") == [folder.name + "/"]
+    # a remote `.` names the folder it is in, as everywhere
+    assert_ok(main.run("mkdir", f"/{top}-dot/./b"))
+    assert ls_names(main, f"/{top}-dot") == ["b/"]
+
+
+def test_clear_messages_name_too_long_no_terminal_broken_pipe(main, tmp_path):
+    line = assert_cli_error(main.run("mkdir", "/" + "é" * 128, check=False), "name too long")
+    assert "unexpected" not in line, line
+    assert_cli_error(run_in(main, "login", main.username), "no password", "--password-stdin")
+    read_end, write_end = os.pipe()
+    os.close(read_end)                          # the reader is gone, like `| head -1` after its line
+    try:
+        proc = run_in(main, "ls", "/", stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode != 0, (proc.returncode, proc.stderr)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
+import signal
 import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 from uuid import UUID, uuid4
 
 from . import account
 from .api import ApiClient
-from .errors import ZkfsError
+from .errors import CorruptState, NotRegularFile, ZkfsError
+from .format import MAX_NAME_BYTES, NameTooLong
 from .session import open_vault
 from .state import LocalState
-from .transfer import download_file, file_sha256, upload_file
+from .transfer import check_download_target, download_file, file_sha256, upload_file
 from .vault import Node, Vault, new_attrs, split_path
 
 
@@ -26,10 +30,21 @@ def read_password(args, prompt: str = "Password: ", *, confirm: bool = False) ->
         return args.password
     if args.password_stdin:
         return _stdin_line()
-    pw = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Repeat password: ") != pw:
+    pw = _ask(prompt)
+    if confirm and _ask("Repeat password: ") != pw:
         raise ZkfsError("passwords do not match")
     return pw
+
+
+def _ask(prompt: str) -> str:
+    """A password typed at the terminal. Without one, getpass would warn and read
+    stdin (an EOFError when empty): refuse instead, naming the way that works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            return getpass.getpass(prompt)
+        except (getpass.GetPassWarning, EOFError):
+            raise ZkfsError("no password given: use --password-stdin or run this in a terminal") from None
 
 
 def _stdin_line() -> str:
@@ -37,6 +52,10 @@ def _stdin_line() -> str:
     if not line:
         raise ZkfsError("expected a password on standard input")
     return line.rstrip("\r\n")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _check_password(pw: str) -> str:
@@ -55,14 +74,14 @@ def _progress(total: int, desc: str):
 # ---------------------------------------------------------------- commands
 def cmd_register(args, state: LocalState) -> None:
     password = _check_password(read_password(args, confirm=True))
-    api = ApiClient(args.server or state.config()["server"])
+    api = ApiClient(args.server or state.saved_server())
     account.register(api, args.username, password)
     print(f"registered {args.username}")
     _login(api, state, args.username, password)
 
 
 def cmd_login(args, state: LocalState) -> None:
-    api = ApiClient(args.server or state.config()["server"])
+    api = ApiClient(args.server or state.saved_server())
     _login(api, state, args.username, read_password(args))
 
 
@@ -71,13 +90,18 @@ def _login(api: ApiClient, state: LocalState, username: str, password: str) -> N
     token = account.login(api, username, keys)
     api.token = token["access_token"]
     account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
+    for path in state.reset_corrupt():                    # a fresh login is the way out of it
+        _warn(f"{path} was corrupt: removed")
     state.save_config(server=api.base_url, username=username, token=token["access_token"])
     state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
     print(f"logged in as {username}")
 
 
 def cmd_logout(args, state: LocalState) -> None:
-    cfg = state.config()
+    try:
+        cfg = state.config()
+    except CorruptState:
+        cfg = {}        # no token to revoke that can be trusted; the local secrets still go
     if cfg.get("token"):
         try:
             ApiClient(cfg["server"], cfg["token"], retry_seconds=1).logout()
@@ -93,9 +117,9 @@ def cmd_passwd(args, state: LocalState) -> None:
     if args.password_stdin:
         current, new = _stdin_line(), _stdin_line()
     else:
-        current = getpass.getpass("Current password: ")
-        new = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat new password: ") != new:
+        current = _ask("Current password: ")
+        new = _ask("New password: ")
+        if _ask("Repeat new password: ") != new:
             raise ZkfsError("passwords do not match")
     _check_password(new)
     keys = account.derive(vault.api, username, current)
@@ -135,28 +159,83 @@ def _remote_dir(vault: Vault, path: str, *, create: bool) -> Node:
     return node
 
 
+def _check_remote(path: str) -> str:
+    """``path`` if every name in it is one the server can hold. Checked before any
+    change, so `mkdir a/../b` does not create /a and then fail."""
+    for part in path.split("/"):
+        if part == "..":
+            raise ZkfsError(f"{path}: '..' is not supported in remote paths; "
+                            "give the path from / (e.g. /Photos/2024)")
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise ZkfsError(f"name too long (over {MAX_NAME_BYTES} bytes): {part[:40]}...")
+    return path
+
+
 def _join(*parts: str) -> str:
     return "/" + "/".join(p for part in parts for p in split_path(part))
 
 
 def cmd_upload(args, state: LocalState) -> None:
+    to = _check_remote(args.to or "/")
     src = Path(args.path)
+    if src.name in ("", ".", ".."):      # `upload -r ..` uploads the folder by its real name
+        src = src.resolve()
     if not src.exists():
         raise ZkfsError(f"{src}: no such file or directory")
+    if src.is_dir() and not args.recursive:
+        raise ZkfsError(f"{src} is a directory (use -r)")
+    if not src.is_dir() and not src.is_file():
+        raise NotRegularFile(f"{src} is {_kind(src)}: only files and folders can be uploaded")
+    _check_remote(src.name)
     vault = open_vault(state)
     uploader = _Uploader(vault, state)
     try:
         if src.is_dir():
-            if not args.recursive:
-                raise ZkfsError(f"{src} is a directory (use -r)")
-            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            for path in _tree_files(src):
                 rel = path.relative_to(src).parent.as_posix()
-                uploader.upload(path, _join(args.to or "/", src.name, rel))
+                try:
+                    uploader.upload(path, _join(to, src.name, rel))
+                except NotRegularFile as exc:       # swapped for a FIFO or device since the walk
+                    _warn(f"skipped {exc}")
         else:
-            uploader.upload(src, args.to or "/")
+            uploader.upload(src, to)
     finally:
         uploader.save()
         vault.ledger.flush()
+
+
+def _tree_files(top: Path) -> list[Path]:
+    """The regular files under ``top`` (symlinks to files followed, symlinked folders
+    not entered); everything else is skipped with a warning, never opened."""
+    def unreadable(exc: OSError) -> None:      # os.walk would skip it silently
+        _warn(f"skipped {exc.filename}: {exc.strerror}")
+
+    files = []
+    for folder, dirs, names in os.walk(top, onerror=unreadable):
+        for name in dirs:
+            if Path(folder, name).is_symlink():
+                _warn(f"skipped {Path(folder, name)} (a symlink to a folder)")
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                files.append(path)
+            else:
+                _warn(f"skipped {path} ({_kind(path)})")
+    return sorted(files)
+
+
+def _kind(path: Path) -> str:
+    """What a non-regular local path is, for a message."""
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return "a broken symlink" if not path.exists() else "a symlink to neither a file nor a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 class _Uploader:
@@ -183,7 +262,7 @@ class _Uploader:
         return self.listings[parent.id]
 
     def upload(self, src: Path, remote_dir: str) -> None:
-        remote = _join(remote_dir, src.name)
+        remote = _check_remote(_join(remote_dir, src.name))
         parent = self._dir(remote_dir)
         existing = self._listing(parent).get(src.name)
         record = self.records.get(remote)
@@ -210,6 +289,7 @@ class _Uploader:
 
 
 def cmd_download(args, state: LocalState) -> None:
+    _check_remote(args.name)
     vault = open_vault(state)
     node, remote = _find(vault, state, args.name)
     if node.is_dir:
@@ -217,17 +297,26 @@ def cmd_download(args, state: LocalState) -> None:
     if not node.attrs.is_reg:
         raise ZkfsError(f"{remote} is not a regular file")
     name = split_path(remote)[-1]
-    if args.output:
-        dest = Path(args.output)
-        if dest.is_dir():
-            dest = dest / name
-    else:
-        dest = Path(state.config()["download_dir"]).expanduser() / name
+    dest = _download_target(args.output, name, state)
+    check_download_target(dest)         # before creating any folder for it
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _progress(node.attrs.size, name) as bar:
         download_file(vault, node, dest, bar.update)
     vault.ledger.flush()
     print(f"downloaded {remote} -> {dest}")
+
+
+def _download_target(output: str | None, name: str, state: LocalState) -> Path:
+    """Where `download` writes: ``-o FILE``; ``-o DIR`` or ``-o DIR/`` (created if
+    missing, like --to) keeps the name; default: download_dir, relative to the cwd."""
+    if not output:
+        return Path(state.config()["download_dir"]).expanduser() / name
+    dest = Path(output)
+    if output.endswith("/"):
+        if dest.exists() and not dest.is_dir():
+            raise ZkfsError(f"{output}: not a directory")
+        return dest / name
+    return dest / name if dest.is_dir() else dest
 
 
 def _find(vault: Vault, state: LocalState, name: str) -> tuple[Node, str]:
@@ -242,6 +331,7 @@ def _find(vault: Vault, state: LocalState, name: str) -> tuple[Node, str]:
 
 
 def cmd_ls(args, state: LocalState) -> None:
+    _check_remote(args.path)
     vault = open_vault(state)
     node = vault.resolve(args.path)
     entries = vault.listdir(node.id) if node.is_dir else [(split_path(args.path)[-1], node)]
@@ -254,12 +344,14 @@ def cmd_ls(args, state: LocalState) -> None:
 
 
 def cmd_mkdir(args, state: LocalState) -> None:
+    _check_remote(args.path)
     vault = open_vault(state)
     _remote_dir(vault, args.path, create=True)
     print(f"created {_join(args.path)}")
 
 
 def cmd_rm(args, state: LocalState) -> None:
+    _check_remote(args.path)
     vault = open_vault(state)
     parts = split_path(args.path)
     if not parts:
@@ -287,6 +379,8 @@ def _remove(vault: Vault, parent: Node, name: str, node: Node) -> None:
 
 
 def cmd_mv(args, state: LocalState) -> None:
+    _check_remote(args.src)
+    _check_remote(args.dst)
     vault = open_vault(state)
     src, dst = split_path(args.src), split_path(args.dst)
     if not src or not dst:
@@ -346,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("download", help="download and decrypt a file")
     sp.add_argument("name", help="remote path, or a name recorded by upload")
-    sp.add_argument("-o", "--output", help="file or folder (default: download_dir from config.json)")
+    sp.add_argument("-o", "--output", help="file, or folder (a trailing / creates it); default: the "
+                    "current folder (download_dir in config.json, if set to a path)")
     sp.set_defaults(func=cmd_download)
 
     sp = sub.add_parser("ls", help="list a remote folder")
@@ -385,10 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    state = LocalState()
     try:
-        args.func(args, state)
+        args.func(args, LocalState())
+        sys.stdout.flush()          # here, so a closed pipe is handled below, not at exit
         return 0
+    except BrokenPipeError:
+        # the reader went away (`client.py ls | head -1`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except NameTooLong as exc:      # a local name no check above caught
+        print(f"error: name too long (over {MAX_NAME_BYTES} bytes): {str(exc)[:40]}...", file=sys.stderr)
+        return 1
     except ZkfsError as exc:
         if args.debug:
             raise

@@ -45,3 +45,15 @@ class StaleError(ZkfsError):
 
 class NotLoggedIn(ZkfsError):
     errno = E.EACCES
+
+
+class CorruptState(NotLoggedIn):
+    """A file in $ZKFS_HOME cannot be used (bad JSON, wrong shape, not a database)."""
+
+
+class StateDirError(ZkfsError):
+    """$ZKFS_HOME cannot be used as the state folder."""
+
+
+class NotRegularFile(ZkfsError):
+    """A local path is a device, FIFO, socket, symlink or folder where a file was expected."""

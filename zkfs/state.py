@@ -13,27 +13,55 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
-from .errors import NotLoggedIn, TamperedError
+from .crypto import KEY_BYTES
+from .errors import CorruptState, NotLoggedIn, StateDirError, TamperedError, ZkfsError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+# `login` replaces whatever it cannot read, so this advice always works
+RELOGIN = "run `client.py login USERNAME` again (add --server URL if not the default)"
 
 
 def home() -> Path:
     path = Path(os.environ.get("ZKFS_HOME") or Path.home() / ".zkfs")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateDirError(f"cannot use {path} as the zkfs state folder (ZKFS_HOME): "
+                            f"{exc.strerror or exc}") from None
     return path
 
 
-def _read_json(path: Path, default: Any) -> Any:
+def _read_json(path: Path, default: Any, valid: Callable[[Any], bool]) -> Any:
+    """The file's data; ``default`` if it does not exist; CorruptState if it is not
+    JSON or not the shape ``valid`` expects (so no caller trips over a null or a list)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        ok = valid(data)
     except FileNotFoundError:
         return default
-    except ValueError:
-        raise NotLoggedIn(f"{path} is corrupt; run `client.py login` again") from None
+    except ValueError:          # bad JSON, or bytes that are not UTF-8
+        ok = False
+    if not ok:
+        raise CorruptState(f"{path} is corrupt; {RELOGIN}")
+    return data
+
+
+def _str_fields(data: dict, *names: str) -> bool:
+    return all(isinstance(data.get(n, ""), str) for n in names)
+
+
+def _valid_config(data: Any) -> bool:
+    return isinstance(data, dict) and _str_fields(data, "server", "download_dir", "username") \
+        and (data.get("token") is None or isinstance(data["token"], str))
+
+
+def _valid_uploads(data: Any) -> bool:
+    return isinstance(data, dict) and all(
+        isinstance(r, dict) and isinstance(r.get("uuid"), str) and isinstance(r.get("sha256"), str)
+        and type(r.get("size")) is int for r in data.values())
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -52,13 +80,22 @@ class LocalState:
         self.config_path = self.root / "config.json"
         self.keys_path = self.root / "keys.json"
         self.uploads_path = self.root / "uploaded_file.json"
+        self.ledger_path = self.root / "versions.db"
 
     # config.json
     def config(self) -> dict:
-        cfg = _read_json(self.config_path, {})
+        cfg = _read_json(self.config_path, {}, _valid_config)
         cfg.setdefault("server", DEFAULT_SERVER)
-        cfg.setdefault("download_dir", str(Path.cwd()))
+        # relative: the folder `download` runs in, not the one `login` ran in
+        cfg.setdefault("download_dir", ".")
         return cfg
+
+    def saved_server(self) -> str:
+        """The server URL for `login`, which must work even when config.json is corrupt."""
+        try:
+            return self.config()["server"]
+        except CorruptState:
+            return DEFAULT_SERVER
 
     def save_config(self, **changes) -> dict:
         cfg = self.config() | changes
@@ -73,21 +110,54 @@ class LocalState:
         })
 
     def keys(self) -> dict:
-        data = _read_json(self.keys_path, None)
-        if not data:
+        data = _read_json(self.keys_path, None, lambda d: isinstance(d, dict))
+        if data is None:
             raise NotLoggedIn("not logged in: run `client.py login USERNAME` first")
-        return {"user_id": UUID(data["user_id"]), "username": data["username"],
-                "auth_key": base64.b64decode(data["auth_key"]), "kek": base64.b64decode(data["kek"])}
+        try:
+            keys = {"user_id": UUID(data["user_id"]), "username": data["username"],
+                    "auth_key": base64.b64decode(data["auth_key"], validate=True),
+                    "kek": base64.b64decode(data["kek"], validate=True)}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            keys = None
+        if keys is None or not isinstance(keys["username"], str) \
+                or len(keys["auth_key"]) != KEY_BYTES or len(keys["kek"]) != KEY_BYTES:
+            raise CorruptState(f"{self.keys_path} is corrupt; {RELOGIN}")
+        return keys
 
     def forget_login(self) -> None:
         self.keys_path.unlink(missing_ok=True)
-        cfg = self.config()
+        try:
+            cfg = self.config()
+        except CorruptState:
+            cfg = {}        # nothing in it can be trusted; logout must still work
         cfg.pop("token", None)
         _write_json(self.config_path, cfg)
 
+    def reset_corrupt(self) -> list[Path]:
+        """Remove every state file that cannot be read, so `login` starts clean.
+        Returns the files removed."""
+        removed = []
+        for path, read in ((self.config_path, self.config), (self.keys_path, self.keys),
+                           (self.uploads_path, self.uploads)):
+            try:
+                read()
+            except CorruptState:
+                path.unlink()
+                removed.append(path)
+            except NotLoggedIn:
+                pass            # no keys.json: nothing to reset
+        if self.ledger_path.exists():
+            try:
+                VersionLedger(self.ledger_path).close()
+            except CorruptState:
+                for extra in ("", "-wal", "-shm"):
+                    Path(f"{self.ledger_path}{extra}").unlink(missing_ok=True)
+                removed.append(self.ledger_path)
+        return removed
+
     # uploaded_file.json
     def uploads(self) -> dict:
-        return _read_json(self.uploads_path, {})
+        return _read_json(self.uploads_path, {}, _valid_uploads)
 
     def save_uploads(self, uploads: dict) -> None:
         _write_json(self.uploads_path, uploads)
@@ -103,12 +173,20 @@ class VersionLedger:
 
     def __init__(self, path: Path):
         fresh = not path.exists()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ZkfsError(f"cannot open {path}: {exc}") from None
         if fresh:
             os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")   # survives a process crash; cheap per commit
-        self._db.execute("CREATE TABLE IF NOT EXISTS versions (inode BLOB PRIMARY KEY, version INTEGER)")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")   # survives a process crash; cheap per commit
+            self._db.execute("CREATE TABLE IF NOT EXISTS versions (inode BLOB PRIMARY KEY, version INTEGER)")
+            self._db.execute("SELECT inode, version FROM versions LIMIT 1").fetchall()
+        except sqlite3.DatabaseError:       # not a database, or another one's tables
+            self._db.close()
+            raise CorruptState(f"{path} is corrupt; {RELOGIN}") from None
         self._lock = threading.Lock()
         self._seen: dict[UUID, int] = {}
         self._dirty: set[UUID] = set()

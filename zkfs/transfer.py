@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from uuid import UUID, uuid4
 
-from .errors import ServerError, ZkfsError
+from .errors import NotRegularFile, ServerError, ZkfsError
 from .format import CHUNK_SIZE, Manifest, seal_chunk
 from .vault import Node, Vault, any_nonzero, new_attrs
 
@@ -38,6 +38,13 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
     """Upload ``src`` as ``parent/name`` (replacing an existing file atomically).
     ``existing``: what is at that name now, if the caller already knows (else looked
     up). Returns the new node and the plaintext's sha256."""
+    f, st = open_regular(src)       # first: a device or FIFO fails before the server is asked
+    with f:
+        return _upload(vault, f, st, parent, name, progress, existing)
+
+
+def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progress,
+            existing) -> tuple[Node, str]:
     if existing is _LOOKUP:
         existing = vault.lookup(parent.id, name)
     if existing is not None and not existing.attrs.is_reg:
@@ -47,33 +54,32 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
         cipher, file_key = vault.file_cipher(inode), None
     else:
         cipher, file_key = vault.new_file_key(inode)
-    st = src.stat()
     sha = hashlib.sha256()
     inline: list[tuple[UUID, bytes]] = []
     size = 0
-    with open(src, "rb") as f:
-        def chunks():
-            nonlocal size
-            while data := f.read(CHUNK_SIZE):
-                sha.update(data)
-                size += len(data)
-                if progress:
-                    progress(len(data))
-                yield data
 
-        if st.st_size <= INLINE_MAX:
-            refs = []
-            for data in chunks():
-                if any_nonzero(data):
-                    token, ref = seal_chunk(cipher, data, uuid4())
-                    inline.append((ref.blob_id, token))
-                    refs.append(ref)
-                else:
-                    refs.append(vault.upload_chunk(inode, cipher, data))
-        else:
-            with ThreadPoolExecutor(IN_FLIGHT) as pool:
-                jobs = (lambda d=d: vault.upload_chunk(inode, cipher, d) for d in chunks())
-                refs = list(_ordered(pool, jobs, IN_FLIGHT * 2))
+    def chunks():
+        nonlocal size
+        while data := f.read(CHUNK_SIZE):
+            sha.update(data)
+            size += len(data)
+            if progress:
+                progress(len(data))
+            yield data
+
+    if st.st_size <= INLINE_MAX:
+        refs = []
+        for data in chunks():
+            if any_nonzero(data):
+                token, ref = seal_chunk(cipher, data, uuid4())
+                inline.append((ref.blob_id, token))
+                refs.append(ref)
+            else:
+                refs.append(vault.upload_chunk(inode, cipher, data))
+    else:
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            jobs = (lambda d=d: vault.upload_chunk(inode, cipher, d) for d in chunks())
+            refs = list(_ordered(pool, jobs, IN_FLIGHT * 2))
     manifest = Manifest(inode=inode, size=size, chunks=refs)
     if existing:
         attrs = existing.attrs.evolve()
@@ -98,11 +104,14 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
 def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     """Download ``node`` to ``dest`` via a temp file renamed at the end, so an
     interrupted or tampered download never leaves a partial file. Returns sha256."""
+    check_download_target(dest)
     manifest = vault.manifest(node)
     sha = hashlib.sha256()
     tmp = dest.with_name(f".{dest.name}.zkfs-partial")
+    tmp.unlink(missing_ok=True)     # a stale one from a killed run; never write through a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with open(tmp, "wb") as out, ThreadPoolExecutor(IN_FLIGHT) as pool:
+        with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(IN_FLIGHT) as pool:
             jobs = (lambda i=i: vault.read_chunk(node.id, manifest, i) for i in range(len(manifest.chunks)))
             for data in _ordered(pool, jobs, IN_FLIGHT * 2):
                 out.write(data)
@@ -113,6 +122,7 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
             os.fsync(out.fileno())
         os.chmod(tmp, stat.S_IMODE(node.attrs.mode))
         os.utime(tmp, ns=(node.attrs.atime_ns, node.attrs.mtime_ns))
+        check_download_target(dest)         # again: the download may have taken a while
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -120,9 +130,35 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     return sha.hexdigest()
 
 
+def check_download_target(dest: Path) -> None:
+    """Replace only a regular file: os.replace would swap a device (/dev/null), a
+    FIFO or a symlink for a plain file."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode)
+                else "not a regular file")
+        raise NotRegularFile(f"{dest} exists and is {kind}: not replacing it")
+
+
+def open_regular(path: Path):
+    """``(file, stat)`` of ``path`` opened for reading, if it is a regular file.
+    O_NONBLOCK so a FIFO swapped in after the caller's check cannot hang open();
+    fstat then says what was really opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFile(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb"), st
+
+
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    f, _ = open_regular(path)
+    with f:
         while data := f.read(CHUNK_SIZE):
             sha.update(data)
     return sha.hexdigest()
