@@ -146,9 +146,17 @@ def test_reupload_unchanged_is_skipped_changed_is_uploaded(main, tmp_path, tmp_p
     out = tmp_path / "back.txt"
     download_to(main, f"{folder}/notes.txt", out)
     assert out.read_bytes() == f.read_bytes()
-    # removed on the server by another machine: not skipped, uploaded again
+    # changed on the server by another machine, even to the same size: not skipped
     other = new_machine(tmp_path_factory, shared_server)
     assert_ok(other.login(main.username, main.password))
+    theirs = write_random(tmp_path / "theirs" / "notes.txt", 5000)
+    assert_ok(other.run("upload", str(theirs), "--to", folder))
+    fifth = main.run("upload", str(f), "--to", folder)
+    assert_ok(fifth)
+    assert "uploaded" in fifth.stdout and "skipped" not in fifth.stdout
+    download_to(main, f"{folder}/notes.txt", out)
+    assert out.read_bytes() == f.read_bytes()
+    # removed on the server by another machine: not skipped, uploaded again
     assert_ok(other.run("rm", f"{folder}/notes.txt"))
     fourth = main.run("upload", str(f), "--to", folder)
     assert_ok(fourth)
@@ -530,6 +538,29 @@ def test_logout_forgets_secrets(tmp_path_factory, shared_server):
     import httpx
     r = httpx.get(shared_server.url + "/api/v1/account", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401
+
+
+def test_parallel_uploads_into_a_new_folder_all_land_and_are_recorded(main, tmp_path):
+    folder = f"/par-{uuid4().hex[:6]}/deeper"
+    files = [write_random(tmp_path / f"p{i}.bin", 1000 + i) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+        procs = list(pool.map(lambda f: main.run("upload", str(f), "--to", folder, check=False), files))
+    for proc in procs:
+        assert_ok(proc)
+    assert ls_names(main, folder) == sorted(f.name for f in files)
+    records = uploads(main)
+    assert all(f"{folder}/{f.name}" in records for f in files), sorted(records)
+    assert not list(main.home.glob("*.tmp")) and not list(main.home.glob(".*.tmp"))
+
+
+def test_logout_with_the_server_down_says_the_session_was_not_revoked(make_server, tmp_path_factory):
+    srv = make_server()
+    m = new_machine(tmp_path_factory, srv).register()
+    srv.stop()
+    proc = m.run("logout", check=False)
+    assert proc.returncode == 0 and "logged out" in proc.stdout
+    assert proc.stderr.startswith("warning:") and "revoke" in proc.stderr, proc.stderr
+    assert not (m.home / "keys.json").exists()
 
 
 def test_file_not_found(main, sized, tmp_path):

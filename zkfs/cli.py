@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 
 from . import account
 from .api import ApiClient
-from .errors import CorruptState, NotRegularFile, ZkfsError
+from .errors import CorruptState, NotRegularFile, ServerError, Unreachable, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong
 from .session import open_vault
 from .state import LocalState
@@ -105,8 +105,11 @@ def cmd_logout(args, state: LocalState) -> None:
     if cfg.get("token"):
         try:
             ApiClient(cfg["server"], cfg["token"], retry_seconds=1).logout()
+        except Unreachable as exc:
+            # The local secrets go regardless: that is what logout promises here.
+            _warn(f"the server could not revoke this session ({exc}); it stays valid until it expires")
         except ZkfsError:
-            pass        # the local secrets go regardless: that is what logout promises here
+            pass        # refused: the token was no longer valid anyway
     state.forget_login()
     print("logged out")
 
@@ -150,13 +153,23 @@ def _remote_dir(vault: Vault, path: str, *, create: bool) -> Node:
         if child is None:
             if not create:
                 raise ZkfsError(f"{path}: no such directory on the server")
-            inode = uuid4()
-            vault.apply([vault.op_create(node.id, part, inode, new_attrs(stat.S_IFDIR | 0o755))])
-            child = vault.get(inode)
+            child = _create_dir(vault, node, part)
         elif not child.is_dir:
             raise ZkfsError(f"{path}: not a directory")
         node = child
     return node
+
+
+def _create_dir(vault: Vault, parent: Node, name: str) -> Node:
+    inode = uuid4()
+    try:
+        vault.apply([vault.op_create(parent.id, name, inode, new_attrs(stat.S_IFDIR | 0o755))])
+    except ServerError as exc:
+        existing = vault.lookup(parent.id, name) if exc.code == "exists" else None
+        if existing is None or not existing.is_dir:
+            raise
+        return existing             # another upload created it just now: use theirs
+    return vault.get(inode)
 
 
 def _check_remote(path: str) -> str:
@@ -246,7 +259,7 @@ class _Uploader:
         self.vault = vault
         self.state = state
         self.records = state.uploads()
-        self.dirty = False
+        self.changed: dict[str, dict] = {}
         self.dirs: dict[str, Node] = {}
         self.listings: dict[UUID, dict[str, Node]] = {}
 
@@ -267,7 +280,10 @@ class _Uploader:
         existing = self._listing(parent).get(src.name)
         record = self.records.get(remote)
         sha = None
+        # The server's copy must be the very version uploaded from here (another
+        # machine may have changed it since, even to the same size).
         if record and existing is not None and str(existing.id) == record["uuid"] \
+                and existing.version == record.get("version") \
                 and existing.attrs.size == record["size"] == src.stat().st_size:
             sha = file_sha256(src)        # read twice only when a skip is possible
             if sha == record["sha256"]:
@@ -279,13 +295,13 @@ class _Uploader:
             raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
         sha = uploaded_sha
         self.listings[parent.id][src.name] = node
-        self.records[remote] = {"uuid": str(node.id), "sha256": sha, "size": node.attrs.size}
-        self.dirty = True
+        self.records[remote] = self.changed[remote] = {
+            "uuid": str(node.id), "sha256": sha, "size": node.attrs.size, "version": node.version}
         print(f"uploaded {remote} ({node.attrs.size} bytes)")
 
     def save(self) -> None:
-        if self.dirty:
-            self.state.save_uploads(self.records)
+        if self.changed:
+            self.state.update_uploads(self.changed)
 
 
 def cmd_download(args, state: LocalState) -> None:
@@ -363,9 +379,9 @@ def cmd_rm(args, state: LocalState) -> None:
     if node.is_dir and not args.recursive:
         raise ZkfsError(f"{args.path} is a directory (use -r)")
     _remove(vault, parent, parts[-1], node)
-    for remote in list(state.uploads()):
-        if remote == _join(args.path) or remote.startswith(_join(args.path) + "/"):
-            state.forget_upload(remote)
+    gone = _join(args.path)
+    state.update_uploads({remote: None for remote in state.uploads()
+                          if remote == gone or remote.startswith(gone + "/")})
     print(f"removed {_join(args.path)}")
 
 

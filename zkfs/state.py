@@ -2,15 +2,17 @@
 
 - config.json        server URL, download directory, token, username (the seed's layout)
 - keys.json          user id, auth key and key-encryption key (what `login` saves)
-- uploaded_file.json remote path -> {uuid, sha256, size}: makes re-uploads no-ops
+- uploaded_file.json remote path -> {uuid, sha256, size, version}: makes re-uploads no-ops
 - versions.db        highest version seen per inode: detects a server rolling files back
 """
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -65,13 +67,17 @@ def _valid_uploads(data: Any) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # A temp name of its own: two commands saving at once must not share one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class LocalState:
@@ -159,12 +165,19 @@ class LocalState:
     def uploads(self) -> dict:
         return _read_json(self.uploads_path, {}, _valid_uploads)
 
-    def save_uploads(self, uploads: dict) -> None:
-        _write_json(self.uploads_path, uploads)
-
-    def forget_upload(self, remote_path: str) -> None:
-        uploads = self.uploads()
-        if uploads.pop(remote_path, None) is not None:
+    def update_uploads(self, changes: dict[str, dict | None]) -> None:
+        """Apply ``changes`` (None removes a record) to uploaded_file.json as it is
+        now: commands running at once each add their own records, none lost."""
+        if not changes:
+            return
+        with open(self.root / ".uploads.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            uploads = self.uploads()
+            for remote, record in changes.items():
+                if record is None:
+                    uploads.pop(remote, None)
+                else:
+                    uploads[remote] = record
             _write_json(self.uploads_path, uploads)
 
 
