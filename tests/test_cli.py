@@ -563,6 +563,16 @@ def test_logout_with_the_server_down_says_the_session_was_not_revoked(make_serve
     assert not (m.home / "keys.json").exists()
 
 
+def test_wrong_server_url_and_bad_username_are_one_clear_line(main, tmp_path_factory, shared_server):
+    m = new_machine(tmp_path_factory, shared_server)
+    line = assert_cli_error(m.run("login", "someone", "--server", shared_server.url + "/nope",
+                                  "--password-stdin", input="whatever-password\n", check=False),
+                            "not a zkfs server", "--server", "404")
+    line = assert_cli_error(m.run("register", "bad name!", "--password-stdin",
+                                  input="long-enough-password\n", check=False), "username")
+    assert "pattern" not in line, line
+
+
 def test_file_not_found(main, sized, tmp_path):
     out = tmp_path / "nothing.bin"
     assert_cli_error(main.run("download", "/no/such/file.bin", "-o", str(out), check=False),

@@ -112,9 +112,13 @@ class ApiClient:
     def _error(resp: httpx.Response) -> ServerError:
         try:
             body = resp.json()
-            return ServerError(resp.status_code, str(body.get("code", "error")), str(body.get("detail", "")))
+            if isinstance(body, dict) and "code" in body:
+                return ServerError(resp.status_code, str(body["code"]), str(body.get("detail", "")))
         except (ValueError, AttributeError):
-            return ServerError(resp.status_code, "http", f"server answered HTTP {resp.status_code}")
+            pass
+        # No zkfs error body: a wrong URL, or something else answering there.
+        return ServerError(resp.status_code, "http",
+                           f"HTTP {resp.status_code}: not a zkfs server answering (check --server)")
 
     def _json(self, method: str, path: str, **kw) -> Any:
         resp = self.request(method, path, **kw)

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -72,22 +73,46 @@ def _progress(total: int, desc: str):
 
 
 # ---------------------------------------------------------------- commands
+_USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _check_username(name: str) -> str:
+    if not _USERNAME.fullmatch(name):
+        raise ZkfsError("a username is 1 to 64 letters, digits or _ . @ - characters")
+    return name
+
+
 def cmd_register(args, state: LocalState) -> None:
+    _check_username(args.username)
     password = _check_password(read_password(args, confirm=True))
     api = ApiClient(args.server or state.saved_server())
-    account.register(api, args.username, password)
+    try:
+        account.register(api, args.username, password)
+    except ServerError as exc:
+        raise _not_a_server(api, exc) from None
     print(f"registered {args.username}")
     _login(api, state, args.username, password)
 
 
 def cmd_login(args, state: LocalState) -> None:
+    _check_username(args.username)
     api = ApiClient(args.server or state.saved_server())
     _login(api, state, args.username, read_password(args))
 
 
+def _not_a_server(api: ApiClient, exc: ServerError) -> ZkfsError:
+    """The account endpoints answer 404 only where there is no zkfs API (a wrong URL)."""
+    if exc.status == 404:
+        return ZkfsError(f"{api.base_url} is not a zkfs server (HTTP 404 for its API): check --server")
+    return exc
+
+
 def _login(api: ApiClient, state: LocalState, username: str, password: str) -> None:
-    keys = account.derive(api, username, password)
-    token = account.login(api, username, keys)
+    try:
+        keys = account.derive(api, username, password)
+        token = account.login(api, username, keys)
+    except ServerError as exc:
+        raise _not_a_server(api, exc) from None
     api.token = token["access_token"]
     account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
@@ -378,9 +403,10 @@ def cmd_rm(args, state: LocalState) -> None:
         raise ZkfsError(f"{args.path}: no such file or directory on the server")
     if node.is_dir and not args.recursive:
         raise ZkfsError(f"{args.path} is a directory (use -r)")
-    _remove(vault, parent, parts[-1], node)
     gone = _join(args.path)
-    state.update_uploads({remote: None for remote in state.uploads()
+    records = state.uploads()        # read first: a corrupt file fails before the delete
+    _remove(vault, parent, parts[-1], node)
+    state.update_uploads({remote: None for remote in records
                           if remote == gone or remote.startswith(gone + "/")})
     print(f"removed {_join(args.path)}")
 
