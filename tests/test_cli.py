@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -553,14 +554,24 @@ def test_parallel_uploads_into_a_new_folder_all_land_and_are_recorded(main, tmp_
     assert not list(main.home.glob("*.tmp")) and not list(main.home.glob(".*.tmp"))
 
 
-def test_logout_with_the_server_down_says_the_session_was_not_revoked(make_server, tmp_path_factory):
+def test_logout_with_the_server_down_or_hung_says_the_session_was_not_revoked(make_server, tmp_path_factory):
     srv = make_server()
-    m = new_machine(tmp_path_factory, srv).register()
+    hung = new_machine(tmp_path_factory, srv).register()
+    down = new_machine(tmp_path_factory, srv)
+    assert_ok(down.login(hung.username, hung.password))
+    os.kill(srv.pid, signal.SIGSTOP)             # accepts connections, never answers
+    try:
+        t0 = time.monotonic()
+        proc = hung.run("logout", check=False)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
     srv.stop()
-    proc = m.run("logout", check=False)
-    assert proc.returncode == 0 and "logged out" in proc.stdout
-    assert proc.stderr.startswith("warning:") and "revoke" in proc.stderr, proc.stderr
-    assert not (m.home / "keys.json").exists()
+    for m, p in ((hung, proc), (down, down.run("logout", check=False))):
+        assert p.returncode == 0 and "logged out" in p.stdout
+        assert p.stderr.startswith("warning:") and "revoke" in p.stderr, p.stderr
+        assert not (m.home / "keys.json").exists()
+    assert took < 20, f"logout waited {took:.0f} s for a hung server"
 
 
 def test_wrong_server_url_and_bad_username_are_one_clear_line(main, tmp_path_factory, shared_server):

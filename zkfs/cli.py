@@ -129,7 +129,7 @@ def cmd_logout(args, state: LocalState) -> None:
         cfg = {}        # no token to revoke that can be trusted; the local secrets still go
     if cfg.get("token"):
         try:
-            ApiClient(cfg["server"], cfg["token"], retry_seconds=1).logout()
+            ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5).logout()
         except Unreachable as exc:
             # The local secrets go regardless: that is what logout promises here.
             _warn(f"the server could not revoke this session ({exc}); it stays valid until it expires")

@@ -46,7 +46,7 @@ class PendingAttrs:
 @dataclass
 class PendingRename:
     op: dict
-    what: str                  # "OLD -> NEW", for the log if the server refuses it
+    what: str                  # "rename OLD -> NEW", for the log if the server refuses it
     parents: tuple[UUID, UUID]
     since: float
 
@@ -130,9 +130,10 @@ class ZkfsOperations(fuse.Operations):
         # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
         # become one request).
         self.pending_attrs: dict[UUID, PendingAttrs] = {}
-        # Renames of closed files, written back the same way, in order (rsync's
-        # temp-file rename rides on the next file's commit). Any listing fetched
-        # from the server is preceded by sending them, so the cache never loses one.
+        # Renames of closed files (and unlinks of open ones, see _hide), written back
+        # the same way, in order (rsync's temp-file rename rides on the next file's
+        # commit). Any listing fetched from the server is preceded by sending them,
+        # so the cache never loses one.
         self.pending_renames: list[PendingRename] = []
         self.meta.before_fetch = self._send_pending_renames
         self.meta.unsent_changes = lambda: bool(self.pending_renames)
@@ -264,7 +265,7 @@ class ZkfsOperations(fuse.Operations):
         new open files and pending attribute changes. Mirrors the effect on the
         touched directories in the cache (the server keeps directory mtimes)."""
         with self.ns_lock:
-            creating = [of for of in self.open_files.values() if of.pending is not None]
+            creating = [of for of in self.open_files.values() if of.pending is not None and not of.unlinked]
             waiting = list(self.pending_attrs.items())
             moving = list(self.pending_renames)
             # Renames first: a file created since may reuse a name one of them frees
@@ -341,7 +342,7 @@ class ZkfsOperations(fuse.Operations):
                 self.vault.apply([r.op])
             except ServerError as exc:
                 # Refused (changed elsewhere meanwhile): the server's names stand.
-                log.error("rename %s could not be saved on the server: %s", r.what, exc)
+                log.error("%s could not be saved on the server: %s", r.what, exc)
                 for d in r.parents:
                     self.meta.forget(d)
             self.pending_renames.remove(r)
@@ -728,15 +729,16 @@ class ZkfsOperations(fuse.Operations):
         node = self.meta.lookup(parent.id, name)
         if node is None:
             raise FsError(errno.ENOENT)
-        self.pending_renames.append(PendingRename(
-            self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id),
-            f"unlink of open {old}", (parent.id, parent.id), time.monotonic()))
+        of = self.open_files.get(node.id)
+        if of is None or of.pending is None:  # (a new file never reached the server: nothing to send)
+            self.pending_renames.append(PendingRename(
+                self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id),
+                f"unlink of open {old}", (parent.id, parent.id), time.monotonic()))
         self._touched_dir(parent)
         self.meta.set_entry(parent.id, name, None)
         self.meta.forget(node.id)
         node = Node(node.id, node.is_dir, node.version, node.nlink - 1, node.attrs)
         self.hidden[new] = node
-        of = self.open_files.get(node.id)
         if of is not None and node.nlink <= 0:
             of.unlinked = True
 
@@ -806,7 +808,7 @@ class ZkfsOperations(fuse.Operations):
                 self._apply([op], [src_parent, dst_parent], delta)
             else:
                 # A closed file's rename is written back like its attributes.
-                self.pending_renames.append(PendingRename(op, f"{old} -> {new}", (src_parent.id, dst_parent.id),
+                self.pending_renames.append(PendingRename(op, f"rename {old} -> {new}", (src_parent.id, dst_parent.id),
                                                           time.monotonic()))
                 for d in {src_parent.id: src_parent, dst_parent.id: dst_parent}.values():
                     self._touched_dir(d)
@@ -936,8 +938,10 @@ class ZkfsOperations(fuse.Operations):
             self._drop_orphan(of)
 
     def _drop_orphan(self, of: OpenFile) -> None:
+        on_server = of.pending is None
         of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))
-        self._delete_orphan(of.id)
+        if on_server:
+            self._delete_orphan(of.id)
 
     def _delete_orphan(self, inode: UUID) -> None:
         try:
