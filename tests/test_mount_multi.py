@@ -200,6 +200,31 @@ def test_a_descriptor_held_open_does_not_hide_newer_versions(shared_server, moun
     assert listing(a.path) == ["f"]
 
 
+def test_appends_through_a_held_descriptor_stay_at_its_files_end(shared_server, mounts):
+    """Another mount replaces the file by rename while A appends through a descriptor
+    held open: A's appends extend A's file (kept as a conflict copy), never land at
+    the offset of the new file's size (libfuse2 shares one kernel inode per path)."""
+    a_machine = mounts.machine(shared_server)
+    b_machine = second_machine(mounts, a_machine, shared_server)
+    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
+    start = b"0123456789abcdefghi\n"
+    (a.path / "log").write_bytes(start)
+    wait_until(lambda: (b.path / "log").exists(), 4, what="log in B")
+    with open(a.path / "log", "ab") as f:
+        f.write(b"APPEND-1\n")
+        f.flush()
+        os.fsync(f.fileno())
+        (b.path / "tmp").write_bytes(b"x\n")
+        os.rename(b.path / "tmp", b.path / "log")
+        wait_until(lambda: os.stat(a.path / "log").st_size == 2, 5, what="B's log in A")
+        f.write(b"APPEND-2\n")
+        f.flush()
+        os.fsync(f.fileno())
+    expected = start + b"APPEND-1\nAPPEND-2\n"
+    wait_until(lambda: sorted(p.read_bytes() for p in a.path.iterdir()) == sorted([b"x\n", expected]), 5,
+               what="B's log and A's appended file (a conflict copy)")
+
+
 def test_reading_a_file_deleted_or_replaced_elsewhere_is_estale_not_tampering(shared_server, mounts):
     """Chunks another client's delete or rewrite removed are not an integrity
     failure: the open file's reader gets ESTALE, and the log keeps its tampering
@@ -251,10 +276,31 @@ def test_a_crash_after_a_save_by_rename_leaves_old_or_new_never_nothing(shared_s
         except OSError:
             pass                        # the mount is dead
     other = second_machine(mounts, machine, shared_server)
-    for name, versions in (("cfg", (b"OLD cfg\n", b"NEW cfg\n")), ("target", (b"OLD target\n", new))):
+
+    def check(name, versions):
         out = tmp_path / name
         other.run("download", f"/{name}", "-o", str(out))
         assert out.read_bytes() in versions, (name, out.stat().st_size)
+    check("cfg", (b"OLD cfg\n", b"NEW cfg\n"))
+    check("target", (b"OLD target\n", new))
+
+    # Both at once: a source still being written replaces a target held open, and the
+    # crash comes after the written-back batch went out.
+    m.unmount()
+    m = mounts.mount(machine, path=m.path)
+    (m.path / "doc").write_bytes(b"OLD doc\n")
+    held = os.open(m.path / "doc", os.O_RDONLY)
+    writing = os.open(m.path / ".doc.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(writing, new)
+    os.replace(m.path / ".doc.tmp", m.path / "doc")
+    time.sleep(1.5)
+    m.kill()
+    for fd in (writing, held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    check("doc", (b"OLD doc\n", new))
     m.unmount()
 
 

@@ -428,6 +428,22 @@ def test_unlink_one_name_of_an_open_hardlinked_file(d):
     assert os.stat(d / "b").st_nlink == 1
 
 
+def test_unlinked_open_file_keeps_fstat_after_its_folder_is_renamed(d):
+    (d / "h1").mkdir()
+    (d / "h1" / "f").write_bytes(b"content")
+    fd = os.open(d / "h1" / "f", os.O_RDWR)
+    try:
+        os.unlink(d / "h1" / "f")
+        os.rename(d / "h1", d / "h2")
+        assert os.fstat(fd).st_size == 7
+        os.fchmod(fd, 0o600)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        assert os.pread(fd, 10, 0) == b"content"
+    finally:
+        os.close(fd)
+    assert os.listdir(d / "h2") == []
+
+
 def test_a_gone_name_of_an_open_file_is_free_for_a_new_file(d):
     """An open file is found by the path it was opened under only while that path
     still names it: after its name is unlinked (another link remains), its folder

@@ -49,6 +49,7 @@ class PendingRename:
     what: str                  # "rename OLD -> NEW", for the log if the server refuses it
     parents: tuple[UUID, UUID]
     since: float
+    frees: tuple[UUID, str] | None = None    # (parent, name) an unlink of an open file frees
 
 
 def _errors(method):
@@ -126,6 +127,9 @@ class ZkfsOperations(fuse.Operations):
         self.open_files: dict[UUID, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.openers: dict[int, int | None] = {}     # fh -> process (thread group) that opened it
+        # Handles opened with O_APPEND: they write at their file's end. The kernel's
+        # idea of it comes from the path, which another mount may have replaced.
+        self.appending: set[int] = set()
         # Attribute changes of closed files not yet sent: they ride on the next
         # batch, or go out within WRITEBACK_DELAY (rsync's chown+chmod+utimens+rename
         # become one request).
@@ -223,6 +227,8 @@ class ZkfsOperations(fuse.Operations):
                 inode = self.meta.resolve(path).id
             except OSError:
                 return False
+            except ZkfsError:
+                return True      # the server cannot say now: the open file answers for itself
         return inode == of.id
 
     def _writable(self) -> None:
@@ -733,7 +739,7 @@ class ZkfsOperations(fuse.Operations):
         if of is None or of.pending is None:  # (a new file never reached the server: nothing to send)
             self.pending_renames.append(PendingRename(
                 self.vault.op_unlink(parent.id, name, keep_orphan=True, expect=node.id),
-                f"unlink of open {old}", (parent.id, parent.id), time.monotonic()))
+                f"unlink of open {old}", (parent.id, parent.id), time.monotonic(), frees=(parent.id, name)))
         self._touched_dir(parent)
         self.meta.set_entry(parent.id, name, None)
         self.meta.forget(node.id)
@@ -820,6 +826,8 @@ class ZkfsOperations(fuse.Operations):
                 for of in self.open_files.values():
                     if of.last_path and of.last_path.startswith(old + "/"):
                         of.last_path = new + of.last_path[len(old):]
+                for hidden in [p for p in self.hidden if p.startswith(old + "/")]:
+                    self.hidden[new + hidden[len(old):]] = self.hidden.pop(hidden)
             if target is not None and target.id != node.id:
                 self.meta.forget(target.id)
                 if target_open and target.nlink <= 1:
@@ -837,10 +845,17 @@ class ZkfsOperations(fuse.Operations):
         try:
             self._resolve(new)
         except FsError as exc:
-            if exc.errno == errno.ENOENT:
+            if exc.errno != errno.ENOENT:
+                raise
+            # libfuse may have just moved an open target aside: its unlink is unsent.
+            parent, name = self.meta.resolve_parent(new)
+            if (parent.id, name) not in self._freed_names():
                 return                 # nothing to replace: nothing to lose
-            raise
         self._commit(of, old, durable=True)
+
+    def _freed_names(self) -> set[tuple[UUID, str]]:
+        with self.ns_lock:
+            return {r.frees for r in self.pending_renames if r.frees}
 
     # ------------------------------------------------------------ files
     @_errors
@@ -860,6 +875,8 @@ class ZkfsOperations(fuse.Operations):
                 of.base_version, of.attrs = p.node.version, p.attrs
                 of.attr_changes, of.meta_dirty = list(p.changes), True
             fh = self._new_handle(of, path)
+            if flags & os.O_APPEND:
+                self.appending.add(fh)
         if flags & os.O_TRUNC:
             # atomic_o_trunc: the old version stays on the server until this
             # handle's first commit replaces it with the new content, whole.
@@ -874,7 +891,7 @@ class ZkfsOperations(fuse.Operations):
     def write(self, path, data, offset, fh):
         of = self.handles[fh]
         try:
-            return of.write(offset, data)
+            return of.write(offset, data, append=fh in self.appending)
         except BaseException:
             of.write_failed = True    # the writer knows its data is incomplete
             raise
@@ -922,6 +939,7 @@ class ZkfsOperations(fuse.Operations):
         with self.ns_lock:
             of = self.handles.pop(fh)
             self.openers.pop(fh, None)
+            self.appending.discard(fh)
             of.handles -= 1
             if of.handles > 0:
                 return

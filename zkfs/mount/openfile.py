@@ -259,8 +259,10 @@ class OpenFile:
         if wanted:
             self.blocks.prefetch(self.id, base, wanted)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes, *, append: bool = False) -> int:
         with self.lock:
+            if append:            # O_APPEND: this file's end, whatever the kernel's size says
+                offset = self.size
             end = offset + len(data)
             self.size = max(self.size, end)   # a partial old last chunk is zero-padded by _base_view
             pos = offset
