@@ -21,7 +21,7 @@ from .errors import CorruptState, NotRegularFile, ServerError, Unreachable, Zkfs
 from .format import MAX_NAME_BYTES, NameTooLong
 from .session import open_vault
 from .state import LocalState
-from .transfer import check_download_target, download_file, file_sha256, upload_file
+from .transfer import check_download_target, download_file, file_sha256, kind_of, upload_file
 from .vault import Node, Vault, new_attrs, split_path
 
 
@@ -223,7 +223,7 @@ def cmd_upload(args, state: LocalState) -> None:
     if src.is_dir() and not args.recursive:
         raise ZkfsError(f"{src} is a directory (use -r)")
     if not src.is_dir() and not src.is_file():
-        raise NotRegularFile(f"{src} is {_kind(src)}: only files and folders can be uploaded")
+        raise NotRegularFile(f"{src} is {kind_of(src)}: only files and folders can be uploaded")
     _check_remote(src.name)
     vault = open_vault(state)
     uploader = _Uploader(vault, state)
@@ -258,22 +258,8 @@ def _tree_files(top: Path) -> list[Path]:
             if path.is_file():
                 files.append(path)
             else:
-                _warn(f"skipped {path} ({_kind(path)})")
+                _warn(f"skipped {path} ({kind_of(path)})")
     return sorted(files)
-
-
-def _kind(path: Path) -> str:
-    """What a non-regular local path is, for a message."""
-    mode = path.lstat().st_mode
-    if stat.S_ISLNK(mode):
-        return "a broken symlink" if not path.exists() else "a symlink to neither a file nor a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 class _Uploader:

@@ -138,9 +138,24 @@ def check_download_target(dest: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode)
-                else "not a regular file")
-        raise NotRegularFile(f"{dest} exists and is {kind}: not replacing it")
+        raise NotRegularFile(f"{dest} exists and is {kind_of(dest)}, not a regular file: not replacing it")
+
+
+def kind_of(path: Path) -> str:
+    """What a local path that is not a regular file is, for a message (not following
+    a symlink: a symlink is named as one)."""
+    mode = path.lstat().st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symlink" if path.exists() else "a broken symlink"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def open_regular(path: Path):
