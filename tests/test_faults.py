@@ -448,17 +448,28 @@ def test_two_mounts_and_the_cli_write_the_same_files(make_server, make_machine, 
                 versions[sha256_bytes(data)] = f"{wid}:{seq}"
             (local / name).write_bytes(data)
             t_open = time.monotonic()
-            proc = c.run("upload", str(local / name), check=False, timeout=120)
-            if proc.returncode == 0:
+            # t_done is when the CLI says "uploaded" (right after its commit), not its
+            # exit: saving its records and interpreter shutdown come after the commit,
+            # and a mount's write committed meanwhile legitimately replaces this one.
+            proc = subprocess.Popen([sys.executable, str(REPO / "client.py"), "upload", str(local / name)],
+                                    env=c.env() | {"PYTHONUNBUFFERED": "1"}, cwd=c.home, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            t_done = None
+            for line in proc.stdout:
+                if line.startswith("uploaded") and t_done is None:
+                    t_done = time.monotonic()
+            stderr = proc.stderr.read()
+            proc.wait(120)
+            if proc.returncode == 0 and t_done is not None:
                 with lock:
                     successes.append({"w": wid, "name": name, "sha": sha256_bytes(data), "t_open": t_open,
-                                      "t_done": time.monotonic()})
-            elif (re.search(r"conflict|changed|version", proc.stderr, re.I) and proc.stderr.startswith("error:")
-                  and proc.stderr.count("\n") <= 1):
+                                      "t_done": t_done})
+            elif (re.search(r"conflict|changed|version", stderr, re.I) and stderr.startswith("error:")
+                  and stderr.count("\n") <= 1):
                 cli_conflicts += 1                # told clearly; the local file is still there
             else:
                 with lock:
-                    errors.append(f"{wid} {name}: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+                    errors.append(f"{wid} {name}: exit {proc.returncode}: {stderr.strip()[:300]}")
 
     workers = [Bg(lambda: mount_writer("A", ma.path), "A"), Bg(lambda: mount_writer("B", mb.path), "B"),
                Bg(lambda: cli_writer("C"), "C")]
