@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 from . import account
 from .api import ApiClient
 from .errors import CorruptState, NotRegularFile, ServerError, Unreachable, ZkfsError
-from .format import MAX_NAME_BYTES, NameTooLong
+from .format import MAX_NAME_BYTES, NameTooLong, encode_name
 from .session import open_vault
 from .state import LocalState
 from .transfer import check_download_target, download_file, file_sha256, kind_of, upload_file
@@ -204,8 +204,8 @@ def _check_remote(path: str) -> str:
         if part == "..":
             raise ZkfsError(f"{path}: '..' is not supported in remote paths; "
                             "give the path from / (e.g. /Photos/2024)")
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-            raise ZkfsError(f"name too long (over {MAX_NAME_BYTES} bytes): {part[:40]}...")
+        if part not in ("", "."):
+            encode_name(part)           # NameTooLong: main() says so in one line
     return path
 
 

@@ -104,7 +104,6 @@ def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progre
 def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     """Download ``node`` to ``dest`` via a temp file renamed at the end, so an
     interrupted or tampered download never leaves a partial file. Returns sha256."""
-    check_download_target(dest)
     manifest = vault.manifest(node)
     sha = hashlib.sha256()
     tmp = dest.with_name(f".{dest.name}.zkfs-partial")

@@ -237,7 +237,7 @@ class ZkfsOperations(fuse.Operations):
 
     def _stat(self, node: Node) -> dict:
         of = self.open_files.get(node.id)
-        if of is not None and of.clean and node.version > of.base_version:
+        if of is not None and of.outdated_by(node):
             of = None                  # changed elsewhere: the next open() follows it
         pending = self.pending_attrs.get(node.id)
         if of is not None:
@@ -380,7 +380,7 @@ class ZkfsOperations(fuse.Operations):
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
                           self.vault.file_cipher(node.id), None)
             self.open_files[node.id] = of
-        elif of.clean and node.version > of.base_version:
+        elif of.outdated_by(node):
             of.rebase(node)        # close-to-open, also while other handles hold it
         return of
 

@@ -123,6 +123,11 @@ class OpenFile:
         version can replace the base without losing anything."""
         return self.pending is None and not (self.meta_dirty or self.content_dirty or self.write_failed)
 
+    def outdated_by(self, node: Node) -> bool:
+        """``node`` (this file as the namespace has it now) is a newer version that
+        this open file, holding nothing unpublished, should follow."""
+        return self.clean and node.version > self.base_version
+
     def chunk_len(self, i: int) -> int:
         return max(0, min(self.cs, self.size - i * self.cs))
 
