@@ -38,6 +38,11 @@ class TamperedError(ZkfsError):
     """Ciphertext or metadata from the server failed verification."""
 
 
+class StaleAnswer(ZkfsError):
+    """A read answered with a version older than one of our own commits that it
+    crossed: asked again, never used (see VersionLedger)."""
+
+
 class StaleError(ZkfsError):
     """What an open file was reading is gone: deleted or replaced by another client."""
     errno = E.ESTALE

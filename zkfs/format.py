@@ -16,6 +16,8 @@ CHUNK_SIZE = 1 << 20
 SEGMENT_SIZE = 1 << 16            # a chunk token is a run of independently sealed segments
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_BYTES = 4095          # PATH_MAX - 1
+# A manifest lists every chunk (holes included): 1 TiB is 1 Mi refs, 16 MiB sealed.
+MAX_FILE_SIZE = 1 << 40
 HOLE = UUID(int=0)                # a chunk that was never written reads as zeros
 
 _MANIFEST_MAGIC = b"ZKM2"

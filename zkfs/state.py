@@ -14,6 +14,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
@@ -182,7 +183,16 @@ class LocalState:
 
 
 class VersionLedger:
-    """Highest inode version this client has seen (CryFS-style rollback check)."""
+    """Highest inode version this client has seen (CryFS-style rollback check).
+
+    A read answered while one of this client's own commits was in flight may
+    carry the version before that commit: not a rollback, just an answer that
+    crossed ours. So every read notes ``epoch()`` before it is sent; an answer
+    older than what is known now, for an inode whose version rose after the
+    request was sent, is stale and the caller asks again. The second answer (sent
+    after the rise) must not be older: if it is, that is a rollback."""
+
+    _FORGET_RAISES_AFTER = 600.0     # seconds: no request waits that long
 
     def __init__(self, path: Path):
         fresh = not path.exists()
@@ -203,23 +213,41 @@ class VersionLedger:
         self._lock = threading.Lock()
         self._seen: dict[UUID, int] = {}
         self._dirty: set[UUID] = set()
+        self._epoch = 0
+        self._last_raise: dict[UUID, tuple[int, float]] = {}   # inode -> (epoch, monotonic time)
 
-    def check(self, inode: UUID, version: int) -> None:
+    def epoch(self) -> int:
+        """Note this before sending a read; pass it to ``check`` with the answer."""
+        with self._lock:
+            return self._epoch
+
+    def check(self, inode: UUID, version: int, since: int | None = None) -> bool:
+        """Record ``version`` of ``inode``. Returns False for a stale answer to a
+        request sent at epoch ``since`` (ask again); raises TamperedError for a
+        rollback; True otherwise. ``since=None``: a request sent just now."""
         with self._lock:
             known = self._seen.get(inode)
             if known is None:
                 row = self._db.execute("SELECT version FROM versions WHERE inode=?", (inode.bytes,)).fetchone()
-                known = row[0] if row else 0
-            if version < known:
-                raise TamperedError(f"the server rolled inode {inode} back from version {known} to {version}")
-            if version != known:
+                known = self._seen[inode] = row[0] if row else 0
+            if version > known:
+                self._epoch += 1
+                self._last_raise[inode] = (self._epoch, time.monotonic())
                 self._dirty.add(inode)
-            self._seen[inode] = version
+                self._seen[inode] = version
+            elif version < known:
+                if since is not None and self._last_raise.get(inode, (-1,))[0] > since:
+                    return False
+                raise TamperedError(f"the server rolled inode {inode} back from version {known} to {version}")
+            return True
 
     def flush(self) -> None:
         with self._lock:
             rows = [(i.bytes, self._seen[i]) for i in self._dirty]
             self._dirty.clear()
+            old = time.monotonic() - self._FORGET_RAISES_AFTER
+            for inode in [i for i, (_, at) in self._last_raise.items() if at < old]:
+                del self._last_raise[inode]
             if rows:
                 with self._db:       # one transaction for the batch
                     self._db.execute("BEGIN")

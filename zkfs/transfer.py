@@ -2,6 +2,7 @@
 bounded number in flight, so memory stays flat whatever the file size."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -12,7 +13,7 @@ from typing import Callable, Iterable
 from uuid import UUID, uuid4
 
 from .errors import NotRegularFile, ServerError, ZkfsError
-from .format import CHUNK_SIZE, Manifest, seal_chunk
+from .format import CHUNK_SIZE, MAX_FILE_SIZE, Manifest, seal_chunk
 from .vault import Node, Vault, any_nonzero, new_attrs
 
 IN_FLIGHT = 4
@@ -45,6 +46,9 @@ def upload_file(vault: Vault, src: Path, parent: Node, name: str, progress=None,
 
 def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progress,
             existing) -> tuple[Node, str]:
+    if st.st_size > MAX_FILE_SIZE:
+        raise ZkfsError(f"{name}: {st.st_size} bytes is over the largest file zkfs stores "
+                        f"({MAX_FILE_SIZE >> 40} TiB)", errno=errno.EFBIG)
     if existing is _LOOKUP:
         existing = vault.lookup(parent.id, name)
     if existing is not None and not existing.attrs.is_reg:

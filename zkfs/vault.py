@@ -13,19 +13,20 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 from uuid import UUID, uuid4
 
 from . import crypto
 from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError
-from .errors import ServerError, StaleError, TamperedError, ZkfsError
+from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsError
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
 from .state import VersionLedger
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,7 +65,9 @@ class Vault:
         self.ops_applied = 0
 
     # ------------------------------------------------------------ reading
-    def node_from_wire(self, d: dict) -> Node:
+    def node_from_wire(self, d: dict, since: int | None = None) -> Node:
+        """A verified node. ``since``: the ledger epoch when the request was sent
+        (StaleAnswer if the answer crossed one of our own commits)."""
         inode = UUID(d["id"])
         try:
             attrs = Attrs.decrypt(self.ns, b64decode(d["meta"]), inode, d["version"])
@@ -72,16 +75,27 @@ class Vault:
             raise TamperedError(f"attributes of inode {inode} failed verification: {exc}") from None
         if attrs.is_dir != d["is_dir"]:
             raise TamperedError(f"inode {inode}: server's type disagrees with its attributes")
-        self.ledger.check(inode, d["version"])
+        if not self.ledger.check(inode, d["version"], since):
+            raise StaleAnswer(f"inode {inode}: an answer older than our own commit")
         manifest = d.get("manifest")
         return Node(inode, d["is_dir"], d["version"], d["nlink"], attrs,
                     b64decode(manifest) if manifest else None, d.get("entries_mtime_ns"))
 
-    def get(self, inode: UUID) -> Node:
-        return self.node_from_wire(self.api.get_inode(inode))
+    def _fresh(self, fetch: Callable[[], object], decode: Callable[[object, int], T]) -> T:
+        """``decode(fetch(), since)``, asked again while the answer crossed one of our
+        own commits (a second stale answer is a rollback: the ledger raises)."""
+        while True:
+            since = self.ledger.epoch()
+            try:
+                return decode(fetch(), since)
+            except StaleAnswer:
+                continue
 
-    def _entry(self, parent: UUID, d: dict) -> tuple[str, Node]:
-        node = self.node_from_wire(d["inode"])
+    def get(self, inode: UUID) -> Node:
+        return self._fresh(lambda: self.api.get_inode(inode), self.node_from_wire)
+
+    def _entry(self, parent: UUID, d: dict, since: int | None) -> tuple[str, Node]:
+        node = self.node_from_wire(d["inode"], since)
         try:
             name = open_name(self.ns, b64decode(d["name"]), parent=parent, inode=node.id, name_hash=d["name_hash"])
         except IntegrityError as exc:
@@ -89,32 +103,46 @@ class Vault:
         return name, node
 
     def lookup(self, parent: UUID, name: str) -> Node | None:
-        try:
-            d = self.api.lookup(parent, self.name_hash(parent, name))
-        except ServerError as exc:
-            if exc.code == "not_found":
-                return None
-            raise
-        found, node = self._entry(parent, d)
-        if found != name:
+        def fetch():
+            try:
+                return self.api.lookup(parent, self.name_hash(parent, name))
+            except ServerError as exc:
+                if exc.code == "not_found":
+                    return None
+                raise
+
+        found = self._fresh(fetch, lambda d, since: None if d is None else self._entry(parent, d, since))
+        if found is None:
+            return None
+        if found[0] != name:
             raise TamperedError(f"lookup of an entry in {parent} returned another name")
-        return node
+        return found[1]
 
     def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
-        return [self._entry(inode, d) for d in self.api.list_dir(inode)]
+        return self._fresh(lambda: self.api.list_dir(inode),
+                           lambda raw, since: [self._entry(inode, d, since) for d in raw])
 
-    def listdir_partial(self, inode: UUID, raw: list[dict] | None = None
+    def listdir_partial(self, inode: UUID, raw: list[dict] | None = None, since: int | None = None
                         ) -> tuple[list[tuple[str, Node]], dict[str, TamperedError]]:
         """Like listdir, but entries that fail verification are returned apart
         (by name hash) instead of failing the whole directory. ``raw``: the
-        server's listing when already fetched (``api.list_dirs``)."""
-        good, bad = [], {}
-        for d in self.api.list_dir(inode) if raw is None else raw:
+        server's listing when already fetched (``api.list_dirs``) at ledger
+        epoch ``since``."""
+        def decode(listing: list[dict], since: int) -> tuple[list, dict]:
+            good, bad = [], {}
+            for d in listing:
+                try:
+                    good.append(self._entry(inode, d, since))
+                except TamperedError as exc:
+                    bad[d["name_hash"]] = exc
+            return good, bad
+
+        if raw is not None:
             try:
-                good.append(self._entry(inode, d))
-            except TamperedError as exc:
-                bad[d["name_hash"]] = exc
-        return good, bad
+                return decode(raw, since)
+            except StaleAnswer:
+                pass                 # read ahead before one of our own commits: ask again
+        return self._fresh(lambda: self.api.list_dir(inode), decode)
 
     def resolve(self, path: str) -> Node:
         node = self.get(self.root)

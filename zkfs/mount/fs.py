@@ -182,8 +182,9 @@ class ZkfsOperations(fuse.Operations):
                     next_retry = time.monotonic() + 5
                     continue
                 with self.ns_lock:
-                    if of.handles == 0 and not (of.meta_dirty or of.content_dirty or of.pending):
-                        self.open_files.pop(of.id, None)
+                    if of.handles == 0 and not (of.meta_dirty or of.content_dirty or of.pending) \
+                            and self.open_files.get(of.id) is of:    # not a newer open's state
+                        del self.open_files[of.id]
 
     def destroy(self, path):
         self._stop.set()
@@ -375,10 +376,14 @@ class ZkfsOperations(fuse.Operations):
                 break
 
     def _open_file(self, node: Node) -> OpenFile:
+        """(Under the namespace lock.) The one state of this file on this mount."""
         of = self.open_files.get(node.id)
         if of is None:
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
                           self.vault.file_cipher(node.id), None)
+            p = self.pending_attrs.pop(node.id, None)
+            if p is not None:                 # the open file carries them from now on
+                of.take_over_attrs(p.node.version, p.attrs, p.changes)
             self.open_files[node.id] = of
         elif of.outdated_by(node):
             of.rebase(node)        # close-to-open, also while other handles hold it
@@ -414,10 +419,11 @@ class ZkfsOperations(fuse.Operations):
             of.write_failed = False
             return
         path = of.last_path = path or of.last_path
-        if not durable and of.meta_dirty and not of.pending:
+        if not durable:
             with of.lock:
-                if not of.content_dirty:
-                    self._defer_attrs(of)
+                if not (of.content_dirty or of.pending):
+                    if of.meta_dirty:
+                        self._defer_attrs(of)
                     return
         try:
             with of.lock:     # the conflict copy is a snapshot of exactly what failed to commit
@@ -475,15 +481,17 @@ class ZkfsOperations(fuse.Operations):
             of.unlinked = True           # deleted elsewhere: our version lives on in the copy
 
     def _defer_attrs(self, of: OpenFile) -> None:
+        """(Under ``of.lock``.) Attribute changes are all that is left to send: once no
+        handle is left, the file's state hands them to the write-back, like a closed
+        file's chmod, and leaves. While a handle is open they stay with the file (its
+        last close carries them): one holder of an inode's changes, never two."""
         with self.ns_lock:
+            if of.handles > 0 or self.open_files.get(of.id) is not of:
+                return
             base_version, attrs, changes = of.take_attr_changes()
-            p = self.pending_attrs.get(of.id)
-            if p is None:
-                self.pending_attrs[of.id] = PendingAttrs(Node(of.id, False, base_version, self.meta.nlink(of.id), attrs),
-                                                         attrs, changes, time.monotonic())
-            else:
-                p.attrs = attrs
-                p.changes.extend(changes)
+            del self.open_files[of.id]
+            self.pending_attrs[of.id] = PendingAttrs(
+                Node(of.id, False, base_version, self.meta.nlink(of.id), attrs), attrs, changes, time.monotonic())
 
     def _setattr(self, path: str, change, fh: int | None = None) -> None:
         """Attribute changes are written back: an open file commits them with its
@@ -868,12 +876,7 @@ class ZkfsOperations(fuse.Operations):
             node = self._resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            fresh = node.id not in self.open_files
             of = self._open_file(node)
-            p = self.pending_attrs.pop(node.id, None) if fresh else None
-            if p is not None:                 # the open file carries them from now on
-                of.base_version, of.attrs = p.node.version, p.attrs
-                of.attr_changes, of.meta_dirty = list(p.changes), True
             fh = self._new_handle(of, path)
             if flags & os.O_APPEND:
                 self.appending.add(fh)
@@ -892,6 +895,10 @@ class ZkfsOperations(fuse.Operations):
         of = self.handles[fh]
         try:
             return of.write(offset, data, append=fh in self.appending)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:       # EFBIG: refused before anything changed
+                of.write_failed = True
+            raise
         except BaseException:
             of.write_failed = True    # the writer knows its data is incomplete
             raise

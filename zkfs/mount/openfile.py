@@ -10,6 +10,7 @@ whole new version becomes visible or none of it.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from uuid import UUID, uuid4
 
 from ..crypto import BinaryFernet
 from ..errors import ServerError
-from ..format import HOLE_REF, Attrs, ChunkRef, Manifest, seal_chunk
+from ..format import HOLE_REF, MAX_FILE_SIZE, Attrs, ChunkRef, Manifest, seal_chunk
 from ..vault import Node, Vault, any_nonzero
 from .blocks import BlockStore
 from .cache import EncryptedSpool
@@ -28,6 +29,13 @@ from .cache import EncryptedSpool
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 64 * 1024
+
+
+def _check_size(size: int) -> None:
+    if size < 0:
+        raise OSError(errno.EINVAL, "negative size")
+    if size > MAX_FILE_SIZE:
+        raise OSError(errno.EFBIG, "file too large")
 
 
 class ConflictError(Exception):
@@ -269,6 +277,7 @@ class OpenFile:
             if append:            # O_APPEND: this file's end, whatever the kernel's size says
                 offset = self.size
             end = offset + len(data)
+            _check_size(end)
             self.size = max(self.size, end)   # a partial old last chunk is zero-padded by _base_view
             pos = offset
             while pos < end:
@@ -290,6 +299,7 @@ class OpenFile:
             return len(data)
 
     def truncate(self, length: int) -> None:
+        _check_size(length)
         with self.lock:
             if length < self.size:
                 last = length // self.cs
@@ -350,6 +360,13 @@ class OpenFile:
         changes, self.attr_changes = self.attr_changes, []
         self.meta_dirty = False
         return self.base_version, self.attrs.evolve(), changes
+
+    def take_over_attrs(self, base_version: int, attrs: Attrs, changes: list) -> None:
+        """Attribute changes written back but not yet sent, for this file's base: from
+        now on this state carries them (a later commit sends them with the content)."""
+        with self.lock:
+            self.base_version, self.attrs = base_version, attrs
+            self.attr_changes, self.meta_dirty = list(changes), True
 
     def create_op(self) -> dict:
         """The op that publishes this new file (empty; content follows in a commit)."""
