@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 from uuid import UUID
 
 from . import errors as E
-from .models import (KdfParams, MasterKeyRecord, OpCommit, OpCreate, OpDeleteInode, OpLink,
-                     OpRename, OpRmdir, OpSetMeta, OpUnlink)
+from .models import (KdfParams, MasterKeyRecord, OpCommit, OpCreate, OpDeleteInode, OpExchange,
+                     OpLink, OpRename, OpRmdir, OpSetMeta, OpUnlink)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users(
@@ -60,7 +60,6 @@ CREATE TABLE IF NOT EXISTS inodes(
     key_gen INTEGER,
     changed_seq INTEGER NOT NULL DEFAULT 0,
     orphan_since REAL,
-    entries_mtime_ns INTEGER,
     PRIMARY KEY(user_id, id)
 );
 CREATE INDEX IF NOT EXISTS inodes_changed ON inodes(user_id, changed_seq);
@@ -137,7 +136,6 @@ class InodeRecord:
     nlink: int
     meta: str
     manifest: str | None = None
-    entries_mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -213,14 +211,15 @@ class MetadataStore(abc.ABC):
     def get_inode(self, user_id: UUID, inode: UUID) -> InodeRecord | None: ...
 
     @abc.abstractmethod
-    def list_entries(self, user_id: UUID, parent: UUID) -> list[EntryRecord] | None: ...
+    def list_entries(self, user_id: UUID, parent: UUID) -> tuple[InodeRecord, list[EntryRecord]] | None:
+        """The directory's own record and its entries, from one snapshot."""
 
     @abc.abstractmethod
     def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
-                          max_entries: int) -> list[tuple[UUID, list[EntryRecord]]]:
-        """Listings of those ``parents`` that are the user's directories, in order
-        and from one snapshot, stopping before the one that would take the total
-        past ``max_entries``."""
+                          max_entries: int) -> list[tuple[InodeRecord, list[EntryRecord]]]:
+        """Listings (as ``list_entries``) of those ``parents`` that are the user's
+        directories, in order and from one snapshot, stopping before the one that
+        would take the total past ``max_entries``."""
 
     @abc.abstractmethod
     def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None: ...
@@ -470,7 +469,7 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- namespace reads
     def _inode_row(self, c, uid: str, inode: str, with_manifest: bool):
-        cols = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta, i.entries_mtime_ns"
+        cols = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta"
         if with_manifest:
             cols += ", i.manifest"
         return c.execute(f"SELECT {cols} FROM inodes i WHERE i.user_id = ? AND i.id = ?",
@@ -479,8 +478,7 @@ class SqliteMetadataStore(MetadataStore):
     @staticmethod
     def _inode(row, with_manifest: bool) -> InodeRecord:
         return InodeRecord(id=UUID(row[0]), is_dir=bool(row[1]), version=row[2], nlink=row[3],
-                           meta=row[4], entries_mtime_ns=row[5],
-                           manifest=row[6] if with_manifest else None)
+                           meta=row[4], manifest=row[5] if with_manifest else None)
 
     def get_inode(self, user_id, inode):
         with self.read() as c:
@@ -488,23 +486,24 @@ class SqliteMetadataStore(MetadataStore):
         return self._inode(row, True) if row else None
 
     _ENTRY_SQL = ("SELECT d.name_hash, d.name, i.id, i.is_dir, i.version, " + _NLINK_SQL +
-                  ", i.meta, i.entries_mtime_ns FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
+                  ", i.meta FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
                   " WHERE d.user_id = ? AND d.parent = ?")
 
     @staticmethod
     def _entry(row) -> EntryRecord:
         return EntryRecord(name_hash=row[0], name=row[1],
                            inode=InodeRecord(id=UUID(row[2]), is_dir=bool(row[3]), version=row[4],
-                                             nlink=row[5], meta=row[6], entries_mtime_ns=row[7]))
+                                             nlink=row[5], meta=row[6]))
 
-    def _listing(self, c, uid: str, parent: str, limit: int = -1) -> list[EntryRecord] | None:
+    def _listing(self, c, uid: str, parent: str, limit: int = -1
+                 ) -> tuple[InodeRecord, list[EntryRecord]] | None:
         """None when ``parent`` is not one of the user's directories; at most
         ``limit`` entries (-1: all)."""
-        row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, parent)).fetchone()
-        if row is None or not row[0]:
+        row = self._inode_row(c, uid, parent, False)
+        if row is None or not row[1]:
             return None
         rows = c.execute(self._ENTRY_SQL + " ORDER BY d.name_hash LIMIT ?", (uid, parent, limit)).fetchall()
-        return [self._entry(r) for r in rows]
+        return self._inode(row, False), [self._entry(r) for r in rows]
 
     def list_entries(self, user_id, parent):
         with self.read() as c:
@@ -514,13 +513,13 @@ class SqliteMetadataStore(MetadataStore):
         uid, found, room = _s(user_id), [], max_entries
         with self.read() as c:
             for parent in dict.fromkeys(parents):
-                entries = self._listing(c, uid, _s(parent), room + 1)
-                if entries is None:
+                listing = self._listing(c, uid, _s(parent), room + 1)
+                if listing is None:
                     continue
-                if len(entries) > room:
+                if len(listing[1]) > room:
                     break
-                found.append((parent, entries))
-                room -= len(entries)
+                found.append(listing)
+                room -= len(listing[1])
         return found
 
     def lookup_entry(self, user_id, parent, name_hash):
@@ -555,6 +554,7 @@ class SqliteMetadataStore(MetadataStore):
                 try:
                     tx.results.append(tx.apply(op, inline_sizes))
                 except E.ApiError as e:
+                    e.op_index = index
                     if len(ops) > 1:
                         e.detail = f"op {index} ({op.op}): {e.detail}"
                     raise
@@ -720,19 +720,10 @@ class _OpsTx:
     def add_entry(self, parent: str, name_hash: str, ino: str, is_dir: bool, name: str) -> None:
         self.c.execute("INSERT INTO dentries VALUES (?,?,?,?,?,?)",
                        (self.uid, parent, name_hash, ino, int(is_dir), name))
-        self._entries_changed(parent)
 
     def del_entry(self, parent: str, name_hash: str) -> None:
         self.c.execute("DELETE FROM dentries WHERE user_id = ? AND parent = ? AND name_hash = ?",
                        (self.uid, parent, name_hash))
-        self._entries_changed(parent)
-
-    def _entries_changed(self, parent: str) -> None:
-        # A directory's mtime/ctime is when its entries last changed: the server
-        # sees that moment anyway, so it keeps it, and two clients creating files
-        # in one directory never race on its encrypted attributes.
-        self.c.execute("UPDATE inodes SET entries_mtime_ns = ? WHERE user_id = ? AND id = ?",
-                       (time.time_ns(), self.uid, parent))
 
     def touch(self, *inos: str) -> None:
         self.touched.update(inos)
@@ -812,8 +803,9 @@ class _OpsTx:
         return op.inode, row[1]
 
     def _expect(self, ent, expect: UUID | None) -> None:
+        """The client's directory digest counts on this entry naming ``expect``."""
         if expect is not None and ent[0] != _s(expect):
-            raise E.not_found("the entry no longer names the expected inode")
+            raise E.stale("the entry no longer names the expected inode")
 
     def op_unlink(self, op: OpUnlink, _inline):
         parent = _s(op.parent)
@@ -854,13 +846,17 @@ class _OpsTx:
         if src is None:
             raise E.not_found("no such source entry")
         self.require_dir(dp)
+        self._expect(src, op.src_inode)
         ino, isdir = src[0], bool(src[1])
         if sp == dp and op.src_hash == op.dst_hash:
             return UUID(ino), self.version(ino)            # rename(a, a): no-op
         dst = self.entry(dp, op.dst_hash)
+        if dst is None and op.dst_inode is not None:
+            raise E.stale("the target no longer exists")
         if dst is not None:
             if op.noreplace:
                 raise E.exists("target exists")
+            self._expect(dst, op.dst_inode)
             if dst[0] == ino:
                 return UUID(ino), self.version(ino)        # two names of one inode: no-op
             if isdir and not dst[1]:
@@ -870,15 +866,7 @@ class _OpsTx:
             if dst[1] and not self.dir_empty(dst[0]):
                 raise E.not_empty("target directory not empty")
         if isdir:
-            # dst_parent must not be the moved directory or one of its descendants.
-            cur, seen = dp, set()
-            while cur is not None and cur not in seen:
-                if cur == ino:
-                    raise E.invalid_move()
-                seen.add(cur)
-                row = self.c.execute("SELECT parent FROM dentries WHERE user_id = ? AND inode = ?"
-                                     " LIMIT 1", (self.uid, cur)).fetchone()
-                cur = row[0] if row else None
+            self._not_under(dp, ino)
         if dst is not None:
             self.del_entry(dp, op.dst_hash)
             self.release(dst[0], bool(dst[1]), op.keep_orphan)
@@ -887,13 +875,45 @@ class _OpsTx:
         self.touch(ino, sp, dp)
         return UUID(ino), self.version(ino)
 
+    def _not_under(self, target_parent: str, moved_dir: str) -> None:
+        """A directory cannot move into itself or one of its descendants."""
+        cur, seen = target_parent, set()
+        while cur is not None and cur not in seen:
+            if cur == moved_dir:
+                raise E.invalid_move()
+            seen.add(cur)
+            row = self.c.execute("SELECT parent FROM dentries WHERE user_id = ? AND inode = ?"
+                                 " LIMIT 1", (self.uid, cur)).fetchone()
+            cur = row[0] if row else None
+
+    def op_exchange(self, op: OpExchange, _inline):
+        ap, bp = _s(op.a_parent), _s(op.b_parent)
+        self.require_dir(ap)
+        self.require_dir(bp)
+        a, b = self.entry(ap, op.a_hash), self.entry(bp, op.b_hash)
+        if a is None or b is None:
+            raise E.not_found("no such entry")
+        self._expect(a, op.a_inode)
+        self._expect(b, op.b_inode)
+        if a[0] == b[0]:
+            return op.a_inode, self.version(a[0])          # one inode, two names: nothing moves
+        if a[1]:
+            self._not_under(bp, a[0])
+        if b[1]:
+            self._not_under(ap, b[0])
+        self.del_entry(ap, op.a_hash)
+        self.del_entry(bp, op.b_hash)
+        self.add_entry(ap, op.a_hash, b[0], bool(b[1]), op.a_name)
+        self.add_entry(bp, op.b_hash, a[0], bool(a[1]), op.b_name)
+        self.touch(a[0], b[0], ap, bp)
+        return op.a_inode, self.version(a[0])
+
     def op_setmeta(self, op: OpSetMeta, _inline):
         ino = _s(op.inode)
         row = self.require_inode(ino)
         if row[1] != op.base_version:
             raise E.conflict(f"version is {row[1]}, not {op.base_version}")
-        # An explicit setmeta (utimens, chmod...) makes the encrypted times authoritative again.
-        self.c.execute("UPDATE inodes SET meta = ?, version = version + 1, entries_mtime_ns = NULL"
+        self.c.execute("UPDATE inodes SET meta = ?, version = version + 1"
                        " WHERE user_id = ? AND id = ?", (op.meta, self.uid, ino))
         self.touch(ino)
         return op.inode, row[1] + 1

@@ -26,6 +26,7 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.op_index: int | None = None      # which op of a POST /fs/ops batch failed
 
 
 # Small constructors so call sites read like the table in docs/API.md.
@@ -55,6 +56,10 @@ def exists(detail: str = "already exists") -> ApiError:
 
 def conflict(detail: str = "version conflict") -> ApiError:
     return ApiError(409, "conflict", detail)
+
+
+def stale(detail: str = "the entry is not the one the client expected") -> ApiError:
+    return ApiError(409, "stale", detail)
 
 
 def not_empty(detail: str = "directory not empty") -> ApiError:
@@ -101,8 +106,11 @@ _HTTP_CODES = {
 }
 
 
-def _body(status: int, code: str, detail: str, headers=None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+def _body(status: int, code: str, detail: str, headers=None, op_index: int | None = None) -> JSONResponse:
+    body: dict = {"detail": detail, "code": code}
+    if op_index is not None:
+        body["op_index"] = op_index
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _one_line_validation(exc: RequestValidationError) -> str:
@@ -156,7 +164,7 @@ class BodyLimitMiddleware:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
-        return _body(exc.status, exc.code, exc.detail, exc.headers)
+        return _body(exc.status, exc.code, exc.detail, exc.headers, exc.op_index)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_META_B64 = 256 * 1024          # encrypted inode attributes incl. xattrs
 MAX_NAME_B64 = 1024                # encrypted dentry name (255-byte name + overhead)
 MAX_KEY_B64 = 512                  # a wrapped key
-MAX_MANIFEST_B64 = 8 * 1024 * 1024  # manifest of a ~150 GiB file at 1 MiB chunks
+MAX_MANIFEST_B64 = 8 * 1024 * 1024  # the manifest of a ~380 GiB file at 1 MiB chunks
 MAX_INLINE_B64 = 2 * 1024 * 1024   # inline blob data carried in one ops request
 MAX_OPS = 1000
 MAX_LISTINGS = 256             # directories per POST /fs/listings
@@ -33,6 +33,7 @@ class Error(BaseModel):
     """Every error body. ``code`` is machine-readable (see docs/API.md)."""
     detail: str
     code: str
+    op_index: int | None = None     # POST /fs/ops: the index of the op that failed
 
 
 # ---------------------------------------------------------------- accounts
@@ -131,9 +132,6 @@ class InodeOut(BaseModel):
     version: int
     nlink: int
     meta: str                       # B64 encrypted attributes
-    # Directories: server time (ns) their entries last changed, unless an explicit
-    # setmeta came after (then null and the encrypted mtime holds).
-    entries_mtime_ns: int | None = None
     manifest: str | None = None     # B64, only from GET /fs/inodes/{id}
 
 
@@ -144,6 +142,7 @@ class EntryOut(BaseModel):
 
 
 class EntryList(BaseModel):
+    dir: InodeOut                   # the directory itself, from the same snapshot
     entries: list[EntryOut]
 
 
@@ -152,7 +151,7 @@ class ListingsRequest(Strict):
 
 
 class DirListing(BaseModel):
-    dir: UUID
+    dir: InodeOut                   # the directory itself, from the same snapshot
     entries: list[EntryOut]
 
 
@@ -203,7 +202,7 @@ class OpUnlink(Strict):
     op: Literal["unlink"]
     parent: UUID
     name_hash: NameHash
-    expect_inode: UUID | None = None
+    expect_inode: UUID | None = None        # else 409 stale
     keep_orphan: bool = False       # inode kept (nlink 0) until delete_inode
 
 
@@ -211,7 +210,7 @@ class OpRmdir(Strict):
     op: Literal["rmdir"]
     parent: UUID
     name_hash: NameHash
-    expect_inode: UUID | None = None
+    expect_inode: UUID | None = None        # else 409 stale
 
 
 class OpRename(Strict):
@@ -223,6 +222,21 @@ class OpRename(Strict):
     dst_name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
     noreplace: bool = False
     keep_orphan: bool = False       # for a replaced target still open
+    src_inode: UUID | None = None   # what the source entry must name, else 409 stale
+    dst_inode: UUID | None = None   # what an existing target must be, else 409 stale
+
+
+class OpExchange(Strict):
+    """rename(2) with RENAME_EXCHANGE: two existing entries swap inodes."""
+    op: Literal["exchange"]
+    a_parent: UUID
+    a_hash: NameHash
+    a_inode: UUID
+    a_name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # the name sealed for b_inode
+    b_parent: UUID
+    b_hash: NameHash
+    b_inode: UUID
+    b_name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # the name sealed for a_inode
 
 
 class OpSetMeta(Strict):
@@ -248,7 +262,7 @@ class OpDeleteInode(Strict):
 
 
 Op = Annotated[
-    Union[OpCreate, OpLink, OpUnlink, OpRmdir, OpRename, OpSetMeta, OpCommit, OpDeleteInode],
+    Union[OpCreate, OpLink, OpUnlink, OpRmdir, OpRename, OpExchange, OpSetMeta, OpCommit, OpDeleteInode],
     Field(discriminator="op"),
 ]
 

@@ -103,12 +103,14 @@ class LoadClient:
         new = f"r{self.seq:04d}.bin"
         node = self.vault.lookup(self.dir.id, old)
         assert node is not None, f"{old} vanished"
-        self.vault.apply([self.vault.op_rename(node.id, self.dir.id, old, self.dir.id, new)])
+        self.vault.apply([self.vault.op_rename(node, self.dir.id, old, self.dir.id, new)])
         self.model[new] = self.model.pop(old)
 
     def delete(self) -> None:
         name = self.rng.choice(sorted(self.model))
-        self.vault.apply([self.vault.op_unlink(self.dir.id, name)])
+        node = self.vault.lookup(self.dir.id, name)
+        assert node is not None, f"{name} vanished"
+        self.vault.apply([self.vault.op_unlink(self.dir.id, name, node.id)])
         del self.model[name]
 
     def pick(self) -> str:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import REPO, ServerProcess
 from mount_helpers import Mounts, run
+from zkfs.format import MAX_FILE_SIZE
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -174,3 +175,143 @@ def test_huge_truncate_is_efbig_and_the_mount_lives(d, ctx, size):
         os.close(fd)
     assert f.read_bytes() == b"keep"
     assert ctx.alive()
+
+
+def test_the_largest_file_is_a_sparse_file_the_server_takes(d, ctx):
+    """MAX_FILE_SIZE is EFBIG's edge: a sparse file of exactly that size commits
+    (its manifest fits what the server accepts) and reads back as zeros."""
+    f = d / "big"
+    f.write_bytes(b"start")
+    os.truncate(f, MAX_FILE_SIZE)
+    with pytest.raises(OSError) as ei:
+        os.truncate(f, MAX_FILE_SIZE + 1)
+    assert ei.value.errno == errno.EFBIG
+    other = ctx.mounts.mount(ctx.machine)
+    g = other.path / d.name / "big"
+    assert os.stat(g).st_size == MAX_FILE_SIZE
+    with open(g, "rb") as fh:
+        assert fh.read(5) == b"start"
+        fh.seek(MAX_FILE_SIZE - 3)
+        assert fh.read() == bytes(3)
+# ---------------------------------------------------------------- directory times
+def dir_times(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirs, _files in os.walk(root):
+        for name in dirs + ["."]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            out[str(p.relative_to(root))] = (st.st_mtime_ns, st.st_nlink)
+    return out
+
+
+def test_directory_mtimes_survive_a_remount(ctx):
+    """Finding 4: after rsync -a and git clone, a remount showed other directory
+    mtimes (the server's clock), so rsync saw every folder as changed."""
+    src = Path(ctx.m.path).parent / "dirtimes-src"
+    if src.exists():
+        run("rm", "-rf", src)
+    for sub in ("a", "a/b", "a/b/c", "d"):
+        (src / sub).mkdir(parents=True)
+        (src / sub / "file.txt").write_text(sub)
+    for i, sub in enumerate(("a/b/c", "a/b", "a", "d", ".")):
+        os.utime(src / sub, ns=(10**18 + i, 10**18 + i * 7))
+    top = ctx.m.path / "dirtimes"
+    top.mkdir()
+    run("rsync", "-a", f"{src}/", top / "rsynced")
+    run("git", "clone", "-q", REPO, top / "clone", timeout=300)
+    before = dir_times(top)
+    assert before["rsynced/a/b"][0] == 10**18 + 7 * 1
+    time.sleep(1.1)
+    ctx.remount()
+    after = dir_times(ctx.m.path / "dirtimes")
+    assert after == before
+    # and rsync agrees: nothing to do for any folder
+    out = run("rsync", "-ai", "--dry-run", f"{src}/", ctx.m.path / "dirtimes" / "rsynced").stdout
+    assert out.strip() == "", out
+
+
+def test_directory_mtime_follows_entry_changes_and_touch(d, ctx):
+    sub = d / "sub"
+    sub.mkdir()
+    os.utime(sub, ns=(10**15, 10**15))
+    assert os.stat(sub).st_mtime_ns == 10**15
+    (sub / "x").write_text("x")
+    t_create = os.stat(sub).st_mtime_ns
+    assert t_create > 10**15
+    os.utime(sub, ns=(2 * 10**15, 2 * 10**15))
+    other = ctx.mounts.mount(ctx.machine)
+    assert os.stat(other.path / d.name / "sub").st_mtime_ns == 2 * 10**15
+
+
+# ---------------------------------------------------------------- ctime
+@pytest.mark.parametrize("action", ["link", "unlink", "rename_over"])
+def test_ctime_follows_link_unlink_and_rename_over(d, ctx, action):
+    """Finding 5 (pjdfstest link/00, unlink/00, rename/23): a file's ctime moves when one
+    of its names is linked, unlinked or renamed over, seen through every name."""
+    f = d / "f"
+    f.write_text("data")
+    os.link(f, d / "f2")
+    (d / "other").write_text("other")
+    before = os.stat(f).st_ctime_ns
+    time.sleep(1.1)
+    if action == "link":
+        os.link(f, d / "f3")
+    elif action == "unlink":
+        os.unlink(d / "f2")
+    else:
+        os.rename(d / "other", d / "f2")
+    after = os.stat(f).st_ctime_ns
+    assert after > before
+    time.sleep(0.7)                  # written back: a fresh mount sees it too
+    other = ctx.mounts.mount(ctx.machine)
+    assert os.stat(other.path / d.name / "f").st_ctime_ns == after
+
+
+# ---------------------------------------------------------------- rename flags
+def test_rename_noreplace(d):
+    (d / "a").write_text("a")
+    (d / "b").write_text("b")
+    with pytest.raises(OSError) as ei:
+        renameat2(d / "a", d / "b", RENAME_NOREPLACE)
+    assert ei.value.errno == errno.EEXIST
+    assert (d / "a").read_text() == "a" and (d / "b").read_text() == "b"
+    renameat2(d / "a", d / "c", RENAME_NOREPLACE)
+    assert sorted(os.listdir(d)) == ["b", "c"]
+
+
+def test_rename_noreplace_onto_an_open_file(d, ctx):
+    """libfuse moves an open target aside before it hands us the rename: a
+    RENAME_NOREPLACE onto it must still fail, and the target keep its name."""
+    (d / "new").write_text("new")
+    (d / "held").write_text("held")
+    fd = os.open(d / "held", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as ei:
+            renameat2(d / "new", d / "held", RENAME_NOREPLACE)
+        assert ei.value.errno == errno.EEXIST
+        assert (d / "held").read_text() == "held"
+        os.pwrite(fd, b"HELD", 0)
+        assert os.fstat(fd).st_nlink == 1
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(d)) == ["held", "new"]
+    assert (d / "held").read_text() == "HELD"
+    time.sleep(0.7)
+    other = ctx.mounts.mount(ctx.machine)
+    assert (other.path / d.name / "held").read_text() == "HELD"
+    assert sorted(os.listdir(other.path / d.name)) == ["held", "new"]
+
+
+def test_rename_exchange(d, ctx):
+    (d / "file").write_text("file content")
+    (d / "dir").mkdir()
+    (d / "dir" / "inner").write_text("inner")
+    renameat2(d / "file", d / "dir", RENAME_EXCHANGE)
+    assert (d / "dir").read_text() == "file content"
+    assert (d / "file" / "inner").read_text() == "inner"
+    with pytest.raises(OSError) as ei:
+        renameat2(d / "file", d / "missing", RENAME_EXCHANGE)
+    assert ei.value.errno == errno.ENOENT
+    other = ctx.mounts.mount(ctx.machine)
+    assert (other.path / d.name / "dir").read_text() == "file content"
+    assert (other.path / d.name / "file" / "inner").read_text() == "inner"

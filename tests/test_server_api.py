@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"detail", "code"}, body
+    assert set(body) - {"op_index"} == {"detail", "code"}, body
     assert body["code"] == code, body
     assert isinstance(body["detail"], str)
 
@@ -298,9 +298,9 @@ def test_listings_of_several_dirs(shared_server):
     r = a.c.post("/fs/listings", json={"dirs": [str(d) for d in asked]})
     assert r.status_code == 200, r.text
     got = r.json()["listings"]
-    assert [x["dir"] for x in got] == [str(dirs[2]), str(dirs[0])]
+    assert [x["dir"]["id"] for x in got] == [str(dirs[2]), str(dirs[0])]
     for x in got:
-        assert x["entries"] == a.c.get(f"/fs/dirs/{x['dir']}/entries").json()["entries"]
+        assert x == a.c.get(f"/fs/dirs/{x['dir']['id']}/entries").json()
     assert b.c.post("/fs/listings", json={"dirs": [str(d) for d in dirs]}).json() == {"listings": []}
     assert_error(a.c.post("/fs/listings", json={"dirs": []}), 422, "validation")
     assert_error(a.c.post("/fs/listings", json={"dirs": [str(dirs[0])] * 257}), 422, "validation")
@@ -308,7 +308,7 @@ def test_listings_of_several_dirs(shared_server):
 
     # The answer is bounded: whole listings, in order, up to the first that would not fit.
     db = SqliteMetadataStore(shared_server.data_dir / "app.db")
-    sizes = lambda found: [(d, len(entries)) for d, entries in found]    # noqa: E731
+    sizes = lambda found: [(d.id, len(entries)) for d, entries in found]    # noqa: E731
     order = [dirs[2], dirs[0], dirs[1]]                                   # 3, 1 and 2 entries
     assert sizes(db.list_entries_many(a.user_id, order, 6)) == [(dirs[2], 3), (dirs[0], 1), (dirs[1], 2)]
     assert sizes(db.list_entries_many(a.user_id, order, 5)) == [(dirs[2], 3), (dirs[0], 1)]
@@ -326,7 +326,7 @@ def test_unlink_rmdir(shared_server):
     assert_error(a.ops({"op": "rmdir", "parent": str(a.root), "name_hash": nh("d")}), 409, "not_empty")
     assert_error(a.ops({"op": "rmdir", "parent": str(d), "name_hash": nh("f")}), 409, "not_dir")
     assert_error(a.ops(unlink(d, "nope")), 404, "not_found")
-    assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 404, "not_found")
+    assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 409, "stale")
     fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
     assert (fdir / str(blob)).exists() and (fdir / "key").exists()
     res = a.ok(unlink(d, "f", expect_inode=str(f)))
@@ -385,6 +385,40 @@ def test_rename_posix_cases(shared_server):
     assert_error(a.ops(rename(R, "zz", R, "yy")), 404, "not_found")
     assert_error(a.ops(rename(R, "f3", uuid.uuid4(), "yy")), 404, "not_found")
     assert_error(a.ops(rename(R, "f3", f3, "yy")), 409, "not_dir")
+
+
+def test_rename_expectations_exchange_and_op_index(shared_server):
+    """A client sealing a folder's entry digest states which inodes it removes or
+    replaces: any other gives 409 stale (naming the op), nothing applied."""
+    a = Account(shared_server)
+    R = a.root
+    f, g = a.create(R, "f"), a.create(R, "g")
+    d = a.create(R, "d", is_dir=True)
+    inner = a.create(d, "inner", is_dir=True)
+    r = a.ops(rename(R, "f", R, "g", src_inode=str(g)))
+    assert_error(r, 409, "stale")
+    r = a.ops({"op": "setmeta", "inode": str(f), "base_version": 1, "meta": b64(3)},
+              rename(R, "f", R, "g", src_inode=str(f), dst_inode=str(f)))
+    assert_error(r, 409, "stale")
+    assert r.json()["op_index"] == 1
+    assert a.inode(f)["version"] == 1                            # the whole batch or nothing
+    assert_error(a.ops(rename(R, "f", R, "new", src_inode=str(f), dst_inode=str(g))), 409, "stale")
+    a.ok(rename(R, "f", R, "g", src_inode=str(f), dst_inode=str(g)))
+    assert a.names(R)[nh("g")]["inode"]["id"] == str(f)
+    assert_error(a.ops(unlink(R, "g", expect_inode=str(g))), 409, "stale")
+
+    def exchange(ap, an, ai, bp, bn, bi):
+        return {"op": "exchange", "a_parent": str(ap), "a_hash": nh(an), "a_inode": str(ai), "a_name": b64(20),
+                "b_parent": str(bp), "b_hash": nh(bn), "b_inode": str(bi), "b_name": b64(21)}
+
+    a.ok(exchange(R, "g", f, R, "d", d))                        # a file and a folder swap names
+    names = a.names(R)
+    assert names[nh("g")]["inode"]["id"] == str(d) and names[nh("g")]["inode"]["is_dir"]
+    assert names[nh("d")]["inode"]["id"] == str(f) and not names[nh("d")]["inode"]["is_dir"]
+    assert_error(a.ops(exchange(R, "g", f, R, "d", d)), 409, "stale")
+    assert_error(a.ops(exchange(R, "g", d, R, "nope", f)), 404, "not_found")
+    # a folder cannot swap places with something inside it
+    assert_error(a.ops(exchange(R, "g", d, d, "inner", inner)), 409, "invalid_move")
 
 
 def test_rename_keep_orphan_and_delete_inode(shared_server):
@@ -654,7 +688,7 @@ def test_junk_ids_never_500(shared_server):
             for method in ("GET", "PUT", "DELETE"):
                 r = a.c.request(method, url, content=b"x" if method == "PUT" else None)
                 assert r.status_code in (404, 405, 422), (method, url, r.status_code, r.text)
-                assert set(r.json()) == {"detail", "code"}
+                assert set(r.json()) - {"op_index"} == {"detail", "code"}
     r = a.c.get(f"/fs/dirs/{a.root}/entries/{'A' * 64}")        # uppercase hex rejected
     assert_error(r, 422, "validation")
     r = a.c.post("/fs/ops", json={"ops": [{"op": "frobnicate"}]})

@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 from . import crypto
 from .api import ApiClient
 from .crypto import IntegrityError, KdfParams, NamespaceKey, PasswordKeys
+from .entryset import EntrySet
 from .errors import ServerError, TamperedError, ZkfsError
 from .format import Attrs, b64decode, b64encode
 
@@ -85,7 +86,8 @@ def master_record(kek: bytes, gen: int, master: bytes, namespace: NamespaceKey, 
 
 def root_attrs(uid: int = 0, gid: int = 0) -> Attrs:
     now = time.time_ns()
-    return Attrs(mode=stat.S_IFDIR | 0o755, uid=uid, gid=gid, atime_ns=now, mtime_ns=now, ctime_ns=now)
+    return Attrs(mode=stat.S_IFDIR | 0o755, uid=uid, gid=gid, atime_ns=now, mtime_ns=now, ctime_ns=now,
+                 entries=EntrySet())
 
 
 def register(api: ApiClient, username: str, password: str) -> UUID:

@@ -113,7 +113,9 @@ class ApiClient:
         try:
             body = resp.json()
             if isinstance(body, dict) and "code" in body:
-                return ServerError(resp.status_code, str(body["code"]), str(body.get("detail", "")))
+                index = body.get("op_index")
+                return ServerError(resp.status_code, str(body["code"]), str(body.get("detail", "")),
+                                   op_index=index if type(index) is int else None)
         except (ValueError, AttributeError):
             pass
         # No zkfs error body: a wrong URL, or something else answering there.
@@ -166,14 +168,15 @@ class ApiClient:
     def get_inode(self, inode: UUID) -> dict:
         return self._json("GET", f"/fs/inodes/{inode}")
 
-    def list_dir(self, inode: UUID) -> list[dict]:
-        return self._json("GET", f"/fs/dirs/{inode}/entries")["entries"]
+    def list_dir(self, inode: UUID) -> dict:
+        """``{"dir": inode record, "entries": [...]}``."""
+        return self._json("GET", f"/fs/dirs/{inode}/entries")
 
-    def list_dirs(self, inodes: list[UUID]) -> dict[UUID, list[dict]]:
-        """Listings of several directories (read, so safe to retry). Some may be
-        missing from the answer: the server bounds its size."""
+    def list_dirs(self, inodes: list[UUID]) -> dict[UUID, dict]:
+        """Listings (as ``list_dir``) of several directories (read, so safe to retry).
+        Some may be missing from the answer: the server bounds its size."""
         body = self._json("POST", "/fs/listings", json={"dirs": [str(i) for i in inodes]}, idempotent=True)
-        return {UUID(listing["dir"]): listing["entries"] for listing in body["listings"]}
+        return {UUID(listing["dir"]["id"]): listing for listing in body["listings"]}
 
     def lookup(self, parent: UUID, name_hash: str) -> dict:
         return self._json("GET", f"/fs/dirs/{parent}/entries/{name_hash}")
@@ -185,6 +188,7 @@ class ApiClient:
         return self._json("GET", "/fs/changes", params={"since": since})
 
     def ops(self, ops: list[dict]) -> dict:
+        """One transaction; a failure names the op (``ServerError.op_index``)."""
         return self._json("POST", "/fs/ops", json={"ops": ops})
 
     # ------------------------------------------------------------ blobs

@@ -364,7 +364,7 @@ def cmd_ls(args, state: LocalState) -> None:
     entries = vault.listdir(node.id) if node.is_dir else [(split_path(args.path)[-1], node)]
     for name, child in sorted(entries, key=lambda e: e[0]):
         a = child.attrs
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(child.times[1] / 1e9))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(child.attrs.mtime_ns / 1e9))
         suffix = "/" if child.is_dir else ""
         print(f"{stat.filemode(a.mode)} {a.size:>12} {when} {name}{suffix}")
     vault.ledger.flush()
@@ -401,9 +401,9 @@ def _remove(vault: Vault, parent: Node, name: str, node: Node) -> None:
     if node.is_dir:
         for child_name, child in vault.listdir(node.id):
             _remove(vault, node, child_name, child)
-        vault.apply([vault.op_rmdir(parent.id, name)])
+        vault.apply([vault.op_rmdir(parent.id, name, node.id)])
     else:
-        vault.apply([vault.op_unlink(parent.id, name)])
+        vault.apply([vault.op_unlink(parent.id, name, node.id)])
 
 
 def cmd_mv(args, state: LocalState) -> None:
@@ -421,7 +421,8 @@ def cmd_mv(args, state: LocalState) -> None:
     existing = vault.lookup(target_parent.id, dst[-1])
     if existing is not None and existing.is_dir:
         target_parent, dst = existing, dst + [src[-1]]
-    vault.apply([vault.op_rename(node.id, src_parent.id, src[-1], target_parent.id, dst[-1])])
+        existing = vault.lookup(target_parent.id, dst[-1])
+    vault.apply([vault.op_rename(node, src_parent.id, src[-1], target_parent.id, dst[-1], replaces=existing)])
     print(f"moved {_join(args.src)} -> {_join(*dst)}")
 
 

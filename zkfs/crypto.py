@@ -173,6 +173,7 @@ class NamespaceKey:
         self.raw = raw
         self.cipher = BinaryFernet(raw[:32])
         self._mac_key = raw[32:]
+        self._entry_key = _expand(self._mac_key, b"entry-set")
 
     @classmethod
     def generate(cls) -> "NamespaceKey":
@@ -180,3 +181,9 @@ class NamespaceKey:
 
     def name_hash(self, parent: UUID, name: bytes) -> str:
         return std_hmac.new(self._mac_key, parent.bytes + name, sha256).hexdigest()
+
+    def entry_element(self, parent: UUID, name_hash: str, inode: UUID, is_dir: bool) -> int:
+        """One directory entry as a 256-bit number, for the entry-set digest
+        (zkfs/entryset.py): unpredictable without the key."""
+        msg = parent.bytes + bytes.fromhex(name_hash) + inode.bytes + (b"\1" if is_dir else b"\0")
+        return int.from_bytes(std_hmac.new(self._entry_key, msg, sha256).digest(), "big")

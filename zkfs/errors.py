@@ -22,12 +22,14 @@ class ServerError(ZkfsError):
         "exists": E.EEXIST, "conflict": E.EAGAIN, "not_empty": E.ENOTEMPTY,
         "not_dir": E.ENOTDIR, "is_dir": E.EISDIR, "invalid_move": E.EINVAL,
         "in_use": E.EBUSY, "too_large": E.EFBIG, "throttled": E.EAGAIN, "no_space": E.ENOSPC,
+        "stale": E.ESTALE,
     }
 
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, *, op_index: int | None = None):
         super().__init__(detail, errno=self.ERRNO_BY_CODE.get(code, E.EIO))
         self.status = status
         self.code = code
+        self.op_index = op_index        # POST /fs/ops: which op of the batch failed
 
 
 class Unreachable(ZkfsError):

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field, replace
 from uuid import UUID
 
 from .crypto import BinaryFernet, IntegrityError, NamespaceKey, sealed_size
+from .entryset import EntrySet
 
 CHUNK_SIZE = 1 << 20
 SEGMENT_SIZE = 1 << 16            # a chunk token is a run of independently sealed segments
 MAX_NAME_BYTES = 255
 MAX_SYMLINK_BYTES = 4095          # PATH_MAX - 1
-# A manifest lists every chunk (holes included): 1 TiB is 1 Mi refs, 16 MiB sealed.
-MAX_FILE_SIZE = 1 << 40
+# A manifest lists every chunk, holes included: 256 GiB is 256 Ki refs, 4 MiB sealed
+# (the server takes manifests up to 6 MiB).
+MAX_FILE_SIZE = 1 << 38
 HOLE = UUID(int=0)                # a chunk that was never written reads as zeros
 
 _MANIFEST_MAGIC = b"ZKM2"
@@ -156,6 +158,8 @@ class Attrs:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     manifest_digest: bytes | None = None     # authenticates the content manifest
     version: int = 1                         # equals the server's version of the inode
+    # Directories: the digest of their entry set (None: sealed before digests existed)
+    entries: EntrySet | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -177,6 +181,8 @@ class Attrs:
             "xattr": {k: b64encode(v) for k, v in self.xattrs.items()},
             "manifest": self.manifest_digest.hex() if self.manifest_digest else None,
         }
+        if self.entries is not None:
+            doc["es"] = self.entries.to_json()
         return ns.cipher.encrypt(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -194,6 +200,7 @@ class Attrs:
                 xattrs={k: b64decode(v) for k, v in doc["xattr"].items()},
                 manifest_digest=bytes.fromhex(doc["manifest"]) if doc["manifest"] else None,
                 version=doc["v"],
+                entries=EntrySet.from_json(doc["es"]) if "es" in doc else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed attributes ({exc.__class__.__name__})") from None

@@ -48,7 +48,7 @@ def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progre
             existing) -> tuple[Node, str]:
     if st.st_size > MAX_FILE_SIZE:
         raise ZkfsError(f"{name}: {st.st_size} bytes is over the largest file zkfs stores "
-                        f"({MAX_FILE_SIZE >> 40} TiB)", errno=errno.EFBIG)
+                        f"({MAX_FILE_SIZE >> 30} GiB)", errno=errno.EFBIG)
     if existing is _LOOKUP:
         existing = vault.lookup(parent.id, name)
     if existing is not None and not existing.attrs.is_reg:

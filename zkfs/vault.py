@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import stat
 import threading
 import time
@@ -21,8 +22,10 @@ from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError
 from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsError
+from .entryset import EntrySet
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
+from .ops import EntryChange, Op, plan
 from .state import VersionLedger
 
 log = logging.getLogger(__name__)
@@ -37,15 +40,13 @@ class Node:
     nlink: int
     attrs: Attrs
     manifest_token: bytes | None = None
-    entries_mtime_ns: int | None = None   # server-kept mtime of a directory's entries
 
     @property
-    def times(self) -> tuple[int, int, int]:
-        """(atime, mtime, ctime) in ns, a directory's entry changes included."""
-        a = self.attrs
-        if self.entries_mtime_ns is None:
-            return a.atime_ns, a.mtime_ns, a.ctime_ns
-        return a.atime_ns, self.entries_mtime_ns, max(a.ctime_ns, self.entries_mtime_ns)
+    def link_count(self) -> int:
+        """A directory's from its sealed entry set (2 + subdirectories); a file's
+        (and a directory's sealed before entry sets) is the server's count."""
+        entries = self.attrs.entries
+        return 2 + entries.subdirs if self.is_dir and entries is not None else self.nlink
 
 
 class Vault:
@@ -60,6 +61,10 @@ class Vault:
         self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
         self._keys_lock = threading.Lock()
         self.own_seqs: set[int] = set()      # change-feed seqs of our own ops
+        # Directories as last verified: the base of the next change of their entries.
+        self._dirs: OrderedDict[UUID, Node] = OrderedDict()
+        # Told of every directory state newer than the one held (the mount's cache).
+        self.on_dir_change: Callable[[Node], None] = lambda node: None
         # Counts batches of ops once they are answered (or failed): a listing
         # fetched before the count moved may predate one of our own changes.
         self.ops_applied = 0
@@ -78,8 +83,10 @@ class Vault:
         if not self.ledger.check(inode, d["version"], since):
             raise StaleAnswer(f"inode {inode}: an answer older than our own commit")
         manifest = d.get("manifest")
-        return Node(inode, d["is_dir"], d["version"], d["nlink"], attrs,
-                    b64decode(manifest) if manifest else None, d.get("entries_mtime_ns"))
+        node = Node(inode, d["is_dir"], d["version"], d["nlink"], attrs, b64decode(manifest) if manifest else None)
+        if node.is_dir:
+            self._note_dir(node)
+        return node
 
     def _fresh(self, fetch: Callable[[], object], decode: Callable[[object, int], T]) -> T:
         """``decode(fetch(), since)``, asked again while the answer crossed one of our
@@ -103,46 +110,68 @@ class Vault:
         return name, node
 
     def lookup(self, parent: UUID, name: str) -> Node | None:
-        def fetch():
-            try:
-                return self.api.lookup(parent, self.name_hash(parent, name))
-            except ServerError as exc:
-                if exc.code == "not_found":
-                    return None
-                raise
+        """From the directory's verified listing: a single-entry answer could be an
+        entry the server brought back or the absence of one it hides."""
+        want = self.name_hash(parent, name)
 
-        found = self._fresh(fetch, lambda d, since: None if d is None else self._entry(parent, d, since))
-        if found is None:
+        def decode(listing: dict, since: int) -> Node | None:
+            for d in self._verified_entries(parent, listing, since)[1]:
+                if d["name_hash"] == want:
+                    found, node = self._entry(parent, d, since)
+                    if found != name:
+                        raise TamperedError(f"lookup of an entry in {parent} returned another name")
+                    return node
             return None
-        if found[0] != name:
-            raise TamperedError(f"lookup of an entry in {parent} returned another name")
-        return found[1]
+
+        return self._fresh(lambda: self.api.list_dir(parent), decode)
 
     def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
-        return self._fresh(lambda: self.api.list_dir(inode),
-                           lambda raw, since: [self._entry(inode, d, since) for d in raw])
+        def decode(listing: dict, since: int) -> list[tuple[str, Node]]:
+            return [self._entry(inode, d, since) for d in self._verified_entries(inode, listing, since)[1]]
+        return self._fresh(lambda: self.api.list_dir(inode), decode)
 
-    def listdir_partial(self, inode: UUID, raw: list[dict] | None = None, since: int | None = None
-                        ) -> tuple[list[tuple[str, Node]], dict[str, TamperedError]]:
-        """Like listdir, but entries that fail verification are returned apart
-        (by name hash) instead of failing the whole directory. ``raw``: the
-        server's listing when already fetched (``api.list_dirs``) at ledger
-        epoch ``since``."""
-        def decode(listing: list[dict], since: int) -> tuple[list, dict]:
+    def listdir_partial(self, inode: UUID, listing: dict | None = None, since: int | None = None
+                        ) -> tuple[Node, list[tuple[str, Node]], dict[str, TamperedError]]:
+        """The directory's node and its entries, with the entries that fail
+        verification returned apart (by name hash) instead of failing the whole
+        directory; a listing that does not match the directory's sealed digest
+        fails whole. ``listing``: the server's answer when already fetched
+        (``api.list_dirs``) at ledger epoch ``since``."""
+        def decode(listing: dict, since: int | None) -> tuple[Node, list, dict]:
+            directory, raw = self._verified_entries(inode, listing, since)
             good, bad = [], {}
-            for d in listing:
+            for d in raw:
                 try:
                     good.append(self._entry(inode, d, since))
                 except TamperedError as exc:
                     bad[d["name_hash"]] = exc
-            return good, bad
+            return directory, good, bad
 
-        if raw is not None:
+        if listing is not None:
             try:
-                return decode(raw, since)
+                return decode(listing, since)
             except StaleAnswer:
                 pass                 # read ahead before one of our own commits: ask again
         return self._fresh(lambda: self.api.list_dir(inode), decode)
+
+    def _verified_entries(self, inode: UUID, listing: dict, since: int | None) -> tuple[Node, list[dict]]:
+        """The directory (ledger-checked) and its raw entries, once they add up to
+        the entry-set digest sealed in its attributes."""
+        try:
+            directory, raw = self.node_from_wire(listing["dir"], since), listing["entries"]
+            found = EntrySet.of(self.ns, inode, ((d["name_hash"], UUID(d["inode"]["id"]), d["inode"]["is_dir"])
+                                                 for d in raw))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedError(f"malformed listing of directory {inode} ({exc.__class__.__name__})") from None
+        if directory.id != inode or not directory.is_dir:
+            raise TamperedError(f"the listing of directory {inode} came with another inode")
+        sealed = directory.attrs.entries
+        if sealed is not None and sealed != found:
+            for d in raw:            # an entry that fails on its own says more about what was done
+                self._entry(inode, d, since)
+            raise TamperedError(f"the listing of directory {inode} does not match its sealed entry set: "
+                                f"the server hid, added or swapped an entry")
+        return directory, raw
 
     def resolve(self, path: str) -> Node:
         node = self.get(self.root)
@@ -280,38 +309,87 @@ class Vault:
         return ref, token
 
     # ------------------------------------------------------------ ops
-    def apply(self, ops: list[dict]) -> list[dict]:
-        try:
-            resp = self._send_ops(ops)
-        finally:
-            self.ops_applied += 1
+    _SEAL_ATTEMPTS = 8          # a directory changed by another client meanwhile: read it, try again
+
+    def apply(self, ops: list[Op]) -> list[dict]:
+        """Send ``ops`` as one transaction, with the sealed attributes of every
+        directory whose entries they change (zkfs/ops.py). Returns their results."""
+        for attempt in range(self._SEAL_ATTEMPTS):
+            batch = plan(ops, self.ns, self._dir_state)
+            try:
+                resp = self._send_ops(batch.wires)
+            except ServerError as exc:
+                mine = exc.op_index is not None and exc.op_index >= len(ops)
+                if exc.code != "conflict" or not mine or attempt + 1 == self._SEAL_ATTEMPTS:
+                    raise
+                self._dirs.pop(batch.appended[exc.op_index - len(ops)], None)
+                time.sleep(random.uniform(0, 0.01 * attempt))    # two clients in one folder
+                continue
+            finally:
+                self.ops_applied += 1
+            break
         self.own_seqs.add(resp["seq"])
         results = resp["results"]
-        for op, res in zip(ops, results):
+        for res in results:
             if res.get("inode") and res.get("version"):
                 self.ledger.check(UUID(res["inode"]), res["version"])
         # Persist at once: a crash must not forget versions the server acknowledged,
         # or it could roll them back unnoticed.
         self.ledger.flush()
-        return results
+        for d, version, attrs in batch.sealed:
+            self._note_dir(Node(d, True, version, 2 + attrs.entries.subdirs, attrs))
+        return results[:len(ops)]
 
-    def _send_ops(self, ops: list[dict]) -> dict:
+    def _note_dir(self, node: Node) -> None:
+        """The newest verified state of a directory: the base of the next change of
+        its entries. Listeners (the mount's cache) learn of our own changes."""
+        with self._keys_lock:
+            held = self._dirs.get(node.id)
+            if held is not None and held.version > node.version:
+                return
+            self._dirs[node.id] = node
+            self._dirs.move_to_end(node.id)
+            while len(self._dirs) > 10_000:
+                self._dirs.popitem(last=False)
+        if held is None or held.version < node.version:
+            self.on_dir_change(node)
+
+    def _dir_state(self, d: UUID) -> tuple[int, Attrs]:
+        with self._keys_lock:
+            node = self._dirs.get(d)
+        if node is None:
+            node = self.get(d)
+        if not node.is_dir:
+            raise ServerError(409, "not_dir", f"{d} is not a directory")
+        attrs = node.attrs
+        if attrs.entries is None:
+            attrs = attrs.evolve(entries=self._first_entry_set(d))
+        return node.version, attrs
+
+    def _first_entry_set(self, d: UUID) -> EntrySet:
+        """A directory sealed before entry sets existed gets one, from its listing as
+        the server shows it now (trust on first use; docs/THREAT_MODEL.md)."""
+        log.info("directory %s: sealing the digest of its entries for the first time", d)
+        raw = self.api.list_dir(d)["entries"]
+        return EntrySet.of(self.ns, d, ((e["name_hash"], UUID(e["inode"]["id"]), e["inode"]["is_dir"]) for e in raw))
+
+    def _send_ops(self, wires: list[dict]) -> dict:
         try:
-            return self.api.ops(ops)
+            return self.api.ops(wires)
         except ServerError as exc:
             if exc.code != "unknown_key_gen":
                 raise
         # A rotate-key elsewhere retired the generation a new file's key was wrapped
         # under, between building the op and sending it.
-        return self.api.ops(self._rewrapped(ops))
+        return self.api.ops(self._rewrapped(wires))
 
-    def _rewrapped(self, ops: list[dict]) -> list[dict]:
-        """``ops`` with each file key wrapped under a retired generation unwrapped
+    def _rewrapped(self, wires: list[dict]) -> list[dict]:
+        """``wires`` with each file key wrapped under a retired generation unwrapped
         with the keyring that wrapped it and wrapped again under the current one."""
         before = self.keyring
         self.refresh_keyring()
         out = []
-        for op in ops:
+        for op in wires:
             if op.get("key_gen") is not None and op["key_gen"] not in self.keyring.masters:
                 inode = UUID(op["inode"])
                 key = before.unwrap_file_key(inode, op["key_gen"], b64decode(op["wrapped_key"]))
@@ -319,59 +397,100 @@ class Vault:
             out.append(op)
         return out
 
-    def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, file_key: bytes | None = None) -> dict:
+    def _entry_change(self, parent: UUID, name: str, inode: UUID, is_dir: bool, added: bool,
+                      name_hash: str | None = None) -> EntryChange:
+        return EntryChange(parent, name_hash or self.name_hash(parent, name), inode, is_dir, added)
+
+    def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, file_key: bytes | None = None,
+                  *, at_ns: int | None = None) -> Op:
         """``file_key`` is wrapped here, under the generation current when the op is
         built: a file created before a rotate-key is published under the new one."""
         attrs.version = 1
-        op = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir,
-              "meta": b64encode(attrs.encrypt(self.ns, inode)), "parent": str(parent),
-              "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
+        if attrs.is_dir:
+            attrs.entries = EntrySet()
+        name_hash = self.name_hash(parent, name)
+        wire = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir, "parent": str(parent),
+                "name_hash": name_hash, "name": b64encode(seal_name(self.ns, inode, name))}
         if file_key is not None:
-            op |= self._wrapped_key_fields(inode, file_key)
-        return op
+            wire |= self._wrapped_key_fields(inode, file_key)
+        return Op(wire, inode, attrs, (self._entry_change(parent, name, inode, attrs.is_dir, True, name_hash),),
+                  at_ns or time.time_ns())
 
     def _wrapped_key_fields(self, inode: UUID, file_key: bytes) -> dict:
         """A create op's fields storing ``file_key`` wrapped under the current generation."""
         gen, wrapped = self.keyring.wrap_file_key(inode, file_key)
         return {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
 
-    def op_link(self, inode: UUID, parent: UUID, name: str) -> dict:
-        return {"op": "link", "inode": str(inode), "parent": str(parent),
-                "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
+    def op_link(self, inode: UUID, parent: UUID, name: str, *, at_ns: int | None = None) -> Op:
+        name_hash = self.name_hash(parent, name)
+        wire = {"op": "link", "inode": str(inode), "parent": str(parent), "name_hash": name_hash,
+                "name": b64encode(seal_name(self.ns, inode, name))}
+        return Op(wire, entries=(self._entry_change(parent, name, inode, False, True, name_hash),),
+                  at_ns=at_ns or time.time_ns())
 
-    def op_unlink(self, parent: UUID, name: str, *, keep_orphan: bool = False, expect: UUID | None = None) -> dict:
-        op = {"op": "unlink", "parent": str(parent), "name_hash": self.name_hash(parent, name),
-              "keep_orphan": keep_orphan}
-        return op | ({"expect_inode": str(expect)} if expect else {})
+    def op_unlink(self, parent: UUID, name: str, inode: UUID, *, keep_orphan: bool = False,
+                  at_ns: int | None = None) -> Op:
+        name_hash = self.name_hash(parent, name)
+        wire = {"op": "unlink", "parent": str(parent), "name_hash": name_hash, "keep_orphan": keep_orphan,
+                "expect_inode": str(inode)}
+        return Op(wire, entries=(self._entry_change(parent, name, inode, False, False, name_hash),),
+                  at_ns=at_ns or time.time_ns())
 
-    def op_rmdir(self, parent: UUID, name: str) -> dict:
-        return {"op": "rmdir", "parent": str(parent), "name_hash": self.name_hash(parent, name)}
+    def op_rmdir(self, parent: UUID, name: str, inode: UUID, *, at_ns: int | None = None) -> Op:
+        name_hash = self.name_hash(parent, name)
+        wire = {"op": "rmdir", "parent": str(parent), "name_hash": name_hash, "expect_inode": str(inode)}
+        return Op(wire, entries=(self._entry_change(parent, name, inode, True, False, name_hash),),
+                  at_ns=at_ns or time.time_ns(), removes_dir=inode)
 
-    def op_rename(self, inode: UUID, src_parent: UUID, src_name: str, dst_parent: UUID, dst_name: str,
-                  *, noreplace: bool = False, keep_orphan: bool = False) -> dict:
-        return {"op": "rename", "src_parent": str(src_parent), "src_hash": self.name_hash(src_parent, src_name),
-                "dst_parent": str(dst_parent), "dst_hash": self.name_hash(dst_parent, dst_name),
-                "dst_name": b64encode(seal_name(self.ns, inode, dst_name)),
-                "noreplace": noreplace, "keep_orphan": keep_orphan}
+    def op_rename(self, node: Node, src_parent: UUID, src_name: str, dst_parent: UUID, dst_name: str,
+                  *, replaces: Node | None = None, keep_orphan: bool = False, at_ns: int | None = None) -> Op:
+        """Renames ``node``; ``replaces``: what the target is now (None: there is none,
+        and if one appeared meanwhile the server refuses with ``exists``)."""
+        src_hash, dst_hash = self.name_hash(src_parent, src_name), self.name_hash(dst_parent, dst_name)
+        wire = {"op": "rename", "src_parent": str(src_parent), "src_hash": src_hash,
+                "dst_parent": str(dst_parent), "dst_hash": dst_hash,
+                "dst_name": b64encode(seal_name(self.ns, node.id, dst_name)),
+                "noreplace": replaces is None, "keep_orphan": keep_orphan, "src_inode": str(node.id)}
+        changes = [self._entry_change(src_parent, src_name, node.id, node.is_dir, False, src_hash)]
+        if replaces is not None:
+            wire["dst_inode"] = str(replaces.id)
+            changes.append(self._entry_change(dst_parent, dst_name, replaces.id, replaces.is_dir, False, dst_hash))
+        changes.append(self._entry_change(dst_parent, dst_name, node.id, node.is_dir, True, dst_hash))
+        return Op(wire, entries=tuple(changes), at_ns=at_ns or time.time_ns(),
+                  removes_dir=replaces.id if replaces is not None and replaces.is_dir else None)
 
-    def op_setmeta(self, node_id: UUID, base_version: int, attrs: Attrs) -> dict:
+    def op_exchange(self, a: Node, a_parent: UUID, a_name: str, b: Node, b_parent: UUID, b_name: str,
+                    *, at_ns: int | None = None) -> Op:
+        """rename(2) with RENAME_EXCHANGE: ``a`` and ``b`` swap names."""
+        a_hash, b_hash = self.name_hash(a_parent, a_name), self.name_hash(b_parent, b_name)
+        wire = {"op": "exchange", "a_parent": str(a_parent), "a_hash": a_hash, "a_inode": str(a.id),
+                "a_name": b64encode(seal_name(self.ns, b.id, a_name)),
+                "b_parent": str(b_parent), "b_hash": b_hash, "b_inode": str(b.id),
+                "b_name": b64encode(seal_name(self.ns, a.id, b_name))}
+        changes = (EntryChange(a_parent, a_hash, a.id, a.is_dir, False),
+                   EntryChange(b_parent, b_hash, b.id, b.is_dir, False),
+                   EntryChange(a_parent, a_hash, b.id, b.is_dir, True),
+                   EntryChange(b_parent, b_hash, a.id, a.is_dir, True))
+        return Op(wire, entries=changes, at_ns=at_ns or time.time_ns())
+
+    def op_setmeta(self, node_id: UUID, base_version: int, attrs: Attrs, *, at_ns: int | None = None) -> Op:
         attrs.version = base_version + 1
-        return {"op": "setmeta", "inode": str(node_id), "base_version": base_version,
-                "meta": b64encode(attrs.encrypt(self.ns, node_id))}
+        return Op({"op": "setmeta", "inode": str(node_id), "base_version": base_version}, node_id, attrs,
+                  at_ns=at_ns or time.time_ns())
 
     def op_commit(self, node_id: UUID, base_version: int, attrs: Attrs, manifest: Manifest,
-                  inline: list[tuple[UUID, bytes]] = ()) -> dict:
+                  inline: list[tuple[UUID, bytes]] = ()) -> Op:
         token = manifest.encrypt(self.file_cipher(node_id))
         attrs.size = manifest.size
         attrs.manifest_digest = crypto.digest(token)
         attrs.version = base_version + 1
-        return {"op": "commit", "inode": str(node_id), "base_version": base_version,
-                "meta": b64encode(attrs.encrypt(self.ns, node_id)), "manifest": b64encode(token),
-                "blobs": [str(b) for b in manifest.blob_ids()],
-                "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]}
+        return Op({"op": "commit", "inode": str(node_id), "base_version": base_version,
+                   "manifest": b64encode(token), "blobs": [str(b) for b in manifest.blob_ids()],
+                   "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]},
+                  node_id, attrs)
 
-    def op_delete_inode(self, inode: UUID) -> dict:
-        return {"op": "delete_inode", "inode": str(inode)}
+    def op_delete_inode(self, inode: UUID) -> Op:
+        return Op({"op": "delete_inode", "inode": str(inode)})
 
 
 def new_attrs(mode: int, *, uid: int | None = None, gid: int | None = None, rdev: int = 0,

@@ -24,8 +24,7 @@ router = APIRouter(prefix="/fs", tags=["namespace"],
 
 def _inode_out(rec: InodeRecord, with_manifest: bool = False) -> InodeOut:
     return InodeOut(id=rec.id, is_dir=rec.is_dir, version=rec.version, nlink=rec.nlink,
-                    meta=rec.meta, entries_mtime_ns=rec.entries_mtime_ns,
-                    manifest=rec.manifest if with_manifest else None)
+                    meta=rec.meta, manifest=rec.manifest if with_manifest else None)
 
 
 def _entry_out(rec: EntryRecord) -> EntryOut:
@@ -42,10 +41,11 @@ def get_inode(inode: UUID, user: CurrentUser, db: DbDep):
 
 @router.get("/dirs/{inode}/entries", response_model=EntryList)
 def list_entries(inode: UUID, user: CurrentUser, db: DbDep):
-    entries = db.list_entries(user.id, inode)
-    if entries is None:
+    found = db.list_entries(user.id, inode)
+    if found is None:
         raise E.not_found("no such directory")
-    return EntryList(entries=[_entry_out(e) for e in entries])
+    directory, entries = found
+    return EntryList(dir=_inode_out(directory), entries=[_entry_out(e) for e in entries])
 
 
 # Bounds one response (~0.5 KB of JSON per entry) while a batch of typical
@@ -59,7 +59,7 @@ def list_many(body: ListingsRequest, user: CurrentUser, db: DbDep):
     folders it is about to be asked for). Unknown ids are left out; so are the
     listings after the one that would pass MAX_LISTED_ENTRIES."""
     found = db.list_entries_many(user.id, body.dirs, MAX_LISTED_ENTRIES)
-    return ListingsResponse(listings=[DirListing(dir=d, entries=[_entry_out(e) for e in entries])
+    return ListingsResponse(listings=[DirListing(dir=_inode_out(d), entries=[_entry_out(e) for e in entries])
                                       for d, entries in found])
 
 

@@ -111,21 +111,9 @@ def _password(args) -> str | None:
 
 def serve(args) -> None:
     """Run the filesystem in this process until unmounted."""
-    import fuse  # libfuse2 is needed only here
-
+    from . import binding          # libfuse3 is needed only here
     from .fs import ZkfsOperations
 
-    class _Ops(fuse.fuse_operations):
-        # fusepy leaves these off. utime_omit_ok: else libfuse2 drops mtime-only
-        # updates (tar, touch -m). nullpath_ok: fewer path lookups for open files.
-        # (No hard_remove: libfuse's rename of a busy file to .fuse_hidden* keeps a
-        # path for fstat/fchmod; ZkfsOperations turns it into a server-side orphan.)
-        def __init__(self):
-            super().__init__()
-            self.flag_utime_omit_ok = 1
-            self.flag_nullpath_ok = 1
-
-    fuse.fuse_operations = _Ops
     state = LocalState()
     vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=args.retry_seconds)
     cache = _cache_dir(args, state)
@@ -134,21 +122,8 @@ def serve(args) -> None:
     pidfile = _pidfile_for(args.mountpoint)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
-    options = dict(foreground=True, nothreads=False, fsname="zkfs", subtype="zkfs",
-                   big_writes=True, max_write=128 * 1024, max_read=128 * 1024, use_ino=True,
-                   # attr_timeout 0: libfuse2 gives each path (not inode) its own kernel
-                   # node, so cached attrs of a hard link would go stale; our own cache
-                   # answers getattr without a round trip anyway.
-                   attr_timeout=0, entry_timeout=1.0, auto_cache=True,
-                   # O_TRUNC comes with open() instead of a separate truncate that
-                   # would publish an empty version before the new content is written.
-                   atomic_o_trunc=True)
-    if args.read_only:
-        options["ro"] = True
-    if args.allow_other:
-        options.update(allow_other=True, default_permissions=True)
     log.info("mounting at %s", args.mountpoint)
-    fuse.FUSE(ops, args.mountpoint, **options)
+    binding.serve(ops, args.mountpoint, read_only=args.read_only, allow_other=args.allow_other)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from uuid import UUID
 from ..errors import ZkfsError
 from ..format import MAX_NAME_BYTES
 from ..vault import Node, Vault, split_path
+from .guard import FsError
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,9 @@ READ_AHEAD_MAX_ENTRIES = 10_000     # ~1 KiB each in memory
 READ_AHEAD_WAIT = 2.0           # a reader waits this long for a listing in flight
 
 
-class FsError(OSError):
-    def __init__(self, code: int):
-        super().__init__(code, "")
+def inode_number(inode: UUID) -> int:
+    """st_ino: 63 bits of the inode's id (never 0 or 1)."""
+    return (inode.int & 0x7FFF_FFFF_FFFF_FFFF) | 2
 
 
 class MetaCache:
@@ -53,7 +54,7 @@ class MetaCache:
         self.unsent_changes: Callable[[], bool] = lambda: False
         # Listings read ahead, as the server sent them: decoded (and verified)
         # only when asked for, so one never used costs no decryption.
-        self._read_ahead: dict[UUID, tuple[list[dict], float, int]] = {}   # + vault.ops_applied
+        self._read_ahead: dict[UUID, tuple[dict, float, int, int]] = {}   # + ops_applied, ledger epoch
         self._wanted: dict[UUID, None] = {}          # ordered set: next to read ahead
         self._in_flight: set[UUID] = set()
         self._reading_ahead = False                  # the background thread runs
@@ -197,10 +198,11 @@ class MetaCache:
                     out.append((name, node[0]))
                 else:
                     return out
-            raw = self._take_read_ahead(parent)
-        if raw is None:
+            held = self._take_read_ahead(parent)
+        if held is None:
             self.before_fetch()
-        entries, bad = self.vault.listdir_partial(parent, raw)
+        directory, entries, bad = self.vault.listdir_partial(parent, *(held or (None, None)))
+        self.put_node(directory)
         # By name, as from the cache: find walks readdir's order, ls -R sorts;
         # subfolders are read ahead in that order too.
         entries.sort(key=lambda e: e[0])
@@ -230,19 +232,20 @@ class MetaCache:
     # A folder just listed is followed by its subfolders (ls -R, find, rsync, a
     # file manager's item counts): their listings come in one request from a
     # background thread instead of one round trip each when asked for.
-    def _take_read_ahead(self, parent: UUID) -> list[dict] | None:
-        """(Under the lock.) The listing read ahead for ``parent``, waiting a
-        little if it is in flight; None if there is none (fetch it now)."""
+    def _take_read_ahead(self, parent: UUID) -> tuple[dict, int] | None:
+        """(Under the lock.) The listing read ahead for ``parent`` and the ledger
+        epoch it was asked at, waiting a little if it is in flight; None if there
+        is none (fetch it now)."""
         deadline = time.monotonic() + READ_AHEAD_WAIT
         while parent in self._in_flight and time.monotonic() < deadline:
             self._read_ahead_ready.wait(deadline - time.monotonic())
         held = self._read_ahead.pop(parent, None)
-        return held[0] if held and self._still_valid(held, time.monotonic()) else None
+        return (held[0], held[3]) if held and self._still_valid(held, time.monotonic()) else None
 
-    def _still_valid(self, held: tuple[list[dict], float, int], now: float) -> bool:
+    def _still_valid(self, held: tuple[dict, float, int, int], now: float) -> bool:
         """A listing read ahead is used only within the cache ttl and if none of
         our own ops was answered since it was fetched."""
-        _, fetched_at, applied = held
+        _, fetched_at, applied, _ = held
         return now - fetched_at < self.ttl and applied == self.vault.ops_applied
 
     def _want(self, dirs: list[UUID]) -> None:
@@ -261,7 +264,7 @@ class MetaCache:
             now = time.monotonic()
             for d in [d for d, held in self._read_ahead.items() if not self._still_valid(held, now)]:
                 del self._read_ahead[d]
-            if sum(len(raw) for raw, _, _ in self._read_ahead.values()) >= READ_AHEAD_MAX_ENTRIES:
+            if sum(len(raw["entries"]) for raw, _, _, _ in self._read_ahead.values()) >= READ_AHEAD_MAX_ENTRIES:
                 self._wanted.clear()             # nobody is reading these: stop
                 return []
             batch = list(self._wanted)[:READ_AHEAD_BATCH]
@@ -273,6 +276,7 @@ class MetaCache:
     def _read_ahead_batch(self, batch: list[UUID]) -> None:
         with self.lock:
             changes, applied = self._changes, self.vault.ops_applied
+        since = self.vault.ledger.epoch()
         found = {}
         try:
             if not self.unsent_changes():
@@ -285,7 +289,7 @@ class MetaCache:
                     now = time.monotonic()
                     for d, raw in found.items():
                         if d not in self._listed:        # fetched meanwhile by a reader
-                            self._read_ahead[d] = (raw, now, applied)
+                            self._read_ahead[d] = (raw, now, applied, since)
                 self._in_flight.difference_update(batch)
                 self._read_ahead_ready.notify_all()
 

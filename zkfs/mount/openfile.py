@@ -17,11 +17,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from uuid import UUID, uuid4
 
 from ..crypto import BinaryFernet
 from ..errors import ServerError
 from ..format import HOLE_REF, MAX_FILE_SIZE, Attrs, ChunkRef, Manifest, seal_chunk
+from ..ops import Op
 from ..vault import Node, Vault, any_nonzero
 from .blocks import BlockStore
 from .cache import EncryptedSpool
@@ -63,6 +65,7 @@ class PendingCreate:
     parent: UUID
     name: str
     file_key: bytes         # wrapped when the create op is built (see Vault.op_create)
+    at_ns: int              # when create() was called: the folder's new mtime
 
 
 class OpenFile:
@@ -368,16 +371,17 @@ class OpenFile:
             self.base_version, self.attrs = base_version, attrs
             self.attr_changes, self.meta_dirty = list(changes), True
 
-    def create_op(self) -> dict:
+    def create_op(self) -> Op:
         """The op that publishes this new file (empty; content follows in a commit)."""
         return self.vault.op_create(self.pending.parent, self.pending.name, self.id,
-                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.file_key)
+                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.file_key,
+                                    at_ns=self.pending.at_ns)
 
     def created(self) -> None:
         self.pending = None
         self.base_version = 1
 
-    def commit(self, apply, *, only_if_closed: bool = False) -> Node | None:
+    def commit(self, apply: Callable[[list[Op]], list[dict]], *, only_if_closed: bool = False) -> Node | None:
         """Make the current content and attributes the server's version.
 
         ``apply(ops)`` runs ops in one transaction and sends this file's pending
