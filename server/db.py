@@ -187,6 +187,9 @@ class MetadataStore(abc.ABC):
         """Returns the new token version."""
 
     @abc.abstractmethod
+    def set_kdf(self, user_id: UUID, kdf: KdfParams) -> None: ...
+
+    @abc.abstractmethod
     def bump_token_version(self, user_id: UUID) -> int: ...
 
     @abc.abstractmethod
@@ -399,6 +402,10 @@ class SqliteMetadataStore(MetadataStore):
             c.execute("UPDATE users SET auth_hash = ?, kdf_json = ?, token_version = token_version + 1"
                       " WHERE id = ?", (auth_hash, kdf.model_dump_json(), uid))
             return c.execute("SELECT token_version FROM users WHERE id = ?", (uid,)).fetchone()[0]
+
+    def set_kdf(self, user_id, kdf):
+        with self.write() as c:
+            c.execute("UPDATE users SET kdf_json = ? WHERE id = ?", (kdf.model_dump_json(), _s(user_id)))
 
     def bump_token_version(self, user_id):
         with self.write() as c:

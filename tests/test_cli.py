@@ -764,7 +764,7 @@ def test_files_created_across_a_rotate_key_elsewhere_stay_readable(shared_server
             real_delete(gen)
 
         monkeypatch.setattr(rotator.api, "delete_master_key", create_then_delete)
-        kek = acct.derive(rotator.api, a.username, a.password).kek
+        kek = acct.derive(rotator.api, a.username, a.password).keys.kek
         assert acct.rotate_master_key(rotator.api, kek)["generation"] == 3
         assert landed_during
 

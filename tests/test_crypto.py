@@ -209,9 +209,31 @@ def test_argon2id_is_argon2id():
     assert keys.kek == expand(b"kek")
 
 
-def test_kdf_params_new_random_salt():
-    a, b = KdfParams.new(**FAST), KdfParams.new(**FAST)
+def test_kdf_params_new_random_salt_at_the_floor():
+    a, b = KdfParams.new(), KdfParams.new()
     assert len(a.salt) == 16 and a.salt != b.salt
+    assert (a.memory_kib, a.iterations, a.lanes) == (65536, 3, 4) and a.weakness() is None
+
+
+@pytest.mark.parametrize("change", [dict(memory_kib=65535), dict(iterations=2), dict(salt=b"s" * 15),
+                                    dict(lanes=0), dict(lanes=17), dict(memory_kib=4 * 1024 * 1024 + 1),
+                                    dict(iterations=65), dict(salt=b"s" * 65)])
+def test_kdf_floor_and_ceilings(change):
+    assert KdfParams(**(dict(salt=b"s" * 16) | change)).weakness()
+
+
+def test_kdf_check_binds_username_salt_and_every_parameter():
+    params = KdfParams(salt=b"s" * 16, **FAST)
+    keys = derive_password_keys("pw-123456", params)
+    mac = crypto.kdf_check(keys, "alice", params)
+    assert len(mac) == 32 and mac == crypto.kdf_check(derive_password_keys("pw-123456", params), "alice", params)
+    others = [crypto.kdf_check(keys, "alicf", params)]
+    for change in (dict(salt=b"t" * 16), dict(memory_kib=2048), dict(iterations=2), dict(lanes=2)):
+        others.append(crypto.kdf_check(keys, "alice", KdfParams(**(dict(salt=b"s" * 16) | FAST | change))))
+    others.append(crypto.kdf_check(derive_password_keys("pw-1234567", params), "alice", params))
+    assert mac not in others
+    # independent of what is sent to the server
+    assert keys.check_key not in (keys.auth_key, keys.kek)
 
 
 # ------------------------------------------------------------------ manifests and chunks

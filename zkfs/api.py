@@ -140,6 +140,10 @@ class ApiClient:
     def account(self) -> dict:
         return self._json("GET", "/account")
 
+    def set_kdf(self, kdf: dict) -> None:
+        """Adds the kdf check to an account from before checks (same parameters)."""
+        self.request("PUT", "/account/kdf", json={"kdf": kdf})
+
     def change_password(self, body: dict) -> dict:
         return self._json("PUT", "/account/password", json=body, idempotent=False)
 

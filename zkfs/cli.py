@@ -109,11 +109,10 @@ def _not_a_server(api: ApiClient, exc: ServerError) -> ZkfsError:
 
 def _login(api: ApiClient, state: LocalState, username: str, password: str) -> None:
     try:
-        keys = account.derive(api, username, password)
-        token = account.login(api, username, keys)
+        derived, token = account.sign_in(api, username, password)
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
-    api.token = token["access_token"]
+    keys = derived.keys
     account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
         _warn(f"{path} was corrupt: removed")
@@ -150,7 +149,10 @@ def cmd_passwd(args, state: LocalState) -> None:
         if _ask("Repeat new password: ") != new:
             raise ZkfsError("passwords do not match")
     _check_password(new)
-    keys = account.derive(vault.api, username, current)
+    try:
+        keys = account.derive(vault.api, username, current).keys
+    except account.WrongPassword:
+        raise ZkfsError("the current password is wrong") from None
     new_keys, token = account.change_password(vault.api, username, keys, new)
     state.save_config(token=token["access_token"])
     state.save_keys(user_id=token["user_id"], username=username, auth_key=new_keys.auth_key, kek=new_keys.kek)
@@ -160,7 +162,10 @@ def cmd_passwd(args, state: LocalState) -> None:
 def cmd_rotate_key(args, state: LocalState) -> None:
     vault = open_vault(state)
     username = state.keys()["username"]
-    keys = account.derive(vault.api, username, read_password(args, "Current password: "))
+    try:
+        keys = account.derive(vault.api, username, read_password(args, "Current password: ")).keys
+    except account.WrongPassword:
+        raise ZkfsError("wrong password") from None
     try:
         account.Keyring.unlock(vault.api.account(), keys.kek)
     except ZkfsError:

@@ -102,22 +102,46 @@ class BinaryFernet:
 
 
 # ---------------------------------------------------------------- password
+# The floor: nothing is derived from a password under less work than this,
+# whoever asks (a server serving weaker parameters wants a cheap guess target).
+# The ceilings keep a server from making the client exhaust its memory or time.
+KDF_MIN_MEMORY_KIB, KDF_MAX_MEMORY_KIB = 64 * 1024, 4 * 1024 * 1024
+KDF_MIN_ITERATIONS, KDF_MAX_ITERATIONS = 3, 64
+KDF_MIN_SALT, KDF_MAX_SALT = 16, 64
+KDF_MAX_LANES = 16
+
+
 @dataclass(frozen=True)
 class KdfParams:
     salt: bytes
-    memory_kib: int = 65536
-    iterations: int = 3
+    memory_kib: int = KDF_MIN_MEMORY_KIB
+    iterations: int = KDF_MIN_ITERATIONS
     lanes: int = 4
 
     @classmethod
-    def new(cls, **overrides) -> "KdfParams":
-        return cls(salt=os.urandom(16), **overrides)
+    def new(cls) -> "KdfParams":
+        return cls(salt=os.urandom(KDF_MIN_SALT))
+
+    def weakness(self) -> str | None:
+        """What makes these parameters unacceptable (below the floor or absurd), or None."""
+        if not KDF_MIN_MEMORY_KIB <= self.memory_kib <= KDF_MAX_MEMORY_KIB:
+            return f"memory {self.memory_kib} KiB (allowed: {KDF_MIN_MEMORY_KIB} to {KDF_MAX_MEMORY_KIB})"
+        if not KDF_MIN_ITERATIONS <= self.iterations <= KDF_MAX_ITERATIONS:
+            return f"{self.iterations} passes (allowed: {KDF_MIN_ITERATIONS} to {KDF_MAX_ITERATIONS})"
+        if not KDF_MIN_SALT <= len(self.salt) <= KDF_MAX_SALT:
+            return f"a {len(self.salt)}-byte salt (allowed: {KDF_MIN_SALT} to {KDF_MAX_SALT})"
+        if not 1 <= self.lanes <= KDF_MAX_LANES:
+            return f"{self.lanes} lanes (allowed: 1 to {KDF_MAX_LANES})"
+        return None
 
 
 @dataclass(frozen=True)
 class PasswordKeys:
     auth_key: bytes     # sent to the server at login; it stores an argon2 hash of it
     kek: bytes          # key-encryption key: never leaves the client
+    # Authenticates the KDF parameters (kdf_check); never leaves the client. None
+    # for keys saved by `login` (keys.json): only a derivation needs it.
+    check_key: bytes | None = None
 
 
 def _expand(root: bytes, label: bytes, length: int = KEY_BYTES) -> bytes:
@@ -129,7 +153,19 @@ def derive_password_keys(password: str, params: KdfParams) -> PasswordKeys:
         salt=params.salt, length=32, iterations=params.iterations,
         lanes=params.lanes, memory_cost=params.memory_kib,
     ).derive(password.encode("utf-8"))
-    return PasswordKeys(auth_key=_expand(root, b"auth"), kek=_expand(root, b"kek"))
+    return PasswordKeys(auth_key=_expand(root, b"auth"), kek=_expand(root, b"kek"),
+                        check_key=_expand(root, b"kdf-check"))
+
+
+def kdf_check(keys: PasswordKeys, username: str, params: KdfParams) -> bytes:
+    """MAC over the account's KDF choice, stored by the server and checked by a
+    client before it sends anything derived from the password: a server that
+    serves another salt or other parameters cannot make this verify."""
+    if keys.check_key is None:
+        raise ValueError("kdf_check needs freshly derived keys")
+    msg = (b"zkfs/v1/kdf-check\0" + username.encode() + b"\0"
+           + struct.pack(">III", params.memory_kib, params.iterations, params.lanes) + params.salt)
+    return std_hmac.new(keys.check_key, msg, sha256).digest()
 
 
 # ---------------------------------------------------------------- wrapping

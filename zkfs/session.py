@@ -23,7 +23,7 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
         username = cfg.get("username")
         if not username:
             raise ZkfsError("no username saved: run `client.py login USERNAME` once")
-        keys = account.derive(api, username, password)
+        keys = account.sign_in(api, username, password)[0].keys
     else:
         saved = state.keys()
         username = saved["username"]

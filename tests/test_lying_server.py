@@ -1,0 +1,162 @@
+"""A server that lies in its *answers* (docs/THREAT_MODEL.md §3, column "lie in an
+answer"), against the real client: the real server behind tests/lying_proxy.py,
+which rewrites what the server says and records what it received.
+
+One server and one account serve the module where the lies allow it (every
+derivation costs the floor's Argon2id, ~0.25 s here); tests that need a fresh
+account or server make their own.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import uuid
+
+import pytest
+
+from apiuser import ApiUser, b64, register_body
+from harness import Machine, Mount
+from hostile import error_line
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def owner(shared_server, tmp_path_factory) -> Machine:
+    """The module's account, registered and logged in directly (no proxy)."""
+    return Machine(tmp_path_factory.mktemp("owner"), shared_server.url).register()
+
+
+def _via(proxy, tmp_path_factory, username: str | None = None) -> Machine:
+    m = Machine(tmp_path_factory.mktemp("via-proxy"), proxy.url)
+    m.username = username
+    return m
+
+
+def _no_secret_sent(proxy) -> None:
+    """Nothing derived from the password reached the (lying) server: no login, no
+    password change, no request carrying an auth key."""
+    sent = [r for r in proxy.received if r.path in ("/auth/login", "/account/password", "/users")
+            or b"auth_key" in r.body]
+    assert not sent, [(r.method, r.path) for r in sent]
+
+
+# ================================================================ KDF downgrade
+WEAK = {
+    "memory 8 KiB": {"memory_kib": 8},
+    "memory 8 MiB": {"memory_kib": 8192},
+    "one pass": {"iterations": 1},
+    "3-byte salt": {"salt": base64.b64encode(b"abc").decode()},
+    "64 lanes": {"lanes": 64},
+    "absurd memory (the client's RAM)": {"memory_kib": 64 * 1024 * 1024},
+}
+
+
+def test_weak_kdf_parameters_are_refused_before_anything_is_derived(owner, lying_proxy, tmp_path_factory):
+    """A fresh machine whose server serves weak Argon2id parameters (as the issue's
+    attack did: m=8 KiB, t=1, a fixed 3-byte salt) logs in with nothing derived from
+    the password leaving it: the proxy sees the KDF lookup and nothing else."""
+    proxy = lying_proxy(owner.server_url)
+    for what, change in WEAK.items():
+        proxy.honest()
+        proxy.received.clear()
+        proxy.lie("GET", "/auth/kdf", lambda body, req, change=change: {"kdf": body["kdf"] | change})
+        fresh = _via(proxy, tmp_path_factory)
+        line = error_line(fresh.login(owner.username, owner.password, check=False))
+        assert "refusing to hash the password" in line and "nothing was sent" in line, (what, line)
+        assert [(r.method, r.path) for r in proxy.received] == [("GET", "/auth/kdf")], what
+        assert not (fresh.home / "keys.json").exists()
+
+
+def test_other_salt_or_parameters_above_the_floor_fail_the_check(owner, lying_proxy, tmp_path_factory):
+    """Above the floor, the parameters must be the account's own: another salt (a
+    fixed one would let a server precompute guesses for every user at once) or
+    other parameters fail the account's kdf check before the auth key is sent."""
+    proxy = lying_proxy(owner.server_url)
+    for change in ({"salt": base64.b64encode(bytes(16)).decode()}, {"iterations": 4},
+                   {"memory_kib": 2 * 65536}, {"lanes": 1}):
+        proxy.honest()
+        proxy.received.clear()
+        proxy.lie("GET", "/auth/kdf", lambda body, req, change=change: {"kdf": body["kdf"] | change})
+        fresh = _via(proxy, tmp_path_factory)
+        line = error_line(fresh.login(owner.username, owner.password, check=False))
+        assert "wrong username or password" in line, (change, line)
+        _no_secret_sent(proxy)
+    # the honest answer logs in through the same proxy
+    proxy.honest()
+    fresh = _via(proxy, tmp_path_factory)
+    fresh.login(owner.username, owner.password)
+
+
+def test_every_path_that_derives_refuses_weak_parameters(owner, lying_proxy, tmp_path_factory, tmp_path):
+    """passwd, rotate-key and mount.py --password-file derive keys from a password
+    too: each refuses the weak parameters with one line and sends nothing derived."""
+    proxy = lying_proxy(owner.server_url)
+    m = _via(proxy, tmp_path_factory, owner.username)
+    m.login(owner.username, owner.password)                  # honest so far
+    proxy.lie("GET", "/auth/kdf", lambda body, req: {"kdf": body["kdf"] | {"memory_kib": 8, "iterations": 1}})
+    proxy.received.clear()
+    pw = owner.password + "\n"
+    for args, stdin in ((("passwd", "--password-stdin"), pw + "new password 789\n"),
+                        (("rotate-key", "--password-stdin"), pw)):
+        line = error_line(m.run(*args, input=stdin, check=False))
+        assert "refusing to hash the password" in line, (args, line)
+    (tmp_path / "pw").write_text(owner.password + "\n")
+    mount = Mount(m, tmp_path / "mnt", ["--password-file", str(tmp_path / "pw")])
+    try:
+        proc = mount._mount_py(str(mount.path), *mount.extra, check=False)
+    finally:
+        mount.cleanup()
+    assert proc.returncode != 0 and "refusing to hash the password" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    _no_secret_sent(proxy)
+
+
+def test_server_refuses_weak_parameters_and_the_test_knob_cannot_weaken(owner, shared_server, tmp_path_factory):
+    """The server refuses registrations and password changes below the floor or
+    without a check; ZKFS_KDF_MEMORY_KIB (the tests' old way to cheapen accounts)
+    has no effect: a new account gets the floor."""
+    c = shared_server.client()
+    for bad in ({"memory_kib": 8192}, {"iterations": 1}, {"salt": b64(3)}, {"lanes": 64}, {"check": None}):
+        body = register_body("w" + uuid.uuid4().hex[:10], b64(32), uuid.uuid4())
+        body["kdf"] = body["kdf"] | bad
+        r = c.post("/users", json=body)
+        assert r.status_code == 422, (bad, r.text)
+        user = ApiUser(shared_server)
+        r = user.c.put("/account/password", json={
+            "current_auth_key": user.auth_key, "new_auth_key": b64(32),
+            "new_kdf": user.kdf | bad, "master_keys": []})
+        assert r.status_code == 422, (bad, r.text)
+    m = Machine(tmp_path_factory.mktemp("knob"), shared_server.url)
+    env = m.env
+    m.env = lambda: env() | {"ZKFS_KDF_MEMORY_KIB": "8192"}
+    m.register()
+    kdf = c.get("/auth/kdf", params={"username": m.username}).json()["kdf"]
+    assert (kdf["memory_kib"], kdf["iterations"]) == (65536, 3) and len(base64.b64decode(kdf["salt"])) == 16
+
+
+def test_accounts_from_before_the_check_get_one_at_their_next_login(shared_server, tmp_path_factory, lying_proxy):
+    """An account made before kdf checks (its stored parameters have none) keeps
+    working; its next login adds the check, after which a server that swaps the
+    salt is caught. Before that, the migration window: such a swap is not."""
+    m = Machine(tmp_path_factory.mktemp("legacy"), shared_server.url).register()
+    db = sqlite3.connect(shared_server.data_dir / "app.db", timeout=30)
+    try:
+        kdf = json.loads(db.execute("SELECT kdf_json FROM users WHERE username = ?", (m.username,)).fetchone()[0])
+        db.execute("UPDATE users SET kdf_json = ? WHERE username = ?",
+                   (json.dumps(kdf | {"check": None}), m.username))
+        db.commit()
+        fresh = Machine(tmp_path_factory.mktemp("legacy-2"), shared_server.url)
+        fresh.login(m.username, m.password)
+        stored = json.loads(db.execute("SELECT kdf_json FROM users WHERE username = ?",
+                                       (m.username,)).fetchone()[0])
+    finally:
+        db.close()
+    assert stored == kdf, "the login put back the check the client computes"
+    proxy = lying_proxy(shared_server)
+    proxy.lie("GET", "/auth/kdf", lambda body, req: {"kdf": body["kdf"] | {"salt": base64.b64encode(bytes(16)).decode()}})
+    line = error_line(_via(proxy, tmp_path_factory).login(m.username, m.password, check=False))
+    assert "wrong username or password" in line
+    _no_secret_sent(proxy)
+
