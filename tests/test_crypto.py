@@ -81,6 +81,19 @@ def test_binary_fernet_known_answer_matches_fernet_spec():
     assert base64.urlsafe_b64encode(ours) == ref
 
 
+def test_tokens_carry_no_seal_time_and_old_tokens_still_open():
+    """The timestamp field is a constant (the server would read when every name,
+    attribute set and chunk was sealed); stock Fernet still opens the tokens
+    (without a ttl), and tokens sealed with a real time still open here."""
+    key = crypto.random_key()
+    f = BinaryFernet(key)
+    tokens = [f.encrypt(b"a"), f.encrypt(b"b" * 100)]
+    assert {t[1:9] for t in tokens} == {bytes(8)}
+    assert Fernet(base64.urlsafe_b64encode(key)).decrypt(base64.urlsafe_b64encode(tokens[1])) == b"b" * 100
+    old = f.encrypt(b"sealed in 2023", _now=1_700_000_000)
+    assert old[1:9] == struct.pack(">Q", 1_700_000_000) and f.decrypt(old) == b"sealed in 2023"
+
+
 def test_binary_fernet_rejects_wrong_key_size():
     with pytest.raises(ValueError):
         BinaryFernet(bytes(16))

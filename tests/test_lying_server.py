@@ -160,3 +160,35 @@ def test_accounts_from_before_the_check_get_one_at_their_next_login(shared_serve
     assert "wrong username or password" in line
     _no_secret_sent(proxy)
 
+
+# ================================================================ seal times
+def test_nothing_the_server_stores_carries_a_seal_time(owner, shared_server, tmp_path):
+    """Every Fernet token has an 8-byte timestamp in clear: the client writes a
+    constant there, so the server cannot read when each key, name, attribute set,
+    manifest or chunk segment was sealed (mtimes, renames...)."""
+    from hostile import HostileServer
+    from zkfs.format import segment_token_size, SEGMENT_SIZE
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "small.txt").write_text("seal times\n")
+    (tmp_path / "d" / "big.bin").write_bytes(bytes(range(256)) * 1200)      # 300 KiB: a stored blob
+    owner.run("upload", "-r", str(tmp_path / "d"), "--to", "/seal")
+    hs = HostileServer(shared_server.data_dir, owner.username)
+    try:
+        tokens = []
+        for row in hs.db.execute("SELECT wrapped_master, wrapped_namespace FROM master_keys WHERE user_id = ?",
+                                 (hs.user_id,)):
+            tokens += [base64.b64decode(v) for v in row]
+        for row in hs.db.execute("SELECT meta, manifest FROM inodes WHERE user_id = ?", (hs.user_id,)):
+            tokens += [base64.b64decode(v) for v in row if v]
+        tokens += [base64.b64decode(r[0]) for r in hs.db.execute(
+            "SELECT name FROM dentries WHERE user_id = ?", (hs.user_id,))]
+        store = shared_server.data_dir / "storage" / hs.user_id
+        full = segment_token_size(SEGMENT_SIZE)
+        for path in store.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                tokens += [data[i:i + full] for i in range(0, len(data), full)]   # one per segment
+        assert len(tokens) > 10
+        assert {t[1:9] for t in tokens} == {bytes(8)}, "a token carries its seal time"
+    finally:
+        hs.close()
