@@ -192,3 +192,93 @@ def test_nothing_the_server_stores_carries_a_seal_time(owner, shared_server, tmp
         assert {t[1:9] for t in tokens} == {bytes(8)}, "a token carries its seal time"
     finally:
         hs.close()
+
+
+# ================================================================ acknowledged versions
+def _under_report(body, req):
+    """/fs/ops answered with every version one lower than the one written."""
+    for res in body["results"]:
+        if res.get("version"):
+            res["version"] -= 1
+    return body
+
+
+def _ledger(machine: Machine, inode) -> int | None:
+    db = sqlite3.connect(machine.home / "versions.db")
+    try:
+        row = db.execute("SELECT version FROM versions WHERE inode = ?", (inode.bytes,)).fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
+def test_an_under_reported_version_is_an_error_and_no_rollback_window(owner, shared_server, lying_proxy,
+                                                                      tmp_path_factory, tmp_path):
+    """The issue's rollback: after a commit, the client recorded the version the
+    server *reported*. Under-reporting it, the server could later serve the version
+    before, and `download` took it. Now the answer that disagrees with what the
+    client wrote is one error line, the ledger holds the written version, and the
+    old version served later is refused as a rollback."""
+    from hostile import HostileServer, uploads
+    proxy = lying_proxy(shared_server)
+    m = _via(proxy, tmp_path_factory)
+    m.login(owner.username, owner.password)
+    src = tmp_path / "ack.txt"
+    src.write_text("version one\n")
+    m.run("upload", str(src), "--to", "/ack")
+    inode = uploads(m)["/ack/ack.txt"]
+    hs = HostileServer(shared_server.data_dir, owner.username)
+    try:
+        before = hs.snapshot(inode)
+        proxy.lie("POST", "/fs/ops", _under_report)
+        src.write_text("version two, acknowledged as one\n")
+        line = error_line(m.run("upload", str(src), "--to", "/ack", check=False))
+        assert f"acknowledged version {before.row['version']} of inode {inode}" in line, line
+        assert _ledger(m, inode) == before.row["version"] + 1
+        proxy.honest()
+        hs.restore(before)                      # the server serves the version before
+        out = tmp_path / "out"
+        line = error_line(m.run("download", "/ack/ack.txt", "-o", str(out), check=False))
+        assert f"rolled inode {inode} back" in line, line
+        assert not out.exists()
+    finally:
+        hs.close()
+
+
+def test_an_under_reported_version_through_the_mount_is_eio(owner, shared_server, lying_proxy,
+                                                            tmp_path_factory, make_mount):
+    """The mount commits through the same check: fsync of a file whose commit is
+    acknowledged with another version fails with EIO, and the ledger keeps the
+    version written."""
+    import errno
+    import os
+    from hostile import HostileServer
+    proxy = lying_proxy(shared_server)
+    m = _via(proxy, tmp_path_factory)
+    m.login(owner.username, owner.password)
+    mount = make_mount(m)
+    path = mount.path / "mount-ack.txt"
+    path.write_text("one\n")
+    hs = HostileServer(shared_server.data_dir, owner.username)
+    try:
+        entry = hs.db.execute("SELECT inode FROM dentries d JOIN inodes i ON i.id = d.inode AND i.user_id = d.user_id"
+                              " WHERE d.user_id = ? ORDER BY i.changed_seq DESC LIMIT 1", (hs.user_id,)).fetchone()
+        inode = uuid.UUID(entry[0])
+        version = hs.inode(inode)["version"]
+        proxy.lie("POST", "/fs/ops", _under_report)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, b"two\n")
+            with pytest.raises(OSError) as exc:
+                os.fsync(fd)
+            assert exc.value.errno == errno.EIO
+        finally:
+            proxy.honest()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        assert hs.inode(inode)["version"] == version + 1
+        assert _ledger(m, inode) == version + 1
+    finally:
+        hs.close()

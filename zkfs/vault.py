@@ -287,12 +287,24 @@ class Vault:
             self.ops_applied += 1
         self.own_seqs.add(resp["seq"])
         results = resp["results"]
+        # The ledger records the versions this client wrote, never what the answer
+        # says: a server that under-reports one could later serve the one before.
+        wrong = None
         for op, res in zip(ops, results):
-            if res.get("inode") and res.get("version"):
-                self.ledger.check(UUID(res["inode"]), res["version"])
+            written = written_version(op)
+            if written is None:
+                continue
+            self.ledger.check(UUID(op["inode"]), written)
+            if (res.get("inode"), res.get("version")) != (op["inode"], written):
+                wrong = wrong or (f"the server acknowledged version {res.get('version')} of inode "
+                                  f"{op['inode']}, but this client wrote version {written}")
+        if len(results) != len(ops):
+            wrong = wrong or f"the server answered {len(results)} results for {len(ops)} ops"
         # Persist at once: a crash must not forget versions the server acknowledged,
         # or it could roll them back unnoticed.
         self.ledger.flush()
+        if wrong:
+            raise TamperedError(wrong)
         return results
 
     def _send_ops(self, ops: list[dict]) -> dict:
@@ -372,6 +384,16 @@ class Vault:
 
     def op_delete_inode(self, inode: UUID) -> dict:
         return {"op": "delete_inode", "inode": str(inode)}
+
+
+def written_version(op: dict) -> int | None:
+    """The version an op makes of its inode (create: 1; commit and setmeta: the
+    base + 1); None for ops that change no version."""
+    if op["op"] == "create":
+        return 1
+    if op["op"] in ("commit", "setmeta"):
+        return op["base_version"] + 1
+    return None
 
 
 def new_attrs(mode: int, *, uid: int | None = None, gid: int | None = None, rdev: int = 0,
