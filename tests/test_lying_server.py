@@ -282,3 +282,25 @@ def test_an_under_reported_version_through_the_mount_is_eio(owner, shared_server
         assert _ledger(m, inode) == version + 1
     finally:
         hs.close()
+
+
+# ================================================================ setuid, setgid, devices
+def test_download_drops_setuid_and_setgid_and_mounts_are_nosuid_nodev(owner, make_mount, tmp_path):
+    """A file stored as setuid/setgid (shared with you, or written by anyone who
+    ever held a key) downloads with its permission bits only, as cp and tar do
+    without -p; a mount is nosuid,nodev, so the stored modes and device numbers
+    never act as such on this machine."""
+    import os
+    import stat
+    src = tmp_path / "suid.sh"
+    src.write_text("#!/bin/sh\nid\n")
+    os.chmod(src, 0o6755 | stat.S_ISVTX)
+    owner.run("upload", str(src), "--to", "/suid")
+    out = tmp_path / "out"
+    owner.run("download", "/suid/suid.sh", "-o", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    mount = make_mount(owner)
+    assert stat.S_IMODE((mount.path / "suid" / "suid.sh").stat().st_mode) & stat.S_ISUID   # stored as such
+    with open("/proc/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == os.path.realpath(mount.path))
+    assert {"nosuid", "nodev"} <= set(options.split(",")), options

@@ -123,7 +123,9 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
                     progress(len(data))
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, stat.S_IMODE(node.attrs.mode))
+        # The permission bits only, as cp and tar do without -p: a file someone else
+        # wrote (or a server, with a stolen key) must not become a setuid program here.
+        os.chmod(tmp, stat.S_IMODE(node.attrs.mode) & 0o777)
         os.utime(tmp, ns=(node.attrs.atime_ns, node.attrs.mtime_ns))
         check_download_target(dest)         # again: the download may have taken a while
         os.replace(tmp, dest)

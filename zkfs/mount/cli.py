@@ -142,7 +142,10 @@ def serve(args) -> None:
                    attr_timeout=0, entry_timeout=1.0, auto_cache=True,
                    # O_TRUNC comes with open() instead of a separate truncate that
                    # would publish an empty version before the new content is written.
-                   atomic_o_trunc=True)
+                   atomic_o_trunc=True,
+                   # Stored modes are the server's word as far as the kernel is concerned:
+                   # no setuid program and no device node from the store acts as one here.
+                   nosuid=True, nodev=True)
     if args.read_only:
         options["ro"] = True
     if args.allow_other:
