@@ -304,3 +304,47 @@ def test_download_drops_setuid_and_setgid_and_mounts_are_nosuid_nodev(owner, mak
     with open("/proc/mounts") as f:
         options = next(line.split()[3] for line in f if line.split()[1] == os.path.realpath(mount.path))
     assert {"nosuid", "nodev"} <= set(options.split(",")), options
+
+
+# ================================================================ plain http
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if any."""
+    import ipaddress
+    import socket
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.200", 9))
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
+def test_plain_http_to_a_remote_host_needs_insecure_http(owner, shared_server, lying_proxy,
+                                                         tmp_path_factory, tmp_path):
+    """http:// to anything but this machine is refused with one line, before any
+    connection (the auth key and the token would cross the network in clear, and
+    anyone on the path could lie like a server); --insecure-http allows it, and
+    `login` saves that choice for the commands and mounts that follow."""
+    remote = "http://192.0.2.254:9"          # TEST-NET: refused before anything is tried
+    m = Machine(tmp_path_factory.mktemp("http"), remote)
+    for args in (("register", "someone", "--server", remote, "--password-stdin"),
+                 ("login", "someone", "--server", remote, "--password-stdin")):
+        line = error_line(m.run(*args, input="long enough password\n", check=False))
+        assert "refusing plain http:// to 192.0.2.254" in line and "--insecure-http" in line, line
+    (m.home / "config.json").write_text(json.dumps({"server": remote, "token": "t"}))
+    assert "refusing plain http://" in error_line(m.run("ls", check=False))
+    mount = Mount(m, tmp_path / "mnt", [])
+    proc = mount._mount_py(str(mount.path), check=False)
+    assert proc.returncode != 0 and "refusing plain http://" in proc.stderr, proc.stderr
+
+    addr = _non_loopback_address()
+    if addr is None:
+        pytest.skip("no non-loopback address on this machine for the --insecure-http half")
+    proxy = lying_proxy(shared_server, host=addr)      # the real server, reached over the network
+    m = Machine(tmp_path_factory.mktemp("http-ok"), proxy.url)
+    assert "refusing plain http://" in error_line(m.login(owner.username, owner.password, check=False))
+    m.run("login", owner.username, "--server", proxy.url, "--password-stdin", "--insecure-http",
+          input=owner.password + "\n")
+    m.run("ls")                                        # the saved choice
+    assert json.loads((m.home / "config.json").read_text())["insecure_http"] is True

@@ -13,12 +13,14 @@ from .vault import Vault
 
 
 def open_vault(state: LocalState, *, server: str | None = None, password: str | None = None,
-               retry_seconds: float = 5.0) -> Vault:
+               retry_seconds: float = 5.0, insecure_http: bool = False) -> Vault:
     """With ``password``, derive keys afresh (unattended mounts); otherwise use
-    the keys saved by `client.py login`. Tokens are renewed transparently."""
+    the keys saved by `client.py login`. Tokens are renewed transparently.
+    ``insecure_http``: plain http to a remote host (else only if login allowed it)."""
     cfg = state.config()
     url = server or cfg["server"]
-    api = ApiClient(url, cfg.get("token") if not password else None, retry_seconds=retry_seconds)
+    api = ApiClient(url, cfg.get("token") if not password else None, retry_seconds=retry_seconds,
+                    insecure_http=insecure_http or state.insecure_http(url))
     if password is not None:
         username = cfg.get("username")
         if not username:

@@ -1,6 +1,7 @@
 """Local client state in $ZKFS_HOME (default ~/.zkfs), every file mode 0600.
 
-- config.json        server URL, download directory, token, username (the seed's layout)
+- config.json        server URL, download directory, token, username (the seed's layout),
+                     insecure_http (login was told --insecure-http for that server)
 - keys.json          user id, auth key and key-encryption key (what `login` saves)
 - uploaded_file.json remote path -> {uuid, sha256, size, version}: makes re-uploads no-ops
 - versions.db        highest version seen per inode: detects a server rolling files back
@@ -58,7 +59,8 @@ def _str_fields(data: dict, *names: str) -> bool:
 
 def _valid_config(data: Any) -> bool:
     return isinstance(data, dict) and _str_fields(data, "server", "download_dir", "username") \
-        and (data.get("token") is None or isinstance(data["token"], str))
+        and (data.get("token") is None or isinstance(data["token"], str)) \
+        and isinstance(data.get("insecure_http", False), bool)
 
 
 def _valid_uploads(data: Any) -> bool:
@@ -96,6 +98,11 @@ class LocalState:
         # relative: the folder `download` runs in, not the one `login` ran in
         cfg.setdefault("download_dir", ".")
         return cfg
+
+    def insecure_http(self, server: str) -> bool:
+        """Whether `login` was told --insecure-http for ``server`` (the saved one)."""
+        cfg = self.config()
+        return bool(cfg.get("insecure_http")) and cfg["server"].rstrip("/") == server.rstrip("/")
 
     def saved_server(self) -> str:
         """The server URL for `login`, which must work even when config.json is corrupt."""
