@@ -348,3 +348,34 @@ def test_plain_http_to_a_remote_host_needs_insecure_http(owner, shared_server, l
           input=owner.password + "\n")
     m.run("ls")                                        # the saved choice
     assert json.loads((m.home / "config.json").read_text())["insecure_http"] is True
+
+
+# ================================================================ key generations
+def test_a_retired_key_generation_is_refused_by_a_fresh_process_and_mount(owner, shared_server, lying_proxy,
+                                                                           tmp_path_factory, tmp_path):
+    """After a rotate-key, a server that kept the retired master key record serves
+    the account as it was (current_gen and keys of the old generation): new file
+    keys would be wrapped under a retired, perhaps leaked, key. A machine that has
+    seen the new generation keeps it as a floor in $ZKFS_HOME: every command and
+    a new mount refuse the old one (before, only a running process did)."""
+    proxy = lying_proxy(shared_server)
+    m = _via(proxy, tmp_path_factory)
+    m.login(owner.username, owner.password)
+    token = json.loads((m.home / "config.json").read_text())["token"]
+    old = shared_server.client().get("/account", headers={"Authorization": f"Bearer {token}"}).json()
+    owner.run("rotate-key", "--password-stdin", input=owner.password + "\n")
+    m.run("ls")                                          # this machine sees the new generation
+    proxy.lie("GET", "/account", lambda body, req: old)
+    proxy.lie("GET", "/fs/changes", lambda body, req: body | {"key_gen": old["current_gen"]})
+    why = (f"the server rolled the master key back from generation {old['current_gen'] + 1} "
+           f"to {old['current_gen']}")
+    assert why in error_line(m.run("ls", check=False))
+    mount = Mount(m, tmp_path / "mnt", [])
+    try:
+        proc = mount._mount_py(str(mount.path), check=False)
+    finally:
+        mount.cleanup()
+    assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+    # a fresh machine has no floor: it cannot tell (documented)
+    fresh = _via(proxy, tmp_path_factory)
+    fresh.login(owner.username, owner.password)

@@ -20,7 +20,7 @@ from .api import ApiClient
 from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
 from .session import open_vault
-from .state import LocalState
+from .state import LocalState, VersionLedger
 from .transfer import check_download_target, download_file, file_sha256, kind_of, upload_file
 from .vault import Node, Vault, new_attrs, split_path
 
@@ -115,9 +115,15 @@ def _login(api: ApiClient, state: LocalState, username: str, password: str, inse
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
     keys = derived.keys
-    account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
+    acct = api.account()
+    keyring = account.Keyring.unlock(acct, keys.kek)      # proves the keys open the account
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
         _warn(f"{path} was corrupt: removed")
+    ledger = VersionLedger(state.ledger_path)
+    try:
+        ledger.check_key_gen(UUID(acct["root_inode"]), keyring.current_gen)
+    finally:
+        ledger.close()
     state.save_config(server=api.base_url, username=username, token=token["access_token"],
                       insecure_http=insecure_http)
     state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
@@ -177,6 +183,7 @@ def cmd_rotate_key(args, state: LocalState) -> None:
         raise ZkfsError("wrong password") from None
     start = time.perf_counter()
     result = account.rotate_master_key(vault.api, keys.kek)
+    vault.ledger.check_key_gen(vault.root, result["generation"])
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
 

@@ -53,5 +53,11 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
             raise ZkfsError("the saved login is no longer valid: run `client.py login` again") from None
         raise
     keyring = account.Keyring.unlock(acct, keys.kek)
-    return Vault(api, keyring, UUID(acct["root_inode"]), VersionLedger(state.root / "versions.db"),
-                 unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))
+    root = UUID(acct["root_inode"])
+    ledger = VersionLedger(state.ledger_path)
+    try:
+        ledger.check_key_gen(root, keyring.current_gen)
+    except ZkfsError:
+        ledger.close()
+        raise
+    return Vault(api, keyring, root, ledger, unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))

@@ -4,7 +4,8 @@
                      insecure_http (login was told --insecure-http for that server)
 - keys.json          user id, auth key and key-encryption key (what `login` saves)
 - uploaded_file.json remote path -> {uuid, sha256, size, version}: makes re-uploads no-ops
-- versions.db        highest version seen per inode: detects a server rolling files back
+- versions.db        highest version seen per inode, and the highest master key generation
+                     per account: detects a server rolling files or keys back
 """
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ class LocalState:
 
 
 class VersionLedger:
-    """Highest inode version this client has seen (CryFS-style rollback check).
+    """Highest inode version this client has seen (CryFS-style rollback check), and
+    the highest master key generation of each account (``check_key_gen``).
 
     A read answered while one of this client's own commits was in flight may
     carry the version before that commit: not a rollback, just an answer that
@@ -213,6 +215,7 @@ class VersionLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")   # survives a process crash; cheap per commit
             self._db.execute("CREATE TABLE IF NOT EXISTS versions (inode BLOB PRIMARY KEY, version INTEGER)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS key_gens (account BLOB PRIMARY KEY, gen INTEGER)")
             self._db.execute("SELECT inode, version FROM versions LIMIT 1").fetchall()
         except sqlite3.DatabaseError:       # not a database, or another one's tables
             self._db.close()
@@ -247,6 +250,17 @@ class VersionLedger:
                     return False
                 raise TamperedError(f"the server rolled inode {inode} back from version {known} to {version}")
             return True
+
+    def check_key_gen(self, account: UUID, gen: int) -> None:
+        """The account's current master key generation as the server states it: lower
+        than one seen here is a rollback to a retired (perhaps leaked) key. ``account``:
+        its root inode id. Written at once, like an acknowledged version."""
+        with self._lock:
+            row = self._db.execute("SELECT gen FROM key_gens WHERE account=?", (account.bytes,)).fetchone()
+            if row and gen < row[0]:
+                raise TamperedError(f"the server rolled the master key back from generation {row[0]} to {gen}")
+            if not row or gen > row[0]:
+                self._db.execute("INSERT OR REPLACE INTO key_gens VALUES (?, ?)", (account.bytes, gen))
 
     def flush(self) -> None:
         with self._lock:

@@ -194,6 +194,7 @@ class Vault:
             # New file keys would be wrapped under a retired (perhaps leaked) key.
             raise TamperedError(f"the server rolled the master key back from generation "
                                 f"{self.keyring.current_gen} to {keyring.current_gen}")
+        self.ledger.check_key_gen(self.root, keyring.current_gen)
         self.keyring = keyring
 
     def note_key_gen(self, gen: int) -> None:
