@@ -34,7 +34,7 @@ class Received:
     method: str
     path: str                      # under /api/v1, without the query
     query: dict[str, list[str]]
-    headers: dict[str, str]
+    headers: dict[str, str]        # names in lower case
     body: bytes
 
     def json(self) -> Any:
@@ -109,7 +109,7 @@ class LyingProxy:
         return None
 
     def _forward(self, req: Received, raw_path: str) -> tuple[int, list[tuple[str, str]], bytes]:
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host", "connection")}
+        headers = {k: v for k, v in req.headers.items() if k not in ("host", "connection")}
         resp = self._pool.urlopen(req.method, self.upstream + raw_path, body=req.body or None,
                                   headers=headers, redirect=False, retries=False,
                                   preload_content=True, decode_content=False)
@@ -128,7 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
         path = url.path[len(API):] if url.path.startswith(API) else url.path
-        req = Received(self.command, path, parse_qs(url.query), dict(self.headers.items()), body)
+        req = Received(self.command, path, parse_qs(url.query), {k.lower(): v for k, v in self.headers.items()}, body)
         with self.proxy._lock:
             self.proxy.received.append(req)
         status, headers, data = self.proxy._forward(req, self.path)
@@ -153,6 +153,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+
+# ---------------------------------------------------------------- listing lies
+# Rewrites for GET /fs/dirs/{id}/entries ({"entries": [...]}) and POST /fs/listings
+# ({"listings": [{"dir", "entries"}]}), e.g.
+#     proxy.lie("GET", r"/fs/dirs/[^/]+/entries", drop_entry(name_hash))
+#     proxy.lie("POST", "/fs/listings", drop_entry(name_hash))
+#     proxy.lie("GET", rf"/fs/dirs/{d}/entries", add_entry(old_entry))    # a deleted one back
+#     proxy.lie("GET", rf"/fs/dirs/{d}/entries", lambda body, req: old_body)   # an old listing
+def _each_listing(body: dict, change: Callable[[list[dict]], list[dict]]) -> dict:
+    if "entries" in body:
+        return body | {"entries": change(body["entries"])}
+    return body | {"listings": [lst | {"entries": change(lst["entries"])} for lst in body["listings"]]}
+
+
+def drop_entry(name_hash: str) -> Callable[[dict, Received], dict]:
+    """Hide the entry ``name_hash`` from every listing."""
+    return lambda body, req: _each_listing(body, lambda es: [e for e in es if e["name_hash"] != name_hash])
+
+
+def add_entry(entry: dict, directory: str | None = None) -> Callable[[dict, Received], dict]:
+    """Put ``entry`` (an EntryOut as once served) into the listing (of ``directory``
+    only, for POST /fs/listings), unless it is there."""
+    def add(es: list[dict]) -> list[dict]:
+        return es if any(e["name_hash"] == entry["name_hash"] for e in es) else [*es, entry]
+
+    def rewrite(body: dict, req: Received) -> dict:
+        if "entries" in body:
+            return _each_listing(body, add)
+        return body | {"listings": [lst | {"entries": add(lst["entries"])} if directory in (None, lst["dir"])
+                                    else lst for lst in body["listings"]]}
+    return rewrite
 
 
 @pytest.fixture

@@ -379,3 +379,67 @@ def test_a_retired_key_generation_is_refused_by_a_fresh_process_and_mount(owner,
     # a fresh machine has no floor: it cannot tell (documented)
     fresh = _via(proxy, tmp_path_factory)
     fresh.login(owner.username, owner.password)
+
+
+# ================================================================ change feed, ranges, bodies
+def test_an_old_change_feed_position_is_refused_by_the_mount(owner, shared_server, lying_proxy,
+                                                             tmp_path_factory, make_mount):
+    """The account's change counter only grows: a feed that answers with a position
+    older than one the mount has seen (its own ops' included) is a replayed state,
+    logged as an integrity failure rather than taken as the new starting point."""
+    from hostile import log_lines, mount_log
+    from mount_helpers import wait_until
+    proxy = lying_proxy(shared_server)
+    m = _via(proxy, tmp_path_factory)
+    m.login(owner.username, owner.password)
+    mount = make_mount(m)
+    (mount.path / "feed.txt").write_text("an op of our own\n")
+    proxy.lie("GET", "/fs/changes", lambda body, req: body | {"seq": body["seq"] - 1, "inodes": [], "seqs": []})
+    wait_until(lambda: log_lines(mount_log(mount), "integrity check failed", "change feed went back"), 10,
+               what="the refused feed position in the mount's log")
+
+
+def _other_segments(shared_server):
+    """Rewrites a Range answer (a run of 64 KiB segments of a chunk) into as many
+    bytes of the same blob from another position: valid tokens under the same key."""
+    from zkfs.format import SEGMENT_SIZE, segment_token_size
+    full = segment_token_size(SEGMENT_SIZE)
+
+    def rewrite(data: bytes, req) -> bytes:
+        whole = shared_server.client().get(req.path, headers={"Authorization": req.headers["authorization"]}).content
+        start = 0 if not whole.startswith(data) else full
+        return whole[start:start + len(data)]
+    return rewrite
+
+
+def test_range_answers_with_other_bytes_and_truncated_bodies(owner, shared_server, lying_proxy,
+                                                             tmp_path_factory, make_mount, tmp_path):
+    """A random read through the mount fetches single segments by Range: another
+    segment of the same chunk served instead is EIO (never its bytes). A body cut
+    short of its Content-Length is a broken answer: the CLI gives up after its
+    retries with one line and writes nothing."""
+    import errno
+    import os
+    from hostile import log_lines, mount_log
+    data = os.urandom(300_000)
+    (tmp_path / "ranged.bin").write_bytes(data)
+    owner.run("upload", str(tmp_path / "ranged.bin"), "--to", "/range")
+    proxy = lying_proxy(shared_server)
+    m = _via(proxy, tmp_path_factory)
+    m.login(owner.username, owner.password)
+    mount = make_mount(m)
+    path = mount.path / "range" / "ranged.bin"
+    proxy.lie("GET", r"/blobs/.*", _other_segments(shared_server), json=False)
+    with open(path, "rb") as f:                        # a random read: a Range request
+        f.seek(140_000)
+        with pytest.raises(OSError) as exc:
+            f.read(4096)
+    assert exc.value.errno == errno.EIO
+    assert log_lines(mount_log(mount), "integrity check failed", "chunk 0 of inode .* failed verification")
+    assert any("range" in r.headers for r in proxy.requests("GET", r"/blobs/.*"))
+    proxy.honest()
+    proxy.lie("GET", r"/blobs/.*", truncate=True)
+    out = tmp_path / "out"
+    line = error_line(m.run("download", "/range/ranged.bin", "-o", str(out), check=False))
+    assert "cannot reach the server" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
