@@ -275,6 +275,10 @@ class OpCommit(Strict):
     manifest: Annotated[B64, Field(max_length=MAX_MANIFEST_B64)]
     blobs: list[UUID] = Field(max_length=1_000_000)   # every blob the new manifest references
     inline: list[InlineBlob] = Field(default_factory=list, max_length=64)
+    # A new file key for this version (rotate-key --full re-encrypts content under
+    # one): replaced in the same transaction as the content it opens.
+    key_gen: int | None = Field(default=None, ge=1)
+    wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)] | None = None
 
 
 class OpDeleteInode(Strict):

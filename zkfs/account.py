@@ -86,15 +86,31 @@ def sign_in(api: ApiClient, username: str, password: str) -> tuple[Derived, dict
 
 @dataclass
 class Keyring:
-    """The unwrapped master keys (by generation) and the namespace key."""
+    """The unwrapped master keys and namespace keys (by generation). Generations
+    share one namespace key, except while a `rotate-key --full` moves everything
+    to a new one: then names and attributes are sealed under either."""
     masters: dict[int, bytes]
     current_gen: int
-    namespace: NamespaceKey
+    namespaces: dict[int, NamespaceKey]
+
+    @property
+    def namespace(self) -> NamespaceKey:
+        """The key new names and attributes are sealed under."""
+        return self.namespaces[self.current_gen]
+
+    @property
+    def readers(self) -> list[NamespaceKey]:
+        """Every distinct namespace key, the current one first."""
+        out = [self.namespace]
+        for gen in sorted(self.namespaces, reverse=True):
+            if all(k.raw != self.namespaces[gen].raw for k in out):
+                out.append(self.namespaces[gen])
+        return out
 
     @classmethod
     def unlock(cls, account: dict, kek: bytes) -> "Keyring":
         masters: dict[int, bytes] = {}
-        namespace = None
+        namespaces: dict[int, NamespaceKey] = {}
         for rec in account["master_keys"]:
             gen = rec["gen"]
             try:
@@ -102,17 +118,16 @@ class Keyring:
             except IntegrityError:
                 raise ZkfsError("the saved keys no longer open this account (password changed elsewhere?): "
                                 "run `client.py login` again") from None
-            if gen == account["current_gen"]:
-                try:
-                    namespace = NamespaceKey(crypto.unwrap_key(
-                        masters[gen], b64decode(rec["wrapped_namespace"]),
-                        crypto.namespace_context(gen, UUID(account["root_inode"]))))
-                except IntegrityError:
-                    raise TamperedError("the account's namespace key does not fit its root folder: "
-                                        "the server's account record was tampered with") from None
-        if namespace is None:
+            try:
+                namespaces[gen] = NamespaceKey(crypto.unwrap_key(
+                    masters[gen], b64decode(rec["wrapped_namespace"]),
+                    crypto.namespace_context(gen, UUID(account["root_inode"]))))
+            except IntegrityError:
+                raise TamperedError("the account's namespace key does not fit its root folder: "
+                                    "the server's account record was tampered with") from None
+        if account["current_gen"] not in namespaces:
             raise TamperedError("the server sent no key for the current generation")
-        return cls(masters=masters, current_gen=account["current_gen"], namespace=namespace)
+        return cls(masters=masters, current_gen=account["current_gen"], namespaces=namespaces)
 
     def wrap_file_key(self, inode: UUID, key: bytes) -> tuple[int, bytes]:
         gen = self.current_gen
@@ -214,6 +229,8 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     """
     account = api.account()
     keyring = Keyring.unlock(account, kek)
+    if len(keyring.readers) > 1:
+        raise ZkfsError("a `rotate-key --full` was interrupted: run it again to finish it first")
     old_gens = sorted(keyring.masters)
     new_gen = keyring.current_gen + 1
     master = crypto.random_key()

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from . import account
+from . import account, rotation
 from .api import ApiClient
 from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
@@ -182,10 +182,26 @@ def cmd_rotate_key(args, state: LocalState) -> None:
     except ZkfsError:
         raise ZkfsError("wrong password") from None
     start = time.perf_counter()
+    if args.full:
+        result = _rotate_full(vault, keys.kek)
+        vault.ledger.check_key_gen(vault.root, result.generation)
+        print(f"all keys rotated (generation {result.generation}): {result.resealed} names and attribute "
+              f"sets re-sealed, {result.files} files ({result.bytes} bytes) re-encrypted "
+              f"in {time.perf_counter() - start:.2f} s")
+        return
     result = account.rotate_master_key(vault.api, keys.kek)
     vault.ledger.check_key_gen(vault.root, result["generation"])
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
+
+
+def _rotate_full(vault: Vault, kek: bytes):
+    from tqdm import tqdm
+    kw = dict(disable=None, leave=False, file=sys.stderr)
+    with tqdm(desc="names and attributes", unit=" items", **kw) as names, \
+            tqdm(desc="files re-encrypted", unit="B", unit_scale=True, unit_divisor=1024, **kw) as data:
+        return rotation.rotate_full(vault, kek, rotation.Progress(
+            entries=names.update, files=lambda n, nbytes: data.update(nbytes)))
 
 
 def _remote_dir(vault: Vault, path: str, *, create: bool) -> Node:
@@ -519,8 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read the current password, then the new one, one per line")
     sp.set_defaults(func=cmd_passwd)
 
-    sp = sub.add_parser("rotate-key", parents=[common], help="new master key; re-wraps every file key, no content re-encrypted")
+    sp = sub.add_parser("rotate-key", parents=[common], help=(
+        "new master key; re-wraps every file key, no content re-encrypted (--full: new keys for "
+        "everything, every name and file re-encrypted; resumable)"))
     pw_args(sp, positional=False)
+    sp.add_argument("--full", action="store_true", help=(
+        "after a key may have leaked: new master, namespace and file keys, every name, attribute "
+        "and file re-encrypted (run it again to finish after an interruption)"))
     sp.set_defaults(func=cmd_rotate_key)
     return p
 

@@ -46,6 +46,12 @@ def digest(data: bytes) -> bytes:
     return sha256(data).digest()
 
 
+def key_id(key: bytes) -> bytes:
+    """A file key's fingerprint, sealed in its file's attributes: which key opens
+    the version they describe (rotate-key --full replaces file keys)."""
+    return sha256(b"zkfs/v1/key-id\0" + key).digest()[:16]
+
+
 class BinaryFernet:
     """Fernet (spec v0x80) tokens kept in raw binary instead of base64.
 

@@ -45,6 +45,9 @@ class Manifest:
     size: int = 0
     chunk_size: int = CHUNK_SIZE
     chunks: list[ChunkRef] = field(default_factory=list)
+    # Not stored in the token: the id of the file key that opened it (Vault.manifest),
+    # so its chunks are opened with that same key.
+    key_id: bytes | None = field(default=None, compare=False)
 
     def chunk_count_for(self, size: int) -> int:
         return -(-size // self.chunk_size)
@@ -156,6 +159,7 @@ class Attrs:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     manifest_digest: bytes | None = None     # authenticates the content manifest
     version: int = 1                         # equals the server's version of the inode
+    key_id: bytes | None = None              # crypto.key_id of the file key (None: from before)
 
     @property
     def is_dir(self) -> bool:
@@ -177,6 +181,8 @@ class Attrs:
             "xattr": {k: b64encode(v) for k, v in self.xattrs.items()},
             "manifest": self.manifest_digest.hex() if self.manifest_digest else None,
         }
+        if self.key_id is not None:
+            doc["key"] = self.key_id.hex()
         return ns.cipher.encrypt(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -194,6 +200,7 @@ class Attrs:
                 xattrs={k: b64decode(v) for k, v in doc["xattr"].items()},
                 manifest_digest=bytes.fromhex(doc["manifest"]) if doc["manifest"] else None,
                 version=doc["v"],
+                key_id=bytes.fromhex(doc["key"]) if doc.get("key") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed attributes ({exc.__class__.__name__})") from None

@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 from . import crypto
 from .account import Keyring
 from .api import ApiClient
-from .crypto import BinaryFernet, IntegrityError
+from .crypto import BinaryFernet, IntegrityError, NamespaceKey
 from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsError
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
@@ -38,6 +38,7 @@ class Node:
     attrs: Attrs
     manifest_token: bytes | None = None
     entries_mtime_ns: int | None = None   # server-kept mtime of a directory's entries
+    old_seal: bool = False                # attributes sealed under a retired namespace key
 
     @property
     def times(self) -> tuple[int, int, int]:
@@ -54,32 +55,49 @@ class Vault:
         self.api = api
         self.keyring = keyring
         self._unlock = unlock            # fetches and unlocks the account's keys again
-        self.ns = keyring.namespace
         self.root = root
         self.ledger = ledger
-        self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
+        # By inode: the cipher of the file key last fetched, and that key's id.
+        self._file_keys: OrderedDict[UUID, tuple[BinaryFernet, bytes]] = OrderedDict()
+        # While a rotate-key --full runs, entries found under a retired namespace
+        # key keep their old name hash until they are re-sealed: ops on them name it.
+        self._old_hashes: dict[tuple[UUID, str], str] = {}
         self._keys_lock = threading.Lock()
         self.own_seqs: set[int] = set()      # change-feed seqs of our own ops
         # Counts batches of ops once they are answered (or failed): a listing
         # fetched before the count moved may predate one of our own changes.
         self.ops_applied = 0
 
+    @property
+    def ns(self) -> NamespaceKey:
+        """The namespace key new names and attributes are sealed under."""
+        return self.keyring.namespace
+
     # ------------------------------------------------------------ reading
+    def open_attrs(self, inode: UUID, token: bytes, version: int) -> tuple[Attrs, NamespaceKey]:
+        """Attributes and the namespace key that sealed them (the current one, or
+        one a rotate-key --full has not yet moved them from)."""
+        errors = []
+        for ns in self.keyring.readers:
+            try:
+                return Attrs.decrypt(ns, token, inode, version), ns
+            except IntegrityError as exc:
+                errors.append(str(exc))
+        why = next((e for e in errors if e != "authentication failed"), errors[0])
+        raise TamperedError(f"attributes of inode {inode} failed verification: {why}")
+
     def node_from_wire(self, d: dict, since: int | None = None) -> Node:
         """A verified node. ``since``: the ledger epoch when the request was sent
         (StaleAnswer if the answer crossed one of our own commits)."""
         inode = UUID(d["id"])
-        try:
-            attrs = Attrs.decrypt(self.ns, b64decode(d["meta"]), inode, d["version"])
-        except IntegrityError as exc:
-            raise TamperedError(f"attributes of inode {inode} failed verification: {exc}") from None
+        attrs, ns = self.open_attrs(inode, b64decode(d["meta"]), d["version"])
         if attrs.is_dir != d["is_dir"]:
             raise TamperedError(f"inode {inode}: server's type disagrees with its attributes")
         if not self.ledger.check(inode, d["version"], since):
             raise StaleAnswer(f"inode {inode}: an answer older than our own commit")
         manifest = d.get("manifest")
         return Node(inode, d["is_dir"], d["version"], d["nlink"], attrs,
-                    b64decode(manifest) if manifest else None, d.get("entries_mtime_ns"))
+                    b64decode(manifest) if manifest else None, d.get("entries_mtime_ns"), ns is not self.ns)
 
     def _fresh(self, fetch: Callable[[], object], decode: Callable[[object, int], T]) -> T:
         """``decode(fetch(), since)``, asked again while the answer crossed one of our
@@ -96,20 +114,34 @@ class Vault:
 
     def _entry(self, parent: UUID, d: dict, since: int | None) -> tuple[str, Node]:
         node = self.node_from_wire(d["inode"], since)
-        try:
-            name = open_name(self.ns, b64decode(d["name"]), parent=parent, inode=node.id, name_hash=d["name_hash"])
-        except IntegrityError as exc:
-            raise TamperedError(f"an entry of directory {parent} failed verification: {exc}") from None
-        return name, node
+        return self.open_entry_name(parent, d, node.id)[0], node
+
+    def open_entry_name(self, parent: UUID, d: dict, inode: UUID) -> tuple[str, NamespaceKey]:
+        """An entry's name and the namespace key that sealed it (see open_attrs)."""
+        errors = []
+        for ns in self.keyring.readers:
+            try:
+                name = open_name(ns, b64decode(d["name"]), parent=parent, inode=inode, name_hash=d["name_hash"])
+            except IntegrityError as exc:
+                errors.append(str(exc))
+                continue
+            if ns is self.ns:
+                self._old_hashes.pop((parent, name), None)
+            else:
+                self._old_hashes[(parent, name)] = d["name_hash"]
+            return name, ns
+        why = next((e for e in errors if e != "authentication failed"), errors[0])
+        raise TamperedError(f"an entry of directory {parent} failed verification: {why}")
 
     def lookup(self, parent: UUID, name: str) -> Node | None:
         def fetch():
-            try:
-                return self.api.lookup(parent, self.name_hash(parent, name))
-            except ServerError as exc:
-                if exc.code == "not_found":
-                    return None
-                raise
+            for ns in self.keyring.readers:      # the current key's hash first
+                try:
+                    return self.api.lookup(parent, ns.name_hash(parent, encode_name(name)))
+                except ServerError as exc:
+                    if exc.code != "not_found":
+                        raise
+            return None
 
         found = self._fresh(fetch, lambda d, since: None if d is None else self._entry(parent, d, since))
         if found is None:
@@ -156,22 +188,40 @@ class Vault:
         return node
 
     def name_hash(self, parent: UUID, name: str) -> str:
+        """The hash a new entry ``name`` in ``parent`` gets."""
         return self.ns.name_hash(parent, encode_name(name))
 
+    def entry_hash(self, parent: UUID, name: str) -> str:
+        """The hash of the existing entry ``name`` in ``parent``, as last seen here,
+        for an op that removes or moves it (so it is forgotten: after the op the
+        name is gone or sealed under the current key; a refused op's next listing
+        finds it again)."""
+        return self._old_hashes.pop((parent, name), None) or self.name_hash(parent, name)
+
     # ------------------------------------------------------------ content
-    def file_cipher(self, inode: UUID) -> BinaryFernet:
+    def file_cipher(self, inode: UUID, key_id: bytes | None = None) -> BinaryFernet:
+        """The cipher of a file's key. ``key_id``: the key the version at hand names
+        in its attributes (a rotate-key --full replaces file keys): a cached key of
+        another id is fetched again, and a fetched one must be it."""
         with self._keys_lock:
-            cipher = self._file_keys.get(inode)
-            if cipher is not None:
+            held = self._file_keys.get(inode)
+            if held is not None and key_id in (None, held[1]):
                 self._file_keys.move_to_end(inode)
-                return cipher
+                return held[0]
         d = self.api.get_key(inode)
         if d["gen"] not in self.keyring.masters:
             self.refresh_keyring()       # re-wrapped by a rotate-key since we unlocked
         key = self.keyring.unwrap_file_key(inode, d["gen"], b64decode(d["wrapped_key"]))
+        if key_id is not None and crypto.key_id(key) != key_id:
+            raise TamperedError(f"the key of file {inode} is not the one its attributes name")
+        return self.remember_file_key(inode, key)
+
+    def remember_file_key(self, inode: UUID, key: bytes) -> BinaryFernet:
+        """Cache ``key`` as the file's key (a new file's, or a re-encrypted one's)."""
         cipher = BinaryFernet(key)
         with self._keys_lock:
-            self._file_keys[inode] = cipher
+            self._file_keys[inode] = (cipher, crypto.key_id(key))
+            self._file_keys.move_to_end(inode)
             while len(self._file_keys) > 4096:
                 self._file_keys.popitem(last=False)
         return cipher
@@ -179,16 +229,13 @@ class Vault:
     def new_file_key(self, inode: UUID) -> tuple[BinaryFernet, bytes]:
         """A fresh per-file key and its cipher (``op_create`` stores it wrapped)."""
         key = crypto.random_key()
-        cipher = BinaryFernet(key)
-        with self._keys_lock:
-            self._file_keys[inode] = cipher
-        return cipher, key
+        return self.remember_file_key(inode, key), key
 
     def refresh_keyring(self) -> None:
         """Fetch and unlock the account's master keys again: another client ran
         rotate-key (new generation current, old ones deleted once unused)."""
         keyring = self._unlock()
-        if keyring.namespace.raw != self.ns.raw:
+        if keyring.current_gen == self.keyring.current_gen and keyring.namespace.raw != self.ns.raw:
             raise TamperedError("the server sent another namespace key for this account")
         if keyring.current_gen < self.keyring.current_gen:
             # New file keys would be wrapped under a retired (perhaps leaked) key.
@@ -213,7 +260,8 @@ class Vault:
         if crypto.digest(token) != node.attrs.manifest_digest:
             raise TamperedError(f"manifest of inode {node.id} does not match its attributes")
         try:
-            manifest = Manifest.decrypt(self.file_cipher(node.id), token, node.id)
+            manifest = Manifest.decrypt(self.file_cipher(node.id, node.attrs.key_id), token, node.id)
+            manifest.key_id = node.attrs.key_id
         except IntegrityError as exc:
             raise TamperedError(f"manifest of inode {node.id} failed verification: {exc}") from None
         if manifest.size != node.attrs.size:
@@ -246,7 +294,8 @@ class Vault:
 
     def open_chunk(self, inode: UUID, manifest: Manifest, index: int, token: bytes) -> bytes:
         try:
-            return open_chunk(self.file_cipher(inode), token, manifest.chunks[index], manifest.chunk_length(index))
+            return open_chunk(self.file_cipher(inode, manifest.key_id), token, manifest.chunks[index],
+                              manifest.chunk_length(index))
         except IntegrityError as exc:
             raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
 
@@ -257,7 +306,7 @@ class Vault:
         first, start, end = segment_span(n, lo, hi)
         data = self.fetch_chunk_token(inode, ref, start, end)
         try:
-            plain = open_segments(self.file_cipher(inode), data, ref, n, lo, hi)
+            plain = open_segments(self.file_cipher(inode, manifest.key_id), data, ref, n, lo, hi)
         except IntegrityError as exc:
             raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
         base = first * SEGMENT_SIZE
@@ -336,6 +385,8 @@ class Vault:
         """``file_key`` is wrapped here, under the generation current when the op is
         built: a file created before a rotate-key is published under the new one."""
         attrs.version = 1
+        if file_key is not None:
+            attrs.key_id = crypto.key_id(file_key)
         op = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir,
               "meta": b64encode(attrs.encrypt(self.ns, inode)), "parent": str(parent),
               "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
@@ -353,16 +404,16 @@ class Vault:
                 "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
 
     def op_unlink(self, parent: UUID, name: str, *, keep_orphan: bool = False, expect: UUID | None = None) -> dict:
-        op = {"op": "unlink", "parent": str(parent), "name_hash": self.name_hash(parent, name),
+        op = {"op": "unlink", "parent": str(parent), "name_hash": self.entry_hash(parent, name),
               "keep_orphan": keep_orphan}
         return op | ({"expect_inode": str(expect)} if expect else {})
 
     def op_rmdir(self, parent: UUID, name: str) -> dict:
-        return {"op": "rmdir", "parent": str(parent), "name_hash": self.name_hash(parent, name)}
+        return {"op": "rmdir", "parent": str(parent), "name_hash": self.entry_hash(parent, name)}
 
     def op_rename(self, inode: UUID, src_parent: UUID, src_name: str, dst_parent: UUID, dst_name: str,
                   *, noreplace: bool = False, keep_orphan: bool = False) -> dict:
-        return {"op": "rename", "src_parent": str(src_parent), "src_hash": self.name_hash(src_parent, src_name),
+        return {"op": "rename", "src_parent": str(src_parent), "src_hash": self.entry_hash(src_parent, src_name),
                 "dst_parent": str(dst_parent), "dst_hash": self.name_hash(dst_parent, dst_name),
                 "dst_name": b64encode(seal_name(self.ns, inode, dst_name)),
                 "noreplace": noreplace, "keep_orphan": keep_orphan}
@@ -373,15 +424,21 @@ class Vault:
                 "meta": b64encode(attrs.encrypt(self.ns, node_id))}
 
     def op_commit(self, node_id: UUID, base_version: int, attrs: Attrs, manifest: Manifest,
-                  inline: list[tuple[UUID, bytes]] = ()) -> dict:
-        token = manifest.encrypt(self.file_cipher(node_id))
+                  inline: list[tuple[UUID, bytes]] = (), *, new_key: bytes | None = None) -> dict:
+        """``new_key``: this version's content is sealed under a new file key (rotate-key
+        --full), stored with it in the same transaction."""
+        if new_key is not None:
+            attrs.key_id = crypto.key_id(new_key)
+        cipher = BinaryFernet(new_key) if new_key is not None else self.file_cipher(node_id, attrs.key_id)
+        token = manifest.encrypt(cipher)
         attrs.size = manifest.size
         attrs.manifest_digest = crypto.digest(token)
         attrs.version = base_version + 1
-        return {"op": "commit", "inode": str(node_id), "base_version": base_version,
-                "meta": b64encode(attrs.encrypt(self.ns, node_id)), "manifest": b64encode(token),
-                "blobs": [str(b) for b in manifest.blob_ids()],
-                "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]}
+        op = {"op": "commit", "inode": str(node_id), "base_version": base_version,
+              "meta": b64encode(attrs.encrypt(self.ns, node_id)), "manifest": b64encode(token),
+              "blobs": [str(b) for b in manifest.blob_ids()],
+              "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]}
+        return op | (self._wrapped_key_fields(node_id, new_key) if new_key is not None else {})
 
     def op_delete_inode(self, inode: UUID) -> dict:
         return {"op": "delete_inode", "inode": str(inode)}
