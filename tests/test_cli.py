@@ -448,7 +448,7 @@ def read_all_in_process(machine, folder: str) -> dict[str, bytes]:
         for k in vault.api.list_keys():
             inode = UUID(k["inode"])
             key = vault.keyring.unwrap_file_key(inode, k["gen"], b64decode(k["wrapped_key"]))
-            vault._file_keys[inode] = BinaryFernet(key)
+            vault.remember_file_key(inode, key)
         node = vault.resolve("/" + folder)
         entries = vault.listdir(node.id)
 

@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 
 import fuse
 
+from .. import crypto
 from ..errors import ServerError, TamperedError, ZkfsError
 from ..format import MAX_NAME_BYTES, MAX_SYMLINK_BYTES, Attrs, Manifest, NameTooLong, encode_name
 from ..vault import Node, Vault, new_attrs
@@ -465,7 +466,7 @@ class ZkfsOperations(fuse.Operations):
         for chunk in of.snapshot_chunks():
             copy.write(offset, chunk)
             offset += len(chunk)
-        copy.attrs = of.attrs.evolve(size=offset)
+        copy.attrs = of.attrs.evolve(size=offset, key_id=crypto.key_id(file_key))
         with self.ns_lock:
             self.open_files[new_id] = copy
         try:
