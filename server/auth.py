@@ -26,7 +26,8 @@ from . import errors as E
 from .config import Settings
 from .db import MetadataStore, UserRecord
 from .deps import get_db, get_settings
-from .models import KdfParams, TokenResponse
+from .models import (KDF_MAX_LANES, KDF_MIN_ITERATIONS, KDF_MIN_MEMORY_KIB, KDF_MIN_SALT, KdfParams,
+                     TokenResponse)
 
 ALGORITHM = "HS256"
 
@@ -130,11 +131,15 @@ DEFAULT_DECOY = KdfParams(salt=base64.b64encode(bytes(16)).decode(), memory_kib=
 
 
 def decoy_kdf(settings: Settings, username: str, template: KdfParams | None) -> KdfParams:
-    """Stable fake KDF params for an unknown username (HMAC of the server secret)."""
+    """Stable fake KDF params for an unknown username (HMAC of the server secret),
+    shaped like a real account's (never below the floor, with a check that no
+    password verifies)."""
     t = template or DEFAULT_DECOY
-    salt_len = len(base64.b64decode(t.salt)) or 16
+    salt_len = min(max(len(base64.b64decode(t.salt)), KDF_MIN_SALT), 32)
     digest = hmac.new(bytes.fromhex(settings.secret_key), b"zkfs-kdf-decoy\0" + username.encode(),
                       hashlib.sha512).digest()
-    salt = base64.b64encode(digest[:min(salt_len, 48)]).decode()
-    return KdfParams(alg=t.alg, salt=salt, memory_kib=t.memory_kib, iterations=t.iterations,
-                     lanes=t.lanes)
+    return KdfParams(alg=t.alg, salt=base64.b64encode(digest[:salt_len]).decode(),
+                     memory_kib=max(t.memory_kib, KDF_MIN_MEMORY_KIB),
+                     iterations=max(t.iterations, KDF_MIN_ITERATIONS),
+                     lanes=min(t.lanes, KDF_MAX_LANES),
+                     check=base64.b64encode(digest[32:64]).decode())

@@ -185,6 +185,9 @@ class MetadataStore(abc.ABC):
         """Returns the new token version."""
 
     @abc.abstractmethod
+    def set_kdf(self, user_id: UUID, kdf: KdfParams) -> None: ...
+
+    @abc.abstractmethod
     def bump_token_version(self, user_id: UUID) -> int: ...
 
     @abc.abstractmethod
@@ -398,6 +401,10 @@ class SqliteMetadataStore(MetadataStore):
             c.execute("UPDATE users SET auth_hash = ?, kdf_json = ?, token_version = token_version + 1"
                       " WHERE id = ?", (auth_hash, kdf.model_dump_json(), uid))
             return c.execute("SELECT token_version FROM users WHERE id = ?", (uid,)).fetchone()[0]
+
+    def set_kdf(self, user_id, kdf):
+        with self.write() as c:
+            c.execute("UPDATE users SET kdf_json = ? WHERE id = ?", (kdf.model_dump_json(), _s(user_id)))
 
     def bump_token_version(self, user_id):
         with self.write() as c:
@@ -773,13 +780,9 @@ class _OpsTx:
             raise E.exists("name exists")
         if self.inode(ino) is not None or ino in self.dropped:
             raise E.exists("inode id already used")
-        if (op.wrapped_key is None) != (op.key_gen is None):
-            raise E.invalid("wrapped_key and key_gen go together")
         if op.is_dir and op.wrapped_key is not None:
             raise E.invalid("directories have no file key")
-        if op.key_gen is not None and not self.c.execute(
-                "SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)).fetchone():
-            raise E.unknown_key_gen(op.key_gen)      # retired by a rotate-key: the client re-wraps
+        self.require_key_gen(op)
         self.c.execute("INSERT INTO inodes(user_id, id, is_dir, version, meta, key_gen, changed_seq)"
                        " VALUES (?,?,?,1,?,?,?)",
                        (self.uid, ino, int(op.is_dir), op.meta, op.key_gen, self.seq))
@@ -918,6 +921,14 @@ class _OpsTx:
         self.touch(ino)
         return op.inode, row[1] + 1
 
+    def require_key_gen(self, op) -> None:
+        """A new file key's fields go together and name one of the account's generations."""
+        if (op.wrapped_key is None) != (op.key_gen is None):
+            raise E.invalid("wrapped_key and key_gen go together")
+        if op.key_gen is not None and not self.c.execute(
+                "SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)).fetchone():
+            raise E.unknown_key_gen(op.key_gen)      # retired by a rotate-key: the client re-wraps
+
     def op_commit(self, op: OpCommit, inline_sizes):
         c, uid, ino = self.c, self.uid, _s(op.inode)
         row = self.require_inode(ino)
@@ -925,6 +936,9 @@ class _OpsTx:
             raise E.is_dir("directories have no content")
         if row[1] != op.base_version:
             raise E.conflict(f"version is {row[1]}, not {op.base_version}")
+        self.require_key_gen(op)
+        if op.key_gen is not None:
+            c.execute("UPDATE inodes SET key_gen = ? WHERE user_id = ? AND id = ?", (op.key_gen, uid, ino))
         dropped = {(i, b) for i, b in self.drop_blobs}
         for ib in op.inline:
             if (op.inode, ib.blob_id) in dropped or c.execute("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",

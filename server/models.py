@@ -6,10 +6,11 @@ client). The server never interprets any encrypted field.
 """
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Literal, Union
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Limits on client-supplied sizes (base64 text lengths).
 MAX_META_B64 = 256 * 1024          # encrypted inode attributes incl. xattrs
@@ -37,12 +38,42 @@ class Error(BaseModel):
 
 
 # ---------------------------------------------------------------- accounts
+KdfCheck = Annotated[B64, Field(min_length=44, max_length=44)]     # HMAC-SHA256
+
+
 class KdfParams(Strict):
+    """An account's Argon2id parameters as stored and served. ``check``: the
+    client's MAC over them under a key derived from the password (docs/FORMAT.md
+    §2); absent only for accounts from before it, until their next login."""
     alg: Literal["argon2id"] = "argon2id"
-    salt: Annotated[B64, Field(max_length=64)]
+    salt: Annotated[B64, Field(max_length=88)]
     memory_kib: int = Field(ge=8, le=4 * 1024 * 1024)
     iterations: int = Field(ge=1, le=64)
     lanes: int = Field(ge=1, le=64)
+    check: KdfCheck | None = None
+
+
+# The floor for new parameters (registration, password change): the same as the
+# client's (zkfs/crypto.py), so no account is made cheaper to guess than it accepts.
+KDF_MIN_MEMORY_KIB, KDF_MIN_ITERATIONS, KDF_MIN_SALT, KDF_MAX_SALT, KDF_MAX_LANES = 65536, 3, 16, 64, 16
+
+
+class NewKdfParams(KdfParams):
+    memory_kib: int = Field(ge=KDF_MIN_MEMORY_KIB, le=4 * 1024 * 1024)
+    iterations: int = Field(ge=KDF_MIN_ITERATIONS, le=64)
+    lanes: int = Field(ge=1, le=KDF_MAX_LANES)
+    check: KdfCheck
+
+    @field_validator("salt")
+    @classmethod
+    def _salt_length(cls, v: str) -> str:
+        try:
+            n = len(base64.b64decode(v, validate=True))
+        except ValueError:
+            raise ValueError("salt is not base64") from None
+        if not KDF_MIN_SALT <= n <= KDF_MAX_SALT:
+            raise ValueError(f"salt must be {KDF_MIN_SALT} to {KDF_MAX_SALT} bytes")
+        return v
 
 
 class MasterKeyRecord(Strict):
@@ -56,7 +87,7 @@ class MasterKeyRecord(Strict):
 class RegisterRequest(Strict):
     username: Username
     auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
-    kdf: KdfParams
+    kdf: NewKdfParams
     master_key: MasterKeyRecord
     root_inode: UUID
     root_meta: Annotated[B64, Field(max_length=MAX_META_B64)]
@@ -96,9 +127,13 @@ class AccountResponse(BaseModel):
 class PasswordChangeRequest(Strict):
     current_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
     new_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
-    new_kdf: KdfParams
+    new_kdf: NewKdfParams
     # Every generation re-wrapped under the new KEK (same gens as stored).
     master_keys: list[MasterKeyRecord] = Field(max_length=64)
+
+
+class KdfCheckRequest(Strict):
+    kdf: NewKdfParams             # the stored parameters, now with their check
 
 
 class NewMasterKeyRequest(Strict):
@@ -254,6 +289,10 @@ class OpCommit(Strict):
     manifest: Annotated[B64, Field(max_length=MAX_MANIFEST_B64)]
     blobs: list[UUID] = Field(max_length=1_000_000)   # every blob the new manifest references
     inline: list[InlineBlob] = Field(default_factory=list, max_length=64)
+    # A new file key for this version (rotate-key --full re-encrypts content under
+    # one): replaced in the same transaction as the content it opens.
+    key_gen: int | None = Field(default=None, ge=1)
+    wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)] | None = None
 
 
 class OpDeleteInode(Strict):

@@ -27,7 +27,8 @@ def nh(name: str) -> str:
 
 
 def kdf() -> dict:
-    return {"alg": "argon2id", "salt": b64(16), "memory_kib": 65536, "iterations": 3, "lanes": 4}
+    return {"alg": "argon2id", "salt": b64(16), "memory_kib": 65536, "iterations": 3, "lanes": 4,
+            "check": b64(32)}
 
 
 def fresh_addr() -> str:

@@ -167,5 +167,6 @@ def shared_server(tmp_path_factory):
         srv.stop()
 
 
-# Client machines and FUSE mounts (see harness.py).
+# Client machines and FUSE mounts (see harness.py); the lying proxy (lying_proxy.py).
 from harness import account, make_machine, make_mount  # noqa: E402,F401
+from lying_proxy import lying_proxy  # noqa: E402,F401

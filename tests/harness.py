@@ -20,8 +20,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"
-# Tests register with a cheaper Argon2id (the parameters are per user and stored).
-FAST_KDF = {"ZKFS_KDF_MEMORY_KIB": "8192"}
 
 
 class Machine:
@@ -35,7 +33,7 @@ class Machine:
         self.password = PASSWORD
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, **FAST_KDF, "ZKFS_HOME": str(self.home)}
+        env = {**os.environ, "ZKFS_HOME": str(self.home)}
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 

@@ -194,7 +194,8 @@ def test_brute_force_is_throttled_per_user_and_per_address(server):
     # 3. guessing the current password through the password change is throttled too
     bystander.login()
     body = {"current_auth_key": b64(32), "new_auth_key": b64(32),
-            "new_kdf": {"alg": "argon2id", "salt": b64(16), "memory_kib": 65536, "iterations": 3, "lanes": 4},
+            "new_kdf": {"alg": "argon2id", "salt": b64(16), "memory_kib": 65536, "iterations": 3, "lanes": 4,
+                        "check": b64(32)},
             "master_keys": [{"gen": 1, "wrapped_master": b64(40), "wrapped_namespace": b64(40)}]}
     codes = []
     for _ in range(7):

@@ -448,7 +448,7 @@ def read_all_in_process(machine, folder: str) -> dict[str, bytes]:
         for k in vault.api.list_keys():
             inode = UUID(k["inode"])
             key = vault.keyring.unwrap_file_key(inode, k["gen"], b64decode(k["wrapped_key"]))
-            vault._file_keys[inode] = BinaryFernet(key)
+            vault.remember_file_key(inode, key)
         node = vault.resolve("/" + folder)
         entries = vault.listdir(node.id)
 
@@ -764,7 +764,7 @@ def test_files_created_across_a_rotate_key_elsewhere_stay_readable(shared_server
             real_delete(gen)
 
         monkeypatch.setattr(rotator.api, "delete_master_key", create_then_delete)
-        kek = acct.derive(rotator.api, a.username, a.password).kek
+        kek = acct.derive(rotator.api, a.username, a.password).keys.kek
         assert acct.rotate_master_key(rotator.api, kek)["generation"] == 3
         assert landed_during
 

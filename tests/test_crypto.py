@@ -81,6 +81,19 @@ def test_binary_fernet_known_answer_matches_fernet_spec():
     assert base64.urlsafe_b64encode(ours) == ref
 
 
+def test_tokens_carry_no_seal_time_and_old_tokens_still_open():
+    """The timestamp field is a constant (the server would read when every name,
+    attribute set and chunk was sealed); stock Fernet still opens the tokens
+    (without a ttl), and tokens sealed with a real time still open here."""
+    key = crypto.random_key()
+    f = BinaryFernet(key)
+    tokens = [f.encrypt(b"a"), f.encrypt(b"b" * 100)]
+    assert {t[1:9] for t in tokens} == {bytes(8)}
+    assert Fernet(base64.urlsafe_b64encode(key)).decrypt(base64.urlsafe_b64encode(tokens[1])) == b"b" * 100
+    old = f.encrypt(b"sealed in 2023", _now=1_700_000_000)
+    assert old[1:9] == struct.pack(">Q", 1_700_000_000) and f.decrypt(old) == b"sealed in 2023"
+
+
 def test_binary_fernet_rejects_wrong_key_size():
     with pytest.raises(ValueError):
         BinaryFernet(bytes(16))
@@ -209,9 +222,31 @@ def test_argon2id_is_argon2id():
     assert keys.kek == expand(b"kek")
 
 
-def test_kdf_params_new_random_salt():
-    a, b = KdfParams.new(**FAST), KdfParams.new(**FAST)
+def test_kdf_params_new_random_salt_at_the_floor():
+    a, b = KdfParams.new(), KdfParams.new()
     assert len(a.salt) == 16 and a.salt != b.salt
+    assert (a.memory_kib, a.iterations, a.lanes) == (65536, 3, 4) and a.weakness() is None
+
+
+@pytest.mark.parametrize("change", [dict(memory_kib=65535), dict(iterations=2), dict(salt=b"s" * 15),
+                                    dict(lanes=0), dict(lanes=17), dict(memory_kib=4 * 1024 * 1024 + 1),
+                                    dict(iterations=65), dict(salt=b"s" * 65)])
+def test_kdf_floor_and_ceilings(change):
+    assert KdfParams(**(dict(salt=b"s" * 16) | change)).weakness()
+
+
+def test_kdf_check_binds_username_salt_and_every_parameter():
+    params = KdfParams(salt=b"s" * 16, **FAST)
+    keys = derive_password_keys("pw-123456", params)
+    mac = crypto.kdf_check(keys, "alice", params)
+    assert len(mac) == 32 and mac == crypto.kdf_check(derive_password_keys("pw-123456", params), "alice", params)
+    others = [crypto.kdf_check(keys, "alicf", params)]
+    for change in (dict(salt=b"t" * 16), dict(memory_kib=2048), dict(iterations=2), dict(lanes=2)):
+        others.append(crypto.kdf_check(keys, "alice", KdfParams(**(dict(salt=b"s" * 16) | FAST | change))))
+    others.append(crypto.kdf_check(derive_password_keys("pw-1234567", params), "alice", params))
+    assert mac not in others
+    # independent of what is sent to the server
+    assert keys.check_key not in (keys.auth_key, keys.kek)
 
 
 # ------------------------------------------------------------------ manifests and chunks

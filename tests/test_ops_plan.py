@@ -23,8 +23,8 @@ def sealed(wire: dict, inode, version) -> Attrs:
     return Attrs.decrypt(NS, base64.b64decode(wire["meta"]), inode, version)
 
 
-def add(parent, inode, name_hash="aa" * 32, is_dir=False, at=5000) -> Op:
-    return Op({"op": "link", "inode": str(inode)}, entries=(EntryChange(parent, name_hash, inode, is_dir, True),),
+def add(parent, inode, name="a.txt", is_dir=False, at=5000) -> Op:
+    return Op({"op": "link", "inode": str(inode)}, entries=(EntryChange(parent, name, inode, is_dir, True),),
               at_ns=at)
 
 
@@ -36,14 +36,14 @@ def test_an_entry_change_seals_the_folder_in_the_same_batch():
     wire = batch.wires[1]
     assert wire["op"] == "setmeta" and wire["inode"] == str(d) and wire["base_version"] == 7
     a = sealed(wire, d, 8)
-    assert a.entries == EntrySet().add(NS, d, "aa" * 32, f, False)
+    assert a.entries == EntrySet().add(NS, d, "a.txt", f, False)
     assert (a.mtime_ns, a.ctime_ns) == (5000, 5000)
 
 
 def test_adding_then_removing_leaves_the_digest_as_it_was():
     d, f = uuid4(), uuid4()
-    start = EntrySet().add(NS, d, "bb" * 32, uuid4(), True)
-    remove = Op({"op": "unlink"}, entries=(EntryChange(d, "aa" * 32, f, False, False),), at_ns=6000)
+    start = EntrySet().add(NS, d, "b", uuid4(), True)
+    remove = Op({"op": "unlink"}, entries=(EntryChange(d, "a.txt", f, False, False),), at_ns=6000)
     batch = plan([add(d, f), remove], NS, {d: (1, folder(start))}.__getitem__)
     a = sealed(batch.wires[2], d, 2)
     assert a.entries == start and a.entries.subdirs == 1
@@ -53,11 +53,11 @@ def test_adding_then_removing_leaves_the_digest_as_it_was():
 def test_a_folder_created_in_the_batch_is_sealed_by_its_create():
     parent, new, child = uuid4(), uuid4(), uuid4()
     create = Op({"op": "create", "inode": str(new)}, new, folder(entries=None),
-                (EntryChange(parent, "cc" * 32, new, True, True),), at_ns=4000)
+                (EntryChange(parent, "c", new, True, True),), at_ns=4000)
     batch = plan([create, add(new, child, at=4500)], NS, {parent: (3, folder())}.__getitem__)
     assert batch.appended == [parent]           # only the parent needs a setmeta of its own
     a = sealed(batch.wires[0], new, 1)
-    assert a.entries == EntrySet().add(NS, new, "aa" * 32, child, False)
+    assert a.entries == EntrySet().add(NS, new, "a.txt", child, False)
     assert sealed(batch.wires[2], parent, 4).entries.subdirs == 1
 
 
@@ -77,9 +77,9 @@ def test_an_explicit_touch_after_the_entry_change_keeps_its_time():
 
 def test_a_removed_folder_is_not_sealed():
     parent, gone = uuid4(), uuid4()
-    rmdir = Op({"op": "rmdir"}, entries=(EntryChange(parent, "dd" * 32, gone, True, False),), at_ns=1,
+    rmdir = Op({"op": "rmdir"}, entries=(EntryChange(parent, "d", gone, True, False),), at_ns=1,
                removes_dir=gone)
-    state = {parent: (1, folder(EntrySet().add(NS, parent, "dd" * 32, gone, True))), gone: (4, folder())}
+    state = {parent: (1, folder(EntrySet().add(NS, parent, "d", gone, True))), gone: (4, folder())}
     batch = plan([rmdir], NS, state.__getitem__)
     assert batch.appended == [parent]
     assert json.dumps(batch.wires).count('"setmeta"') == 1

@@ -2,6 +2,8 @@
 and file keys. register, login, password change and master-key rotation."""
 from __future__ import annotations
 
+import errno as E
+import hmac as std_hmac
 import os
 import stat
 import time
@@ -16,32 +18,100 @@ from .errors import ServerError, TamperedError, ZkfsError
 from .format import Attrs, b64decode, b64encode
 
 
-def kdf_to_wire(p: KdfParams) -> dict:
+def kdf_to_wire(p: KdfParams, check: bytes) -> dict:
     return {"alg": "argon2id", "salt": b64encode(p.salt), "memory_kib": p.memory_kib,
-            "iterations": p.iterations, "lanes": p.lanes}
+            "iterations": p.iterations, "lanes": p.lanes, "check": b64encode(check)}
 
 
-def kdf_from_wire(d: dict) -> KdfParams:
-    return KdfParams(salt=b64decode(d["salt"]), memory_kib=d["memory_kib"],
-                     iterations=d["iterations"], lanes=d["lanes"])
+@dataclass(frozen=True)
+class Derived:
+    """Keys derived from the password under the account's KDF parameters."""
+    keys: PasswordKeys
+    params: KdfParams
+    username: str
+    checked: bool        # False: an account from before kdf checks (sign_in adds one)
+
+    @property
+    def check(self) -> bytes:
+        return crypto.kdf_check(self.keys, self.username, self.params)
 
 
-def default_kdf() -> KdfParams:
-    """Argon2id, 64 MiB, t=3, p=4 (~0.15 s here). ZKFS_KDF_MEMORY_KIB lowers it for tests."""
-    return KdfParams.new(memory_kib=int(os.environ.get("ZKFS_KDF_MEMORY_KIB", 65536)))
+class WrongPassword(ZkfsError):
+    errno = E.EACCES
+
+
+def new_kdf(username: str, password: str) -> tuple[Derived, dict]:
+    """Fresh parameters (the floor: Argon2id, 64 MiB, t=3, p=4, ~0.15 s here) for a
+    new password, and their wire form with the check that binds them to it."""
+    params = KdfParams.new()
+    derived = Derived(crypto.derive_password_keys(password, params), params, username, True)
+    return derived, kdf_to_wire(params, derived.check)
+
+
+def derive(api: ApiClient, username: str, password: str) -> Derived:
+    """Derive the password keys under the parameters the server serves, after
+    checking them: below the floor, nothing is derived; above it, the check the
+    account stored must verify before anything derived leaves this machine
+    (a wrong password fails here too, without asking the server)."""
+    wire = api.kdf(username)
+    try:
+        params = KdfParams(salt=b64decode(wire["salt"]), memory_kib=int(wire["memory_kib"]),
+                           iterations=int(wire["iterations"]), lanes=int(wire["lanes"]))
+        check = b64decode(wire["check"]) if wire.get("check") is not None else None
+        ok = wire.get("alg") == "argon2id"
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TamperedError("the server's password-hashing parameters are malformed")
+    weak = params.weakness()
+    if weak:
+        raise ZkfsError(f"refusing to hash the password: the server asks for Argon2id with {weak}, "
+                        "below what this client accepts; nothing was sent (a hostile server?)",
+                        errno=E.EPROTO)
+    derived = Derived(crypto.derive_password_keys(password, params), params, username, check is not None)
+    if check is not None and not std_hmac.compare_digest(derived.check, check):
+        raise WrongPassword("login failed: wrong username or password")
+    return derived
+
+
+def sign_in(api: ApiClient, username: str, password: str) -> tuple[Derived, dict]:
+    """derive + login; an account without a kdf check gets one now. Returns the
+    keys and the token response (``api.token`` is set)."""
+    derived = derive(api, username, password)
+    token = login(api, username, derived.keys)
+    api.token = token["access_token"]
+    if not derived.checked:
+        api.set_kdf(kdf_to_wire(derived.params, derived.check))
+    return derived, token
 
 
 @dataclass
 class Keyring:
-    """The unwrapped master keys (by generation) and the namespace key."""
+    """The unwrapped master keys and namespace keys (by generation). Generations
+    share one namespace key, except while a `rotate-key --full` moves everything
+    to a new one: then names and attributes are sealed under either."""
     masters: dict[int, bytes]
     current_gen: int
-    namespace: NamespaceKey
+    namespaces: dict[int, NamespaceKey]
+
+    @property
+    def namespace(self) -> NamespaceKey:
+        """The key new names and attributes are sealed under."""
+        return self.namespaces[self.current_gen]
+
+    @property
+    def readers(self) -> list[NamespaceKey]:
+        """Every distinct namespace key, the current one first."""
+        out = [self.namespace]
+        for gen in sorted(self.namespaces, reverse=True):
+            if all(k.raw != self.namespaces[gen].raw for k in out):
+                out.append(self.namespaces[gen])
+        return out
 
     @classmethod
     def unlock(cls, account: dict, kek: bytes) -> "Keyring":
         masters: dict[int, bytes] = {}
-        namespace = None
+        namespaces: dict[int, NamespaceKey] = {}
         for rec in account["master_keys"]:
             gen = rec["gen"]
             try:
@@ -49,17 +119,16 @@ class Keyring:
             except IntegrityError:
                 raise ZkfsError("the saved keys no longer open this account (password changed elsewhere?): "
                                 "run `client.py login` again") from None
-            if gen == account["current_gen"]:
-                try:
-                    namespace = NamespaceKey(crypto.unwrap_key(
-                        masters[gen], b64decode(rec["wrapped_namespace"]),
-                        crypto.namespace_context(gen, UUID(account["root_inode"]))))
-                except IntegrityError:
-                    raise TamperedError("the account's namespace key does not fit its root folder: "
-                                        "the server's account record was tampered with") from None
-        if namespace is None:
+            try:
+                namespaces[gen] = NamespaceKey(crypto.unwrap_key(
+                    masters[gen], b64decode(rec["wrapped_namespace"]),
+                    crypto.namespace_context(gen, UUID(account["root_inode"]))))
+            except IntegrityError:
+                raise TamperedError("the account's namespace key does not fit its root folder: "
+                                    "the server's account record was tampered with") from None
+        if account["current_gen"] not in namespaces:
             raise TamperedError("the server sent no key for the current generation")
-        return cls(masters=masters, current_gen=account["current_gen"], namespace=namespace)
+        return cls(masters=masters, current_gen=account["current_gen"], namespaces=namespaces)
 
     def wrap_file_key(self, inode: UUID, key: bytes) -> tuple[int, bytes]:
         gen = self.current_gen
@@ -91,12 +160,12 @@ def root_attrs(uid: int = 0, gid: int = 0) -> Attrs:
 
 
 def register(api: ApiClient, username: str, password: str) -> UUID:
-    params = default_kdf()
-    keys = crypto.derive_password_keys(password, params)
+    derived, kdf = new_kdf(username, password)
+    keys = derived.keys
     master, namespace = crypto.random_key(), NamespaceKey.generate()
     root = uuid4()
     body = {
-        "username": username, "auth_key": b64encode(keys.auth_key), "kdf": kdf_to_wire(params),
+        "username": username, "auth_key": b64encode(keys.auth_key), "kdf": kdf,
         "master_key": master_record(keys.kek, 1, master, namespace, root),
         "root_inode": str(root),
         "root_meta": b64encode(root_attrs(os.getuid(), os.getgid()).encrypt(namespace, root)),
@@ -107,10 +176,6 @@ def register(api: ApiClient, username: str, password: str) -> UUID:
         if exc.code == "exists":
             raise ZkfsError(f"username {username!r} is already taken") from None
         raise
-
-
-def derive(api: ApiClient, username: str, password: str) -> PasswordKeys:
-    return crypto.derive_password_keys(password, kdf_from_wire(api.kdf(username)))
 
 
 def login(api: ApiClient, username: str, keys: PasswordKeys) -> dict:
@@ -132,8 +197,8 @@ def change_password(api: ApiClient, username: str, current: PasswordKeys, new_pa
         keyring = Keyring.unlock(account, current.kek)
     except ZkfsError:
         raise ZkfsError("the current password is wrong") from None
-    params = default_kdf()
-    new = crypto.derive_password_keys(new_password, params)
+    derived, kdf = new_kdf(username, new_password)
+    new = derived.keys
     records = []
     for rec in account["master_keys"]:
         gen = rec["gen"]
@@ -143,7 +208,7 @@ def change_password(api: ApiClient, username: str, current: PasswordKeys, new_pa
     try:
         token = api.change_password({
             "current_auth_key": b64encode(current.auth_key), "new_auth_key": b64encode(new.auth_key),
-            "new_kdf": kdf_to_wire(params), "master_keys": records,
+            "new_kdf": kdf, "master_keys": records,
         })
     except ServerError as exc:
         if exc.code == "bad_credentials":
@@ -166,6 +231,8 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     """
     account = api.account()
     keyring = Keyring.unlock(account, kek)
+    if len(keyring.readers) > 1:
+        raise ZkfsError("a `rotate-key --full` was interrupted: run it again to finish it first")
     old_gens = sorted(keyring.masters)
     new_gen = keyring.current_gen + 1
     master = crypto.random_key()

@@ -7,16 +7,18 @@ An expired token is renewed once through the ``reauth`` callback.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import httpx
 import tenacity
 
-from .errors import ServerError, Unreachable
+from .errors import ServerError, Unreachable, ZkfsError
 from .transport import TlsError, Urllib3Transport
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,34 @@ _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _TRANSPORT = (httpx.TransportError,)
 
 
+def check_server_url(url: str, *, insecure_http: bool = False) -> str:
+    """``url`` if this client may talk to it: https://, or http:// to this machine
+    (loopback), or any http:// with ``insecure_http``. Plain http over a network
+    hands everyone on the path what the server gets, and lets them lie like it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ZkfsError(f"{url!r} is not a server URL (https://HOST[:PORT])")
+    if parts.scheme == "http" and not insecure_http and not _is_loopback(parts.hostname):
+        raise ZkfsError(f"refusing plain http:// to {parts.hostname}: the auth key, the token and every "
+                        "answer would cross the network unprotected, open to anyone on the path; "
+                        "use https://, or --insecure-http on a network you trust")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None = None, *, retry_seconds: float = 5.0,
-                 timeout: float = 60.0, reauth: Callable[[], str] | None = None):
-        self.base_url = base_url.rstrip("/")
+                 timeout: float = 60.0, reauth: Callable[[], str] | None = None,
+                 insecure_http: bool = False):
+        self.base_url = check_server_url(base_url, insecure_http=insecure_http).rstrip("/")
         self.token = token
         self.reauth = reauth
         self.retry_seconds = retry_seconds
@@ -141,6 +167,10 @@ class ApiClient:
 
     def account(self) -> dict:
         return self._json("GET", "/account")
+
+    def set_kdf(self, kdf: dict) -> None:
+        """Adds the kdf check to an account from before checks (same parameters)."""
+        self.request("PUT", "/account/kdf", json={"kdf": kdf})
 
     def change_password(self, body: dict) -> dict:
         return self._json("PUT", "/account/password", json=body, idempotent=False)

@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from . import account
+from . import account, rotation
 from .api import ApiClient
-from .errors import CorruptState, NotRegularFile, ServerError, Unreachable, ZkfsError
+from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
 from .session import open_vault
-from .state import LocalState
+from .state import LocalState, VersionLedger
 from .transfer import check_download_target, download_file, file_sha256, kind_of, upload_file
 from .vault import Node, Vault, new_attrs, split_path
 
@@ -85,19 +85,19 @@ def _check_username(name: str) -> str:
 def cmd_register(args, state: LocalState) -> None:
     _check_username(args.username)
     password = _check_password(read_password(args, confirm=True))
-    api = ApiClient(args.server or state.saved_server())
+    api = ApiClient(args.server or state.saved_server(), insecure_http=args.insecure_http)
     try:
         account.register(api, args.username, password)
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
     print(f"registered {args.username}")
-    _login(api, state, args.username, password)
+    _login(api, state, args.username, password, args.insecure_http)
 
 
 def cmd_login(args, state: LocalState) -> None:
     _check_username(args.username)
-    api = ApiClient(args.server or state.saved_server())
-    _login(api, state, args.username, read_password(args))
+    api = ApiClient(args.server or state.saved_server(), insecure_http=args.insecure_http)
+    _login(api, state, args.username, read_password(args), args.insecure_http)
 
 
 def _not_a_server(api: ApiClient, exc: ServerError) -> ZkfsError:
@@ -107,17 +107,25 @@ def _not_a_server(api: ApiClient, exc: ServerError) -> ZkfsError:
     return exc
 
 
-def _login(api: ApiClient, state: LocalState, username: str, password: str) -> None:
+def _login(api: ApiClient, state: LocalState, username: str, password: str, insecure_http: bool) -> None:
+    """Saves the server with the login, and whether plain http to it was allowed
+    (--insecure-http): later commands and mounts follow that choice."""
     try:
-        keys = account.derive(api, username, password)
-        token = account.login(api, username, keys)
+        derived, token = account.sign_in(api, username, password)
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
-    api.token = token["access_token"]
-    account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
+    keys = derived.keys
+    acct = api.account()
+    keyring = account.Keyring.unlock(acct, keys.kek)      # proves the keys open the account
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
         _warn(f"{path} was corrupt: removed")
-    state.save_config(server=api.base_url, username=username, token=token["access_token"])
+    ledger = VersionLedger(state.ledger_path)
+    try:
+        ledger.check_key_gen(UUID(acct["root_inode"]), keyring.current_gen)
+    finally:
+        ledger.close()
+    state.save_config(server=api.base_url, username=username, token=token["access_token"],
+                      insecure_http=insecure_http)
     state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
     print(f"logged in as {username}")
 
@@ -129,18 +137,20 @@ def cmd_logout(args, state: LocalState) -> None:
         cfg = {}        # no token to revoke that can be trusted; the local secrets still go
     if cfg.get("token"):
         try:
-            ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5).logout()
-        except Unreachable as exc:
-            # The local secrets go regardless: that is what logout promises here.
-            _warn(f"the server could not revoke this session ({exc}); it stays valid until it expires")
-        except ZkfsError:
+            ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5,
+                      insecure_http=args.insecure_http or bool(cfg.get("insecure_http"))).logout()
+        except ServerError:
             pass        # refused: the token was no longer valid anyway
+        except ZkfsError as exc:
+            # Unreachable (or not to be reached over plain http): the local secrets
+            # go regardless, that is what logout promises here.
+            _warn(f"the server could not revoke this session ({exc}); it stays valid until it expires")
     state.forget_login()
     print("logged out")
 
 
 def cmd_passwd(args, state: LocalState) -> None:
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     username = state.keys()["username"]
     if args.password_stdin:
         current, new = _stdin_line(), _stdin_line()
@@ -150,7 +160,10 @@ def cmd_passwd(args, state: LocalState) -> None:
         if _ask("Repeat new password: ") != new:
             raise ZkfsError("passwords do not match")
     _check_password(new)
-    keys = account.derive(vault.api, username, current)
+    try:
+        keys = account.derive(vault.api, username, current).keys
+    except account.WrongPassword:
+        raise ZkfsError("the current password is wrong") from None
     new_keys, token = account.change_password(vault.api, username, keys, new)
     state.save_config(token=token["access_token"])
     state.save_keys(user_id=token["user_id"], username=username, auth_key=new_keys.auth_key, kek=new_keys.kek)
@@ -158,17 +171,37 @@ def cmd_passwd(args, state: LocalState) -> None:
 
 
 def cmd_rotate_key(args, state: LocalState) -> None:
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     username = state.keys()["username"]
-    keys = account.derive(vault.api, username, read_password(args, "Current password: "))
+    try:
+        keys = account.derive(vault.api, username, read_password(args, "Current password: ")).keys
+    except account.WrongPassword:
+        raise ZkfsError("wrong password") from None
     try:
         account.Keyring.unlock(vault.api.account(), keys.kek)
     except ZkfsError:
         raise ZkfsError("wrong password") from None
     start = time.perf_counter()
+    if args.full:
+        result = _rotate_full(vault, keys.kek)
+        vault.ledger.check_key_gen(vault.root, result.generation)
+        print(f"all keys rotated (generation {result.generation}): {result.resealed} names and attribute "
+              f"sets re-sealed, {result.files} files ({result.bytes} bytes) re-encrypted "
+              f"in {time.perf_counter() - start:.2f} s")
+        return
     result = account.rotate_master_key(vault.api, keys.kek)
+    vault.ledger.check_key_gen(vault.root, result["generation"])
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
+
+
+def _rotate_full(vault: Vault, kek: bytes):
+    from tqdm import tqdm
+    kw = dict(disable=None, leave=False, file=sys.stderr)
+    with tqdm(desc="names and attributes", unit=" items", **kw) as names, \
+            tqdm(desc="files re-encrypted", unit="B", unit_scale=True, unit_divisor=1024, **kw) as data:
+        return rotation.rotate_full(vault, kek, rotation.Progress(
+            entries=names.update, files=lambda n, nbytes: data.update(nbytes)))
 
 
 def _remote_dir(vault: Vault, path: str, *, create: bool) -> Node:
@@ -225,7 +258,7 @@ def cmd_upload(args, state: LocalState) -> None:
     if not src.is_dir() and not src.is_file():
         raise NotRegularFile(f"{src} is {kind_of(src)}: only files and folders can be uploaded")
     _check_remote(src.name)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     uploader = _Uploader(vault, state)
     try:
         if src.is_dir():
@@ -317,7 +350,7 @@ class _Uploader:
 
 def cmd_download(args, state: LocalState) -> None:
     _check_remote(args.name)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     node, remote = _find(vault, state, args.name)
     if node.is_dir:
         raise ZkfsError(f"{remote} is a directory")
@@ -359,7 +392,7 @@ def _find(vault: Vault, state: LocalState, name: str) -> tuple[Node, str]:
 
 def cmd_ls(args, state: LocalState) -> None:
     _check_remote(args.path)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     node = vault.resolve(args.path)
     entries = vault.listdir(node.id) if node.is_dir else [(split_path(args.path)[-1], node)]
     for name, child in sorted(entries, key=lambda e: e[0]):
@@ -372,14 +405,14 @@ def cmd_ls(args, state: LocalState) -> None:
 
 def cmd_mkdir(args, state: LocalState) -> None:
     _check_remote(args.path)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     _remote_dir(vault, args.path, create=True)
     print(f"created {_join(args.path)}")
 
 
 def cmd_rm(args, state: LocalState) -> None:
     _check_remote(args.path)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     parts = split_path(args.path)
     if not parts:
         raise ZkfsError("refusing to remove the root")
@@ -409,7 +442,7 @@ def _remove(vault: Vault, parent: Node, name: str, node: Node) -> None:
 def cmd_mv(args, state: LocalState) -> None:
     _check_remote(args.src)
     _check_remote(args.dst)
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     src, dst = split_path(args.src), split_path(args.dst)
     if not src or not dst:
         raise ZkfsError("cannot move the root")
@@ -427,7 +460,7 @@ def cmd_mv(args, state: LocalState) -> None:
 
 
 def cmd_df(args, state: LocalState) -> None:
-    vault = open_vault(state)
+    vault = open_vault(state, insecure_http=args.insecure_http)
     s = vault.api.statfs()
     quota = "unlimited" if s["quota_bytes"] is None else f"{s['quota_bytes']} bytes"
     print(f"used {s['used_bytes']} bytes, free {s['free_bytes']} bytes, quota {quota}")
@@ -440,67 +473,76 @@ def build_parser() -> argparse.ArgumentParser:
         "leaves this machine. State lives in $ZKFS_HOME (default ~/.zkfs)."))
     p.add_argument("--debug", action="store_true", help="log HTTP requests and show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--insecure-http", action="store_true", help=(
+        "allow plain http:// to a server that is not this machine (everything but the "
+        "encrypted content would be open to the network); login saves this choice"))
 
     def pw_args(sp, positional=True):
         if positional:
             sp.add_argument("password", nargs="?", help="password (prefer the prompt or --password-stdin)")
         sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
-    sp = sub.add_parser("register", help="create an account (and log in)")
+    sp = sub.add_parser("register", parents=[common], help="create an account (and log in)")
     sp.add_argument("username")
     pw_args(sp)
     sp.add_argument("--server", help="server URL, saved in config.json")
     sp.set_defaults(func=cmd_register)
 
-    sp = sub.add_parser("login", help="log in and save the token and keys (0600)")
+    sp = sub.add_parser("login", parents=[common], help="log in and save the token and keys (0600)")
     sp.add_argument("username")
     pw_args(sp)
     sp.add_argument("--server", help="server URL, saved in config.json")
     sp.set_defaults(func=cmd_login)
 
-    sp = sub.add_parser("logout", help="forget the token and keys on this machine")
+    sp = sub.add_parser("logout", parents=[common], help="forget the token and keys on this machine")
     sp.set_defaults(func=cmd_logout)
 
-    sp = sub.add_parser("upload", help="encrypt and upload a file (or a folder with -r)")
+    sp = sub.add_parser("upload", parents=[common], help="encrypt and upload a file (or a folder with -r)")
     sp.add_argument("path")
     sp.add_argument("--to", metavar="DIR", help="remote folder (created if missing), default /")
     sp.add_argument("-r", "--recursive", action="store_true")
     sp.set_defaults(func=cmd_upload)
 
-    sp = sub.add_parser("download", help="download and decrypt a file")
+    sp = sub.add_parser("download", parents=[common], help="download and decrypt a file")
     sp.add_argument("name", help="remote path, or a name recorded by upload")
     sp.add_argument("-o", "--output", help="file, or folder (a trailing / creates it); default: the "
                     "current folder (download_dir in config.json, if set to a path)")
     sp.set_defaults(func=cmd_download)
 
-    sp = sub.add_parser("ls", help="list a remote folder")
+    sp = sub.add_parser("ls", parents=[common], help="list a remote folder")
     sp.add_argument("path", nargs="?", default="/")
     sp.set_defaults(func=cmd_ls)
 
-    sp = sub.add_parser("mkdir", help="create a remote folder (and its parents)")
+    sp = sub.add_parser("mkdir", parents=[common], help="create a remote folder (and its parents)")
     sp.add_argument("path")
     sp.set_defaults(func=cmd_mkdir)
 
-    sp = sub.add_parser("mv", help="rename or move a remote file or folder (atomic)")
+    sp = sub.add_parser("mv", parents=[common], help="rename or move a remote file or folder (atomic)")
     sp.add_argument("src")
     sp.add_argument("dst")
     sp.set_defaults(func=cmd_mv)
 
-    sp = sub.add_parser("rm", help="remove a remote file (or folder with -r)")
+    sp = sub.add_parser("rm", parents=[common], help="remove a remote file (or folder with -r)")
     sp.add_argument("path")
     sp.add_argument("-r", "--recursive", action="store_true")
     sp.set_defaults(func=cmd_rm)
 
-    sp = sub.add_parser("df", help="show used and free space")
+    sp = sub.add_parser("df", parents=[common], help="show used and free space")
     sp.set_defaults(func=cmd_df)
 
-    sp = sub.add_parser("passwd", help="change the password (re-wraps one key, no file touched)")
+    sp = sub.add_parser("passwd", parents=[common], help="change the password (re-wraps one key, no file touched)")
     sp.add_argument("--password-stdin", action="store_true",
                     help="read the current password, then the new one, one per line")
     sp.set_defaults(func=cmd_passwd)
 
-    sp = sub.add_parser("rotate-key", help="new master key; re-wraps every file key, no content re-encrypted")
+    sp = sub.add_parser("rotate-key", parents=[common], help=(
+        "new master key; re-wraps every file key, no content re-encrypted (--full: new keys for "
+        "everything, every name and file re-encrypted; resumable)"))
     pw_args(sp, positional=False)
+    sp.add_argument("--full", action="store_true", help=(
+        "after a key may have leaked: new master, namespace and file keys, every name, attribute "
+        "and file re-encrypted (run it again to finish after an interruption)"))
     sp.set_defaults(func=cmd_rotate_key)
     return p
 

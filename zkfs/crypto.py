@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac as std_hmac
 import os
 import struct
-import time
 from dataclasses import dataclass
 from hashlib import sha256
 from uuid import UUID
@@ -24,6 +23,10 @@ _VERSION = b"\x80"
 _HEADER = 1 + 8 + 16                 # version, timestamp, IV
 _TAG = 32
 TOKEN_OVERHEAD_MAX = _HEADER + 16 + _TAG   # worst case incl. a full padding block
+# Fernet's timestamp field, in clear in every token: a constant, so the server does
+# not learn when each name, attribute set, manifest, chunk or key was sealed.
+# Decryption never reads it (tokens with real times, from before, still open).
+SEAL_TIME = 0
 
 
 class IntegrityError(Exception):
@@ -43,6 +46,12 @@ def digest(data: bytes) -> bytes:
     return sha256(data).digest()
 
 
+def key_id(key: bytes) -> bytes:
+    """A file key's fingerprint, sealed in its file's attributes: which key opens
+    the version they describe (rotate-key --full replaces file keys)."""
+    return sha256(b"zkfs/v1/key-id\0" + key).digest()[:16]
+
+
 class BinaryFernet:
     """Fernet (spec v0x80) tokens kept in raw binary instead of base64.
 
@@ -60,15 +69,14 @@ class BinaryFernet:
         self._signing_key = key[:16]
         self._aes = algorithms.AES(key[16:])
 
-    def encrypt(self, data: bytes, *, _iv: bytes | None = None, _now: int | None = None) -> bytes:
+    def encrypt(self, data: bytes, *, _iv: bytes | None = None, _now: int = SEAL_TIME) -> bytes:
         iv = _iv or os.urandom(16)
-        now = int(time.time()) if _now is None else _now
         pad = 16 - len(data) % 16
         end = _HEADER + len(data) + pad
         # Encrypt straight into one buffer: the copies of the naive version
         # halve the throughput. update_into wants 15 spare bytes past its output.
         buf = bytearray(end + _TAG + 15)
-        buf[0:_HEADER] = _VERSION + struct.pack(">Q", now) + iv
+        buf[0:_HEADER] = _VERSION + struct.pack(">Q", _now) + iv
         out = memoryview(buf)
         whole = len(data) - len(data) % 16
         enc = Cipher(self._aes, modes.CBC(iv)).encryptor()
@@ -102,22 +110,46 @@ class BinaryFernet:
 
 
 # ---------------------------------------------------------------- password
+# The floor: nothing is derived from a password under less work than this,
+# whoever asks (a server serving weaker parameters wants a cheap guess target).
+# The ceilings keep a server from making the client exhaust its memory or time.
+KDF_MIN_MEMORY_KIB, KDF_MAX_MEMORY_KIB = 64 * 1024, 4 * 1024 * 1024
+KDF_MIN_ITERATIONS, KDF_MAX_ITERATIONS = 3, 64
+KDF_MIN_SALT, KDF_MAX_SALT = 16, 64
+KDF_MAX_LANES = 16
+
+
 @dataclass(frozen=True)
 class KdfParams:
     salt: bytes
-    memory_kib: int = 65536
-    iterations: int = 3
+    memory_kib: int = KDF_MIN_MEMORY_KIB
+    iterations: int = KDF_MIN_ITERATIONS
     lanes: int = 4
 
     @classmethod
-    def new(cls, **overrides) -> "KdfParams":
-        return cls(salt=os.urandom(16), **overrides)
+    def new(cls) -> "KdfParams":
+        return cls(salt=os.urandom(KDF_MIN_SALT))
+
+    def weakness(self) -> str | None:
+        """What makes these parameters unacceptable (below the floor or absurd), or None."""
+        if not KDF_MIN_MEMORY_KIB <= self.memory_kib <= KDF_MAX_MEMORY_KIB:
+            return f"memory {self.memory_kib} KiB (allowed: {KDF_MIN_MEMORY_KIB} to {KDF_MAX_MEMORY_KIB})"
+        if not KDF_MIN_ITERATIONS <= self.iterations <= KDF_MAX_ITERATIONS:
+            return f"{self.iterations} passes (allowed: {KDF_MIN_ITERATIONS} to {KDF_MAX_ITERATIONS})"
+        if not KDF_MIN_SALT <= len(self.salt) <= KDF_MAX_SALT:
+            return f"a {len(self.salt)}-byte salt (allowed: {KDF_MIN_SALT} to {KDF_MAX_SALT})"
+        if not 1 <= self.lanes <= KDF_MAX_LANES:
+            return f"{self.lanes} lanes (allowed: 1 to {KDF_MAX_LANES})"
+        return None
 
 
 @dataclass(frozen=True)
 class PasswordKeys:
     auth_key: bytes     # sent to the server at login; it stores an argon2 hash of it
     kek: bytes          # key-encryption key: never leaves the client
+    # Authenticates the KDF parameters (kdf_check); never leaves the client. None
+    # for keys saved by `login` (keys.json): only a derivation needs it.
+    check_key: bytes | None = None
 
 
 def _expand(root: bytes, label: bytes, length: int = KEY_BYTES) -> bytes:
@@ -129,7 +161,19 @@ def derive_password_keys(password: str, params: KdfParams) -> PasswordKeys:
         salt=params.salt, length=32, iterations=params.iterations,
         lanes=params.lanes, memory_cost=params.memory_kib,
     ).derive(password.encode("utf-8"))
-    return PasswordKeys(auth_key=_expand(root, b"auth"), kek=_expand(root, b"kek"))
+    return PasswordKeys(auth_key=_expand(root, b"auth"), kek=_expand(root, b"kek"),
+                        check_key=_expand(root, b"kdf-check"))
+
+
+def kdf_check(keys: PasswordKeys, username: str, params: KdfParams) -> bytes:
+    """MAC over the account's KDF choice, stored by the server and checked by a
+    client before it sends anything derived from the password: a server that
+    serves another salt or other parameters cannot make this verify."""
+    if keys.check_key is None:
+        raise ValueError("kdf_check needs freshly derived keys")
+    msg = (b"zkfs/v1/kdf-check\0" + username.encode() + b"\0"
+           + struct.pack(">III", params.memory_kib, params.iterations, params.lanes) + params.salt)
+    return std_hmac.new(keys.check_key, msg, sha256).digest()
 
 
 # ---------------------------------------------------------------- wrapping
@@ -182,8 +226,8 @@ class NamespaceKey:
     def name_hash(self, parent: UUID, name: bytes) -> str:
         return std_hmac.new(self._mac_key, parent.bytes + name, sha256).hexdigest()
 
-    def entry_element(self, parent: UUID, name_hash: str, inode: UUID, is_dir: bool) -> int:
+    def entry_element(self, parent: UUID, name: bytes, inode: UUID, is_dir: bool) -> int:
         """One directory entry as a 256-bit number, for the entry-set digest
         (zkfs/entryset.py): unpredictable without the key."""
-        msg = parent.bytes + bytes.fromhex(name_hash) + inode.bytes + (b"\1" if is_dir else b"\0")
+        msg = parent.bytes + inode.bytes + (b"\1" if is_dir else b"\0") + name
         return int.from_bytes(std_hmac.new(self._entry_key, msg, sha256).digest(), "big")

@@ -47,6 +47,9 @@ class Manifest:
     size: int = 0
     chunk_size: int = CHUNK_SIZE
     chunks: list[ChunkRef] = field(default_factory=list)
+    # Not stored in the token: the id of the file key that opened it (Vault.manifest),
+    # so its chunks are opened with that same key.
+    key_id: bytes | None = field(default=None, compare=False)
 
     def chunk_count_for(self, size: int) -> int:
         return -(-size // self.chunk_size)
@@ -158,6 +161,7 @@ class Attrs:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     manifest_digest: bytes | None = None     # authenticates the content manifest
     version: int = 1                         # equals the server's version of the inode
+    key_id: bytes | None = None              # crypto.key_id of the file key (None: from before)
     # Directories: the digest of their entry set (None: sealed before digests existed)
     entries: EntrySet | None = None
 
@@ -181,6 +185,8 @@ class Attrs:
             "xattr": {k: b64encode(v) for k, v in self.xattrs.items()},
             "manifest": self.manifest_digest.hex() if self.manifest_digest else None,
         }
+        if self.key_id is not None:
+            doc["key"] = self.key_id.hex()
         if self.entries is not None:
             doc["es"] = self.entries.to_json()
         return ns.cipher.encrypt(json.dumps(doc, separators=(",", ":")).encode())
@@ -200,6 +206,7 @@ class Attrs:
                 xattrs={k: b64decode(v) for k, v in doc["xattr"].items()},
                 manifest_digest=bytes.fromhex(doc["manifest"]) if doc["manifest"] else None,
                 version=doc["v"],
+                key_id=bytes.fromhex(doc["key"]) if doc.get("key") else None,
                 entries=EntrySet.from_json(doc["es"]) if "es" in doc else None,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -25,7 +25,7 @@ from .format import Attrs, b64encode
 class EntryChange:
     """An entry an op adds to (or removes from) a directory."""
     parent: UUID
-    name_hash: str
+    name: str
     inode: UUID
     is_dir: bool
     added: bool
@@ -87,7 +87,7 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
         for ch in op.entries:
             w = work(ch.parent)
             change = w.attrs.entries.add if ch.added else w.attrs.entries.remove
-            w.attrs.entries = change(ns, ch.parent, ch.name_hash, ch.inode, ch.is_dir)
+            w.attrs.entries = change(ns, ch.parent, ch.name, ch.inode, ch.is_dir)
             w.entries_ns, w.changed = max(w.entries_ns, op.at_ns), True
         if op.removes_dir is not None:
             work(op.removes_dir).gone = True

@@ -13,17 +13,19 @@ from .vault import Vault
 
 
 def open_vault(state: LocalState, *, server: str | None = None, password: str | None = None,
-               retry_seconds: float = 5.0) -> Vault:
+               retry_seconds: float = 5.0, insecure_http: bool = False) -> Vault:
     """With ``password``, derive keys afresh (unattended mounts); otherwise use
-    the keys saved by `client.py login`. Tokens are renewed transparently."""
+    the keys saved by `client.py login`. Tokens are renewed transparently.
+    ``insecure_http``: plain http to a remote host (else only if login allowed it)."""
     cfg = state.config()
     url = server or cfg["server"]
-    api = ApiClient(url, cfg.get("token") if not password else None, retry_seconds=retry_seconds)
+    api = ApiClient(url, cfg.get("token") if not password else None, retry_seconds=retry_seconds,
+                    insecure_http=insecure_http or state.insecure_http(url))
     if password is not None:
         username = cfg.get("username")
         if not username:
             raise ZkfsError("no username saved: run `client.py login USERNAME` once")
-        keys = account.derive(api, username, password)
+        keys = account.sign_in(api, username, password)[0].keys
     else:
         saved = state.keys()
         username = saved["username"]
@@ -51,5 +53,11 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
             raise ZkfsError("the saved login is no longer valid: run `client.py login` again") from None
         raise
     keyring = account.Keyring.unlock(acct, keys.kek)
-    return Vault(api, keyring, UUID(acct["root_inode"]), VersionLedger(state.root / "versions.db"),
-                 unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))
+    root = UUID(acct["root_inode"])
+    ledger = VersionLedger(state.ledger_path)
+    try:
+        ledger.check_key_gen(root, keyring.current_gen)
+    except ZkfsError:
+        ledger.close()
+        raise
+    return Vault(api, keyring, root, ledger, unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))

@@ -1,9 +1,11 @@
 """Local client state in $ZKFS_HOME (default ~/.zkfs), every file mode 0600.
 
-- config.json        server URL, download directory, token, username (the seed's layout)
+- config.json        server URL, download directory, token, username (the seed's layout),
+                     insecure_http (login was told --insecure-http for that server)
 - keys.json          user id, auth key and key-encryption key (what `login` saves)
 - uploaded_file.json remote path -> {uuid, sha256, size, version}: makes re-uploads no-ops
-- versions.db        highest version seen per inode: detects a server rolling files back
+- versions.db        highest version seen per inode, and the highest master key generation
+                     per account: detects a server rolling files or keys back
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def _str_fields(data: dict, *names: str) -> bool:
 
 def _valid_config(data: Any) -> bool:
     return isinstance(data, dict) and _str_fields(data, "server", "download_dir", "username") \
-        and (data.get("token") is None or isinstance(data["token"], str))
+        and (data.get("token") is None or isinstance(data["token"], str)) \
+        and isinstance(data.get("insecure_http", False), bool)
 
 
 def _valid_uploads(data: Any) -> bool:
@@ -96,6 +99,11 @@ class LocalState:
         # relative: the folder `download` runs in, not the one `login` ran in
         cfg.setdefault("download_dir", ".")
         return cfg
+
+    def insecure_http(self, server: str) -> bool:
+        """Whether `login` was told --insecure-http for ``server`` (the saved one)."""
+        cfg = self.config()
+        return bool(cfg.get("insecure_http")) and cfg["server"].rstrip("/") == server.rstrip("/")
 
     def saved_server(self) -> str:
         """The server URL for `login`, which must work even when config.json is corrupt."""
@@ -183,7 +191,8 @@ class LocalState:
 
 
 class VersionLedger:
-    """Highest inode version this client has seen (CryFS-style rollback check).
+    """Highest inode version this client has seen (CryFS-style rollback check), and
+    the highest master key generation of each account (``check_key_gen``).
 
     A read answered while one of this client's own commits was in flight may
     carry the version before that commit: not a rollback, just an answer that
@@ -206,6 +215,7 @@ class VersionLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")   # survives a process crash; cheap per commit
             self._db.execute("CREATE TABLE IF NOT EXISTS versions (inode BLOB PRIMARY KEY, version INTEGER)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS key_gens (account BLOB PRIMARY KEY, gen INTEGER)")
             self._db.execute("SELECT inode, version FROM versions LIMIT 1").fetchall()
         except sqlite3.DatabaseError:       # not a database, or another one's tables
             self._db.close()
@@ -240,6 +250,17 @@ class VersionLedger:
                     return False
                 raise TamperedError(f"the server rolled inode {inode} back from version {known} to {version}")
             return True
+
+    def check_key_gen(self, account: UUID, gen: int) -> None:
+        """The account's current master key generation as the server states it: lower
+        than one seen here is a rollback to a retired (perhaps leaked) key. ``account``:
+        its root inode id. Written at once, like an acknowledged version."""
+        with self._lock:
+            row = self._db.execute("SELECT gen FROM key_gens WHERE account=?", (account.bytes,)).fetchone()
+            if row and gen < row[0]:
+                raise TamperedError(f"the server rolled the master key back from generation {row[0]} to {gen}")
+            if not row or gen > row[0]:
+                self._db.execute("INSERT OR REPLACE INTO key_gens VALUES (?, ?)", (account.bytes, gen))
 
     def flush(self) -> None:
         with self._lock:

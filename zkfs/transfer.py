@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from uuid import UUID, uuid4
 
+from . import crypto
 from .errors import NotRegularFile, ServerError, ZkfsError
 from .format import CHUNK_SIZE, MAX_FILE_SIZE, Manifest, seal_chunk
 from .vault import Node, Vault, any_nonzero, new_attrs
@@ -20,7 +21,7 @@ IN_FLIGHT = 4
 INLINE_MAX = 64 * 1024      # files this small travel inside the commit request
 
 
-def _ordered(pool: ThreadPoolExecutor, jobs: Iterable[Callable], window: int):
+def ordered(pool: ThreadPoolExecutor, jobs: Iterable[Callable], window: int):
     """Run jobs on the pool, at most ``window`` at once, yielding results in order."""
     pending: deque[Future] = deque()
     for job in jobs:
@@ -55,7 +56,7 @@ def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progre
         raise ZkfsError(f"{name}: exists on the server and is not a regular file")
     inode = existing.id if existing else uuid4()
     if existing:
-        cipher, file_key = vault.file_cipher(inode), None
+        cipher, file_key = vault.file_cipher(inode, existing.attrs.key_id), None
     else:
         cipher, file_key = vault.new_file_key(inode)
     sha = hashlib.sha256()
@@ -83,7 +84,7 @@ def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progre
     else:
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             jobs = (lambda d=d: vault.upload_chunk(inode, cipher, d) for d in chunks())
-            refs = list(_ordered(pool, jobs, IN_FLIGHT * 2))
+            refs = list(ordered(pool, jobs, IN_FLIGHT * 2))
     manifest = Manifest(inode=inode, size=size, chunks=refs)
     if existing:
         attrs = existing.attrs.evolve()
@@ -91,6 +92,7 @@ def _upload(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progre
         ops = []
     else:
         attrs = new_attrs(stat.S_IFREG | stat.S_IMODE(st.st_mode))
+        attrs.key_id = crypto.key_id(file_key)
         ops = [vault.op_create(parent.id, name, inode, attrs.evolve(), file_key)]
         base = 1
     attrs.mtime_ns = st.st_mtime_ns
@@ -116,14 +118,16 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     try:
         with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(IN_FLIGHT) as pool:
             jobs = (lambda i=i: vault.read_chunk(node.id, manifest, i) for i in range(len(manifest.chunks)))
-            for data in _ordered(pool, jobs, IN_FLIGHT * 2):
+            for data in ordered(pool, jobs, IN_FLIGHT * 2):
                 out.write(data)
                 sha.update(data)
                 if progress:
                     progress(len(data))
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, stat.S_IMODE(node.attrs.mode))
+        # The permission bits only, as cp and tar do without -p: a file someone else
+        # wrote (or a server, with a stolen key) must not become a setuid program here.
+        os.chmod(tmp, stat.S_IMODE(node.attrs.mode) & 0o777)
         os.utime(tmp, ns=(node.attrs.atime_ns, node.attrs.mtime_ns))
         check_download_target(dest)         # again: the download may have taken a while
         os.replace(tmp, dest)

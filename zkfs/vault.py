@@ -13,14 +13,14 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 from uuid import UUID, uuid4
 
 from . import crypto
 from .account import Keyring
 from .api import ApiClient
-from .crypto import BinaryFernet, IntegrityError
+from .crypto import BinaryFernet, IntegrityError, NamespaceKey
 from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsError
 from .entryset import EntrySet
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
@@ -40,6 +40,8 @@ class Node:
     nlink: int
     attrs: Attrs
     manifest_token: bytes | None = None
+    old_seal: bool = False                # attributes sealed under a retired namespace key
+    sealed_by: NamespaceKey | None = field(default=None, repr=False, compare=False)
 
     @property
     def link_count(self) -> int:
@@ -55,10 +57,13 @@ class Vault:
         self.api = api
         self.keyring = keyring
         self._unlock = unlock            # fetches and unlocks the account's keys again
-        self.ns = keyring.namespace
         self.root = root
         self.ledger = ledger
-        self._file_keys: OrderedDict[UUID, BinaryFernet] = OrderedDict()
+        # By inode: the cipher of the file key last fetched, and that key's id.
+        self._file_keys: OrderedDict[UUID, tuple[BinaryFernet, bytes]] = OrderedDict()
+        # While a rotate-key --full runs, entries found under a retired namespace
+        # key keep their old name hash until they are re-sealed: ops on them name it.
+        self._old_hashes: dict[tuple[UUID, str], str] = {}
         self._keys_lock = threading.Lock()
         self.own_seqs: set[int] = set()      # change-feed seqs of our own ops
         # Directories as last verified: the base of the next change of their entries.
@@ -69,21 +74,36 @@ class Vault:
         # fetched before the count moved may predate one of our own changes.
         self.ops_applied = 0
 
+    @property
+    def ns(self) -> NamespaceKey:
+        """The namespace key new names and attributes are sealed under."""
+        return self.keyring.namespace
+
     # ------------------------------------------------------------ reading
+    def open_attrs(self, inode: UUID, token: bytes, version: int) -> tuple[Attrs, NamespaceKey]:
+        """Attributes and the namespace key that sealed them (the current one, or
+        one a rotate-key --full has not yet moved them from)."""
+        errors = []
+        for ns in self.keyring.readers:
+            try:
+                return Attrs.decrypt(ns, token, inode, version), ns
+            except IntegrityError as exc:
+                errors.append(str(exc))
+        why = next((e for e in errors if e != "authentication failed"), errors[0])
+        raise TamperedError(f"attributes of inode {inode} failed verification: {why}")
+
     def node_from_wire(self, d: dict, since: int | None = None) -> Node:
         """A verified node. ``since``: the ledger epoch when the request was sent
         (StaleAnswer if the answer crossed one of our own commits)."""
         inode = UUID(d["id"])
-        try:
-            attrs = Attrs.decrypt(self.ns, b64decode(d["meta"]), inode, d["version"])
-        except IntegrityError as exc:
-            raise TamperedError(f"attributes of inode {inode} failed verification: {exc}") from None
+        attrs, ns = self.open_attrs(inode, b64decode(d["meta"]), d["version"])
         if attrs.is_dir != d["is_dir"]:
             raise TamperedError(f"inode {inode}: server's type disagrees with its attributes")
         if not self.ledger.check(inode, d["version"], since):
             raise StaleAnswer(f"inode {inode}: an answer older than our own commit")
         manifest = d.get("manifest")
-        node = Node(inode, d["is_dir"], d["version"], d["nlink"], attrs, b64decode(manifest) if manifest else None)
+        node = Node(inode, d["is_dir"], d["version"], d["nlink"], attrs, b64decode(manifest) if manifest else None,
+                    ns is not self.ns, ns)
         if node.is_dir:
             self._note_dir(node)
         return node
@@ -103,75 +123,83 @@ class Vault:
 
     def _entry(self, parent: UUID, d: dict, since: int | None) -> tuple[str, Node]:
         node = self.node_from_wire(d["inode"], since)
-        try:
-            name = open_name(self.ns, b64decode(d["name"]), parent=parent, inode=node.id, name_hash=d["name_hash"])
-        except IntegrityError as exc:
-            raise TamperedError(f"an entry of directory {parent} failed verification: {exc}") from None
-        return name, node
+        return self.open_entry_name(parent, d, node.id)[0], node
+
+    def open_entry_name(self, parent: UUID, d: dict, inode: UUID) -> tuple[str, NamespaceKey]:
+        """An entry's name and the namespace key that sealed it (see open_attrs)."""
+        errors = []
+        for ns in self.keyring.readers:
+            try:
+                name = open_name(ns, b64decode(d["name"]), parent=parent, inode=inode, name_hash=d["name_hash"])
+            except IntegrityError as exc:
+                errors.append(str(exc))
+                continue
+            if ns is self.ns:
+                self._old_hashes.pop((parent, name), None)
+            else:
+                self._old_hashes[(parent, name)] = d["name_hash"]
+            return name, ns
+        why = next((e for e in errors if e != "authentication failed"), errors[0])
+        raise TamperedError(f"an entry of directory {parent} failed verification: {why}")
 
     def lookup(self, parent: UUID, name: str) -> Node | None:
         """From the directory's verified listing: a single-entry answer could be an
         entry the server brought back or the absence of one it hides."""
-        want = self.name_hash(parent, name)
-
-        def decode(listing: dict, since: int) -> Node | None:
-            for d in self._verified_entries(parent, listing, since)[1]:
-                if d["name_hash"] == want:
-                    found, node = self._entry(parent, d, since)
-                    if found != name:
-                        raise TamperedError(f"lookup of an entry in {parent} returned another name")
-                    return node
-            return None
-
-        return self._fresh(lambda: self.api.list_dir(parent), decode)
+        for found, node in self.listdir(parent):
+            if found == name:
+                return node
+        return None
 
     def listdir(self, inode: UUID) -> list[tuple[str, Node]]:
         def decode(listing: dict, since: int) -> list[tuple[str, Node]]:
-            return [self._entry(inode, d, since) for d in self._verified_entries(inode, listing, since)[1]]
+            _, entries, bad = self._listing(inode, listing, since)
+            if bad:
+                raise next(iter(bad.values()))
+            return entries
         return self._fresh(lambda: self.api.list_dir(inode), decode)
 
     def listdir_partial(self, inode: UUID, listing: dict | None = None, since: int | None = None
                         ) -> tuple[Node, list[tuple[str, Node]], dict[str, TamperedError]]:
         """The directory's node and its entries, with the entries that fail
         verification returned apart (by name hash) instead of failing the whole
-        directory; a listing that does not match the directory's sealed digest
-        fails whole. ``listing``: the server's answer when already fetched
-        (``api.list_dirs``) at ledger epoch ``since``."""
-        def decode(listing: dict, since: int | None) -> tuple[Node, list, dict]:
-            directory, raw = self._verified_entries(inode, listing, since)
-            good, bad = [], {}
-            for d in raw:
-                try:
-                    good.append(self._entry(inode, d, since))
-                except TamperedError as exc:
-                    bad[d["name_hash"]] = exc
-            return directory, good, bad
-
+        directory (then its completeness is unproven: the caller must not take a
+        name's absence from it); a listing that does not add up to the directory's
+        sealed entry set fails whole. ``listing``: the server's answer when already
+        fetched (``api.list_dirs``) at ledger epoch ``since``."""
         if listing is not None:
             try:
-                return decode(listing, since)
+                return self._listing(inode, listing, since)
             except StaleAnswer:
                 pass                 # read ahead before one of our own commits: ask again
-        return self._fresh(lambda: self.api.list_dir(inode), decode)
+        return self._fresh(lambda: self.api.list_dir(inode), lambda raw, s: self._listing(inode, raw, s))
 
-    def _verified_entries(self, inode: UUID, listing: dict, since: int | None) -> tuple[Node, list[dict]]:
-        """The directory (ledger-checked) and its raw entries, once they add up to
-        the entry-set digest sealed in its attributes."""
+    def _listing(self, inode: UUID, listing: dict, since: int | None
+                 ) -> tuple[Node, list[tuple[str, Node]], dict[str, TamperedError]]:
+        """Decode a listing: the directory (ledger-checked), its verified entries, and
+        those that fail apart. If all entries open, they must add up to the entry set
+        sealed in the directory's attributes (FORMAT.md §5)."""
         try:
             directory, raw = self.node_from_wire(listing["dir"], since), listing["entries"]
-            found = EntrySet.of(self.ns, inode, ((d["name_hash"], UUID(d["inode"]["id"]), d["inode"]["is_dir"])
-                                                 for d in raw))
         except (KeyError, TypeError, ValueError) as exc:
             raise TamperedError(f"malformed listing of directory {inode} ({exc.__class__.__name__})") from None
         if directory.id != inode or not directory.is_dir:
             raise TamperedError(f"the listing of directory {inode} came with another inode")
+        good, bad = [], {}
+        for d in raw:
+            try:
+                good.append(self._entry(inode, d, since))
+            except TamperedError as exc:
+                bad[d["name_hash"]] = exc
         sealed = directory.attrs.entries
-        if sealed is not None and sealed != found:
-            for d in raw:            # an entry that fails on its own says more about what was done
-                self._entry(inode, d, since)
+        if not bad and sealed is not None and sealed != self._entry_set(directory, good):
             raise TamperedError(f"the listing of directory {inode} does not match its sealed entry set: "
                                 f"the server hid, added or swapped an entry")
-        return directory, raw
+        return directory, good, bad
+
+    def _entry_set(self, directory: Node, entries: list[tuple[str, Node]]) -> EntrySet:
+        """The entry set of ``entries``, under the key that sealed the directory."""
+        return EntrySet.of(directory.sealed_by or self.ns, directory.id,
+                           ((name, node.id, node.is_dir) for name, node in entries))
 
     def resolve(self, path: str) -> Node:
         node = self.get(self.root)
@@ -185,22 +213,45 @@ class Vault:
         return node
 
     def name_hash(self, parent: UUID, name: str) -> str:
+        """The hash a new entry ``name`` in ``parent`` gets."""
         return self.ns.name_hash(parent, encode_name(name))
 
+    def has_old_name(self, parent: UUID, name: str) -> bool:
+        """Whether entry ``name`` of ``parent`` was last seen sealed under a retired
+        namespace key (rotate-key --full re-seals it)."""
+        return (parent, name) in self._old_hashes
+
+    def entry_hash(self, parent: UUID, name: str) -> str:
+        """The hash of the existing entry ``name`` in ``parent``, as last seen here,
+        for an op that removes or moves it (so it is forgotten: after the op the
+        name is gone or sealed under the current key; a refused op's next listing
+        finds it again)."""
+        return self._old_hashes.pop((parent, name), None) or self.name_hash(parent, name)
+
     # ------------------------------------------------------------ content
-    def file_cipher(self, inode: UUID) -> BinaryFernet:
+    def file_cipher(self, inode: UUID, key_id: bytes | None = None) -> BinaryFernet:
+        """The cipher of a file's key. ``key_id``: the key the version at hand names
+        in its attributes (a rotate-key --full replaces file keys): a cached key of
+        another id is fetched again, and a fetched one must be it."""
         with self._keys_lock:
-            cipher = self._file_keys.get(inode)
-            if cipher is not None:
+            held = self._file_keys.get(inode)
+            if held is not None and key_id in (None, held[1]):
                 self._file_keys.move_to_end(inode)
-                return cipher
+                return held[0]
         d = self.api.get_key(inode)
         if d["gen"] not in self.keyring.masters:
             self.refresh_keyring()       # re-wrapped by a rotate-key since we unlocked
         key = self.keyring.unwrap_file_key(inode, d["gen"], b64decode(d["wrapped_key"]))
+        if key_id is not None and crypto.key_id(key) != key_id:
+            raise TamperedError(f"the key of file {inode} is not the one its attributes name")
+        return self.remember_file_key(inode, key)
+
+    def remember_file_key(self, inode: UUID, key: bytes) -> BinaryFernet:
+        """Cache ``key`` as the file's key (a new file's, or a re-encrypted one's)."""
         cipher = BinaryFernet(key)
         with self._keys_lock:
-            self._file_keys[inode] = cipher
+            self._file_keys[inode] = (cipher, crypto.key_id(key))
+            self._file_keys.move_to_end(inode)
             while len(self._file_keys) > 4096:
                 self._file_keys.popitem(last=False)
         return cipher
@@ -208,21 +259,19 @@ class Vault:
     def new_file_key(self, inode: UUID) -> tuple[BinaryFernet, bytes]:
         """A fresh per-file key and its cipher (``op_create`` stores it wrapped)."""
         key = crypto.random_key()
-        cipher = BinaryFernet(key)
-        with self._keys_lock:
-            self._file_keys[inode] = cipher
-        return cipher, key
+        return self.remember_file_key(inode, key), key
 
     def refresh_keyring(self) -> None:
         """Fetch and unlock the account's master keys again: another client ran
         rotate-key (new generation current, old ones deleted once unused)."""
         keyring = self._unlock()
-        if keyring.namespace.raw != self.ns.raw:
+        if keyring.current_gen == self.keyring.current_gen and keyring.namespace.raw != self.ns.raw:
             raise TamperedError("the server sent another namespace key for this account")
         if keyring.current_gen < self.keyring.current_gen:
             # New file keys would be wrapped under a retired (perhaps leaked) key.
             raise TamperedError(f"the server rolled the master key back from generation "
                                 f"{self.keyring.current_gen} to {keyring.current_gen}")
+        self.ledger.check_key_gen(self.root, keyring.current_gen)
         self.keyring = keyring
 
     def note_key_gen(self, gen: int) -> None:
@@ -241,7 +290,8 @@ class Vault:
         if crypto.digest(token) != node.attrs.manifest_digest:
             raise TamperedError(f"manifest of inode {node.id} does not match its attributes")
         try:
-            manifest = Manifest.decrypt(self.file_cipher(node.id), token, node.id)
+            manifest = Manifest.decrypt(self.file_cipher(node.id, node.attrs.key_id), token, node.id)
+            manifest.key_id = node.attrs.key_id
         except IntegrityError as exc:
             raise TamperedError(f"manifest of inode {node.id} failed verification: {exc}") from None
         if manifest.size != node.attrs.size:
@@ -274,7 +324,8 @@ class Vault:
 
     def open_chunk(self, inode: UUID, manifest: Manifest, index: int, token: bytes) -> bytes:
         try:
-            return open_chunk(self.file_cipher(inode), token, manifest.chunks[index], manifest.chunk_length(index))
+            return open_chunk(self.file_cipher(inode, manifest.key_id), token, manifest.chunks[index],
+                              manifest.chunk_length(index))
         except IntegrityError as exc:
             raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
 
@@ -285,7 +336,7 @@ class Vault:
         first, start, end = segment_span(n, lo, hi)
         data = self.fetch_chunk_token(inode, ref, start, end)
         try:
-            plain = open_segments(self.file_cipher(inode), data, ref, n, lo, hi)
+            plain = open_segments(self.file_cipher(inode, manifest.key_id), data, ref, n, lo, hi)
         except IntegrityError as exc:
             raise TamperedError(f"chunk {index} of inode {inode} failed verification: {exc}") from None
         base = first * SEGMENT_SIZE
@@ -330,14 +381,26 @@ class Vault:
             break
         self.own_seqs.add(resp["seq"])
         results = resp["results"]
-        for res in results:
-            if res.get("inode") and res.get("version"):
-                self.ledger.check(UUID(res["inode"]), res["version"])
+        # The ledger records the versions this client wrote, never what the answer
+        # says: a server that under-reports one could later serve the one before.
+        wrong = None
+        for wire, res in zip(batch.wires, results):
+            written = written_version(wire)
+            if written is None:
+                continue
+            self.ledger.check(UUID(wire["inode"]), written)
+            if (res.get("inode"), res.get("version")) != (wire["inode"], written):
+                wrong = wrong or (f"the server acknowledged version {res.get('version')} of inode "
+                                  f"{wire['inode']}, but this client wrote version {written}")
+        if len(results) != len(batch.wires):
+            wrong = wrong or f"the server answered {len(results)} results for {len(batch.wires)} ops"
         # Persist at once: a crash must not forget versions the server acknowledged,
         # or it could roll them back unnoticed.
         self.ledger.flush()
+        if wrong:
+            raise TamperedError(wrong)
         for d, version, attrs in batch.sealed:
-            self._note_dir(Node(d, True, version, 2 + attrs.entries.subdirs, attrs))
+            self._note_dir(Node(d, True, version, 2 + attrs.entries.subdirs, attrs, sealed_by=self.ns))
         return results[:len(ops)]
 
     def _note_dir(self, node: Node) -> None:
@@ -355,23 +418,28 @@ class Vault:
             self.on_dir_change(node)
 
     def _dir_state(self, d: UUID) -> tuple[int, Attrs]:
+        """A directory's version and attributes, as the base of a change of its entries:
+        with its entry set under the current namespace key."""
         with self._keys_lock:
             node = self._dirs.get(d)
         if node is None:
             node = self.get(d)
         if not node.is_dir:
             raise ServerError(409, "not_dir", f"{d} is not a directory")
-        attrs = node.attrs
-        if attrs.entries is None:
-            attrs = attrs.evolve(entries=self._first_entry_set(d))
-        return node.version, attrs
-
-    def _first_entry_set(self, d: UUID) -> EntrySet:
-        """A directory sealed before entry sets existed gets one, from its listing as
-        the server shows it now (trust on first use; docs/THREAT_MODEL.md)."""
-        log.info("directory %s: sealing the digest of its entries for the first time", d)
-        raw = self.api.list_dir(d)["entries"]
-        return EntrySet.of(self.ns, d, ((e["name_hash"], UUID(e["inode"]["id"]), e["inode"]["is_dir"]) for e in raw))
+        if node.attrs.entries is not None and not node.old_seal:
+            return node.version, node.attrs
+        # Sealed under a retired namespace key (rotate-key --full), or before entry
+        # sets existed: its set is computed afresh from a listing (verified against
+        # the old set if it has one; trust on first use if not).
+        if node.attrs.entries is None:
+            log.info("directory %s: sealing the digest of its entries for the first time", d)
+        directory, entries, bad = self.listdir_partial(d)
+        if bad:
+            raise next(iter(bad.values()))
+        if directory.version != node.version:
+            return self._dir_state(d)            # changed meanwhile: from the newer one
+        entry_set = EntrySet.of(self.ns, d, ((name, n.id, n.is_dir) for name, n in entries))
+        return directory.version, directory.attrs.evolve(entries=entry_set)
 
     def _send_ops(self, wires: list[dict]) -> dict:
         try:
@@ -397,10 +465,6 @@ class Vault:
             out.append(op)
         return out
 
-    def _entry_change(self, parent: UUID, name: str, inode: UUID, is_dir: bool, added: bool,
-                      name_hash: str | None = None) -> EntryChange:
-        return EntryChange(parent, name_hash or self.name_hash(parent, name), inode, is_dir, added)
-
     def op_create(self, parent: UUID, name: str, inode: UUID, attrs: Attrs, file_key: bytes | None = None,
                   *, at_ns: int | None = None) -> Op:
         """``file_key`` is wrapped here, under the generation current when the op is
@@ -408,13 +472,13 @@ class Vault:
         attrs.version = 1
         if attrs.is_dir:
             attrs.entries = EntrySet()
-        name_hash = self.name_hash(parent, name)
+        if file_key is not None:
+            attrs.key_id = crypto.key_id(file_key)
         wire = {"op": "create", "inode": str(inode), "is_dir": attrs.is_dir, "parent": str(parent),
-                "name_hash": name_hash, "name": b64encode(seal_name(self.ns, inode, name))}
+                "name_hash": self.name_hash(parent, name), "name": b64encode(seal_name(self.ns, inode, name))}
         if file_key is not None:
             wire |= self._wrapped_key_fields(inode, file_key)
-        return Op(wire, inode, attrs, (self._entry_change(parent, name, inode, attrs.is_dir, True, name_hash),),
-                  at_ns or time.time_ns())
+        return Op(wire, inode, attrs, (EntryChange(parent, name, inode, attrs.is_dir, True),), at_ns or time.time_ns())
 
     def _wrapped_key_fields(self, inode: UUID, file_key: bytes) -> dict:
         """A create op's fields storing ``file_key`` wrapped under the current generation."""
@@ -422,55 +486,52 @@ class Vault:
         return {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
 
     def op_link(self, inode: UUID, parent: UUID, name: str, *, at_ns: int | None = None) -> Op:
-        name_hash = self.name_hash(parent, name)
-        wire = {"op": "link", "inode": str(inode), "parent": str(parent), "name_hash": name_hash,
+        wire = {"op": "link", "inode": str(inode), "parent": str(parent), "name_hash": self.name_hash(parent, name),
                 "name": b64encode(seal_name(self.ns, inode, name))}
-        return Op(wire, entries=(self._entry_change(parent, name, inode, False, True, name_hash),),
-                  at_ns=at_ns or time.time_ns())
+        return Op(wire, entries=(EntryChange(parent, name, inode, False, True),), at_ns=at_ns or time.time_ns())
 
     def op_unlink(self, parent: UUID, name: str, inode: UUID, *, keep_orphan: bool = False,
                   at_ns: int | None = None) -> Op:
-        name_hash = self.name_hash(parent, name)
-        wire = {"op": "unlink", "parent": str(parent), "name_hash": name_hash, "keep_orphan": keep_orphan,
-                "expect_inode": str(inode)}
-        return Op(wire, entries=(self._entry_change(parent, name, inode, False, False, name_hash),),
-                  at_ns=at_ns or time.time_ns())
+        wire = {"op": "unlink", "parent": str(parent), "name_hash": self.entry_hash(parent, name),
+                "keep_orphan": keep_orphan, "expect_inode": str(inode)}
+        return Op(wire, entries=(EntryChange(parent, name, inode, False, False),), at_ns=at_ns or time.time_ns())
 
     def op_rmdir(self, parent: UUID, name: str, inode: UUID, *, at_ns: int | None = None) -> Op:
-        name_hash = self.name_hash(parent, name)
-        wire = {"op": "rmdir", "parent": str(parent), "name_hash": name_hash, "expect_inode": str(inode)}
-        return Op(wire, entries=(self._entry_change(parent, name, inode, True, False, name_hash),),
-                  at_ns=at_ns or time.time_ns(), removes_dir=inode)
+        wire = {"op": "rmdir", "parent": str(parent), "name_hash": self.entry_hash(parent, name),
+                "expect_inode": str(inode)}
+        return Op(wire, entries=(EntryChange(parent, name, inode, True, False),), at_ns=at_ns or time.time_ns(),
+                  removes_dir=inode)
 
     def op_rename(self, node: Node, src_parent: UUID, src_name: str, dst_parent: UUID, dst_name: str,
                   *, replaces: Node | None = None, keep_orphan: bool = False, at_ns: int | None = None) -> Op:
         """Renames ``node``; ``replaces``: what the target is now (None: there is none,
         and if one appeared meanwhile the server refuses with ``exists``)."""
-        src_hash, dst_hash = self.name_hash(src_parent, src_name), self.name_hash(dst_parent, dst_name)
+        src_hash = self.entry_hash(src_parent, src_name)
+        dst_hash = (self.entry_hash if replaces is not None else self.name_hash)(dst_parent, dst_name)
         wire = {"op": "rename", "src_parent": str(src_parent), "src_hash": src_hash,
                 "dst_parent": str(dst_parent), "dst_hash": dst_hash,
                 "dst_name": b64encode(seal_name(self.ns, node.id, dst_name)),
                 "noreplace": replaces is None, "keep_orphan": keep_orphan, "src_inode": str(node.id)}
-        changes = [self._entry_change(src_parent, src_name, node.id, node.is_dir, False, src_hash)]
+        changes = [EntryChange(src_parent, src_name, node.id, node.is_dir, False)]
         if replaces is not None:
             wire["dst_inode"] = str(replaces.id)
-            changes.append(self._entry_change(dst_parent, dst_name, replaces.id, replaces.is_dir, False, dst_hash))
-        changes.append(self._entry_change(dst_parent, dst_name, node.id, node.is_dir, True, dst_hash))
+            changes.append(EntryChange(dst_parent, dst_name, replaces.id, replaces.is_dir, False))
+        changes.append(EntryChange(dst_parent, dst_name, node.id, node.is_dir, True))
         return Op(wire, entries=tuple(changes), at_ns=at_ns or time.time_ns(),
                   removes_dir=replaces.id if replaces is not None and replaces.is_dir else None)
 
     def op_exchange(self, a: Node, a_parent: UUID, a_name: str, b: Node, b_parent: UUID, b_name: str,
                     *, at_ns: int | None = None) -> Op:
         """rename(2) with RENAME_EXCHANGE: ``a`` and ``b`` swap names."""
-        a_hash, b_hash = self.name_hash(a_parent, a_name), self.name_hash(b_parent, b_name)
+        a_hash, b_hash = self.entry_hash(a_parent, a_name), self.entry_hash(b_parent, b_name)
         wire = {"op": "exchange", "a_parent": str(a_parent), "a_hash": a_hash, "a_inode": str(a.id),
                 "a_name": b64encode(seal_name(self.ns, b.id, a_name)),
                 "b_parent": str(b_parent), "b_hash": b_hash, "b_inode": str(b.id),
                 "b_name": b64encode(seal_name(self.ns, a.id, b_name))}
-        changes = (EntryChange(a_parent, a_hash, a.id, a.is_dir, False),
-                   EntryChange(b_parent, b_hash, b.id, b.is_dir, False),
-                   EntryChange(a_parent, a_hash, b.id, b.is_dir, True),
-                   EntryChange(b_parent, b_hash, a.id, a.is_dir, True))
+        changes = (EntryChange(a_parent, a_name, a.id, a.is_dir, False),
+                   EntryChange(b_parent, b_name, b.id, b.is_dir, False),
+                   EntryChange(a_parent, a_name, b.id, b.is_dir, True),
+                   EntryChange(b_parent, b_name, a.id, a.is_dir, True))
         return Op(wire, entries=changes, at_ns=at_ns or time.time_ns())
 
     def op_setmeta(self, node_id: UUID, base_version: int, attrs: Attrs, *, at_ns: int | None = None) -> Op:
@@ -479,18 +540,33 @@ class Vault:
                   at_ns=at_ns or time.time_ns())
 
     def op_commit(self, node_id: UUID, base_version: int, attrs: Attrs, manifest: Manifest,
-                  inline: list[tuple[UUID, bytes]] = ()) -> Op:
-        token = manifest.encrypt(self.file_cipher(node_id))
+                  inline: list[tuple[UUID, bytes]] = (), *, new_key: bytes | None = None) -> Op:
+        """``new_key``: this version's content is sealed under a new file key (rotate-key
+        --full), stored with it in the same transaction."""
+        if new_key is not None:
+            attrs.key_id = crypto.key_id(new_key)
+        cipher = BinaryFernet(new_key) if new_key is not None else self.file_cipher(node_id, attrs.key_id)
+        token = manifest.encrypt(cipher)
         attrs.size = manifest.size
         attrs.manifest_digest = crypto.digest(token)
         attrs.version = base_version + 1
-        return Op({"op": "commit", "inode": str(node_id), "base_version": base_version,
-                   "manifest": b64encode(token), "blobs": [str(b) for b in manifest.blob_ids()],
-                   "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]},
-                  node_id, attrs)
+        wire = {"op": "commit", "inode": str(node_id), "base_version": base_version,
+                "manifest": b64encode(token), "blobs": [str(b) for b in manifest.blob_ids()],
+                "inline": [{"blob_id": str(b), "data": b64encode(data)} for b, data in inline]}
+        return Op(wire | (self._wrapped_key_fields(node_id, new_key) if new_key is not None else {}), node_id, attrs)
 
     def op_delete_inode(self, inode: UUID) -> Op:
         return Op({"op": "delete_inode", "inode": str(inode)})
+
+
+def written_version(wire: dict) -> int | None:
+    """The version an op makes of its inode (create: 1; commit and setmeta: the
+    base + 1); None for ops that change no version."""
+    if wire["op"] == "create":
+        return 1
+    if wire["op"] in ("commit", "setmeta"):
+        return wire["base_version"] + 1
+    return None
 
 
 def new_attrs(mode: int, *, uid: int | None = None, gid: int | None = None, rdev: int = 0,

@@ -11,7 +11,8 @@ from ..auth import CurrentUser, decoy_kdf, hash_auth_key, issue_token, verify_au
 from ..config import LOGIN_MAX_PER_ADDR, LOGIN_MAX_PER_USER, LOGIN_WINDOW, Settings
 from ..db import MetadataStore
 from ..deps import get_db, get_settings, get_store
-from ..models import (AccountResponse, Error, KdfLookupResponse, LoginRequest, NewMasterKeyRequest,
+from ..models import (AccountResponse, Error, KdfCheckRequest, KdfLookupResponse, LoginRequest,
+                      NewMasterKeyRequest,
                       PasswordChangeRequest, RegisterRequest, RegisterResponse, TokenResponse,
                       Username)
 from ..storage import BlobStore
@@ -91,6 +92,17 @@ def change_password(body: PasswordChangeRequest, request: Request, user: Current
         raise E.bad_credentials()
     tv = db.change_password(user.id, hash_auth_key(body.new_auth_key), body.new_kdf, body.master_keys)
     return issue_token(settings, user.id, tv)
+
+
+@router.put("/account/kdf", status_code=204,
+            responses={401: {"model": Error}, 409: {"model": Error}})
+def add_kdf_check(body: KdfCheckRequest, user: CurrentUser, db: DbDep):
+    """Adds the check to the parameters of an account from before checks: the
+    parameters themselves cannot change here (that is a password change)."""
+    if body.kdf.model_dump(exclude={"check"}) != user.kdf.model_dump(exclude={"check"}):
+        raise E.conflict("these are not the account's KDF parameters")
+    db.set_kdf(user.id, body.kdf)
+    return Response(status_code=204)
 
 
 @router.post("/account/master-keys", status_code=204,

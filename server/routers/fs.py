@@ -104,7 +104,7 @@ def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
                 data = b64decode(ib.data, f"op {i}: inline blob {ib.blob_id}")
                 inline_sizes[(op.inode, ib.blob_id)] = len(data)
                 inline.append((op.inode, ib.blob_id, data))
-        elif op.op == "create" and op.wrapped_key is not None:
+        if op.op in ("create", "commit") and op.wrapped_key is not None:
             keys.append((op.inode, b64decode(op.wrapped_key, f"op {i}: wrapped_key")))
     total = sum(inline_sizes.values())
     if total and total > store.free_bytes():

@@ -77,7 +77,9 @@ class Fuse3(mfusepy.FUSE):
 
 def serve(operations, mountpoint: str, *, read_only: bool, allow_other: bool) -> None:
     """Run the filesystem in this thread until it is unmounted."""
-    options = dict(foreground=True, nothreads=False, fsname="zkfs", subtype="zkfs")
+    # nosuid, nodev: stored modes are the server's word as far as the kernel is
+    # concerned: no setuid program and no device node from the store acts as one here.
+    options = dict(foreground=True, nothreads=False, fsname="zkfs", subtype="zkfs", nosuid=True, nodev=True)
     if read_only:
         options["ro"] = True
     if allow_other:

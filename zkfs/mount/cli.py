@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmount", "-u", action="store_true", help="unmount (also cleans up a dead mount)")
     p.add_argument("--server", help="server URL (default: the one saved at login)")
     p.add_argument("--password-file", help="read the password from this file (unattended mounts)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow plain http:// to a server that is not this machine (login may have saved this)")
     p.add_argument("--cache-dir", help="ciphertext cache and encrypted spool (default: $ZKFS_HOME/cache/...)")
     p.add_argument("--cache-size", default="1G", help="ciphertext cache bound, e.g. 512M, 2G (default 1G)")
     p.add_argument("--read-only", action="store_true")
@@ -115,7 +117,8 @@ def serve(args) -> None:
     from .fs import ZkfsOperations
 
     state = LocalState()
-    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=args.retry_seconds)
+    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=args.retry_seconds,
+                       insecure_http=args.insecure_http)
     cache = _cache_dir(args, state)
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     ops = ZkfsOperations(vault, cache, _parse_size(args.cache_size), read_only=args.read_only)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 def _spawn(args) -> int:
     """Check the login here (clear errors), then run the daemon detached and wait for it."""
     state = LocalState()
-    open_vault(state, server=args.server, password=_password(args), retry_seconds=2).api.close()
+    open_vault(state, server=args.server, password=_password(args), retry_seconds=2,
+               insecure_http=args.insecure_http).api.close()
     log_dir = state.root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"mount-{_pidfile_for(args.mountpoint).stem.split('-')[1]}.log"

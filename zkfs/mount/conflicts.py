@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
+from .. import crypto
 from ..errors import ServerError
 from ..format import MAX_NAME_BYTES, Manifest
 from ..vault import Node
@@ -49,7 +50,7 @@ class ConflictCopies:
         for chunk in of.snapshot_chunks():
             copy.write(offset, chunk)
             offset += len(chunk)
-        copy.attrs = of.attrs.evolve(size=offset)
+        copy.attrs = of.attrs.evolve(size=offset, key_id=crypto.key_id(file_key))
         with self.ns_lock:
             self.table.add(copy)
         try:

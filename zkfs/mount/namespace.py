@@ -10,7 +10,7 @@ import time
 from typing import Callable
 from uuid import UUID
 
-from ..errors import ZkfsError
+from ..errors import TamperedError, ZkfsError
 from ..format import MAX_NAME_BYTES
 from ..vault import Node, Vault, split_path
 from .guard import FsError
@@ -346,8 +346,13 @@ class MetaCache:
     # ------------------------------------------------------------ change feed
     def poll_changes(self) -> None:
         """Drop everything another writer changed since the last poll."""
+        # The account's change counter only grows: an older position than the feed or
+        # our own ops showed before this request is a server replaying an old state.
+        seen = max([self._seq or 0, *list(self.vault.own_seqs)])
         feed = self.vault.api.changes(self._seq or 0)
         self.vault.note_key_gen(feed["key_gen"])
+        if feed["seq"] < seen:
+            raise TamperedError(f"the change feed went back from position {seen} to {feed['seq']}")
         if self._seq is None:               # the first poll only sets where to start
             self._seq = feed["seq"]
             return
@@ -367,6 +372,8 @@ class MetaCache:
                     self.poll_changes()
                     if on_change and before != self._seq:
                         on_change()
+                except TamperedError as exc:
+                    log.error("change feed: integrity check failed: %s", exc)
                 except ZkfsError as exc:
                     log.warning("change feed: %s", exc)
                 except Exception:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 from uuid import UUID, uuid4
 
+from .. import crypto
 from ..crypto import BinaryFernet
 from ..errors import ServerError
 from ..format import HOLE_REF, MAX_FILE_SIZE, Attrs, ChunkRef, Manifest, seal_chunk
@@ -86,6 +87,8 @@ class OpenFile:
         self.pending = pending
         self._reset_base(node, manifest)
         self.attrs = node.attrs.evolve()
+        if pending is not None:
+            self.attrs.key_id = crypto.key_id(pending.file_key)
         self.meta_dirty = pending is not None
         self.meta_gen = 0
         self.attr_changes: list = []
@@ -478,10 +481,13 @@ class OpenFile:
                 yield self._view(i)
 
     def rebase(self, node: Node) -> None:
-        """Drop our changes (saved elsewhere, e.g. as a conflict copy) and follow ``node``."""
+        """Drop our changes (saved elsewhere, e.g. as a conflict copy) and follow ``node``
+        (under its file key: a rotate-key --full may have replaced it)."""
         with self.lock:
             for i in {*self.dirty, *self.spilled, *self.staged}:
                 self._drop_buffer(i)
+            if node.attrs.key_id is not None and node.attrs.key_id != self.attrs.key_id:
+                self.cipher = self.vault.file_cipher(self.id, node.attrs.key_id)
             self._reset_base(node, None)
             self.attrs = node.attrs.evolve()
             self.pending = None

@@ -148,7 +148,7 @@ class FileOps:
         of = self.table.get(node.id)
         if of is None:
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
-                          self.vault.file_cipher(node.id), None)
+                          self.vault.file_cipher(node.id, node.attrs.key_id), None)
             p = self.writeback.take_attrs(node.id)
             if p is not None:                 # the open file carries them from now on
                 of.take_over_attrs(p.node.version, p.attrs, p.changes)
