@@ -53,9 +53,14 @@ class MasterKeyRecord(Strict):
     wrapped_namespace: Annotated[B64, Field(max_length=MAX_KEY_B64)]
 
 
+AuthKey = Annotated[B64, Field(min_length=40, max_length=128)]
+DeviceCredential = Annotated[str, Field(max_length=128, pattern=r"^[0-9a-f-]{36}\.[A-Za-z0-9_-]+$")]
+
+
 class RegisterRequest(Strict):
     username: Username
-    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    auth_key: AuthKey
+    invite: Annotated[str, Field(max_length=64)] | None = None   # --registration invite
     kdf: KdfParams
     master_key: MasterKeyRecord
     root_inode: UUID
@@ -74,7 +79,10 @@ class KdfLookupResponse(BaseModel):
 
 class LoginRequest(Strict):
     username: Username
-    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    auth_key: AuthKey
+    # From an earlier login on this device: exempts it from the per-account throttles
+    # (others guessing at the account never lock its own devices out).
+    device: DeviceCredential | None = None
 
 
 class TokenResponse(BaseModel):
@@ -82,6 +90,13 @@ class TokenResponse(BaseModel):
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
     user_id: UUID
+    device: str | None = None       # a new device's credential: keep it, send it with logins
+
+
+class ReauthRequest(Strict):
+    """A fresh proof of the password-derived key, for destructive operations
+    (a bearer token alone does not delete an account)."""
+    auth_key: AuthKey
 
 
 class AccountResponse(BaseModel):
@@ -94,8 +109,8 @@ class AccountResponse(BaseModel):
 
 
 class PasswordChangeRequest(Strict):
-    current_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
-    new_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    current_auth_key: AuthKey
+    new_auth_key: AuthKey
     new_kdf: KdfParams
     # Every generation re-wrapped under the new KEK (same gens as stored).
     master_keys: list[MasterKeyRecord] = Field(max_length=64)
@@ -103,6 +118,7 @@ class PasswordChangeRequest(Strict):
 
 class NewMasterKeyRequest(Strict):
     master_key: MasterKeyRecord   # gen must be current_gen + 1; becomes current
+    auth_key: AuthKey             # fresh proof of the password-derived key
 
 
 class KeyUpdate(Strict):
@@ -279,6 +295,17 @@ class OpResult(BaseModel):
 class OpsResponse(BaseModel):
     seq: int
     results: list[OpResult]
+
+
+# ---------------------------------------------------------------- blobs
+class UploadUrlRequest(Strict):
+    size: int = Field(ge=0, le=2**40)
+
+
+class UploadUrlResponse(BaseModel):
+    """PUT exactly ``size`` bytes to ``url`` (no other header needed) before it expires."""
+    url: str
+    expires_in: int
 
 
 # ---------------------------------------------------------------- misc

@@ -133,11 +133,13 @@ class ApiClient:
     def register(self, body: dict) -> dict:
         return self._json("POST", "/users", json=body)
 
-    def login(self, username: str, auth_key_b64: str) -> dict:
-        return self._json("POST", "/auth/login", json={"username": username, "auth_key": auth_key_b64})
+    def login(self, username: str, auth_key_b64: str, device: str | None = None) -> dict:
+        body = {"username": username, "auth_key": auth_key_b64}
+        return self._json("POST", "/auth/login", json=body | ({"device": device} if device else {}))
 
-    def logout(self) -> None:
-        self.request("POST", "/auth/logout", idempotent=True)
+    def logout(self, all_devices: bool = False) -> None:
+        self.request("POST", "/auth/logout", idempotent=True,
+                     params={"all": "true"} if all_devices else None)
 
     def account(self) -> dict:
         return self._json("GET", "/account")
@@ -145,14 +147,15 @@ class ApiClient:
     def change_password(self, body: dict) -> dict:
         return self._json("PUT", "/account/password", json=body, idempotent=False)
 
-    def add_master_key(self, record: dict) -> None:
-        self.request("POST", "/account/master-keys", json={"master_key": record})
+    # Destructive account operations carry a fresh proof of the password-derived key.
+    def add_master_key(self, record: dict, auth_key_b64: str) -> None:
+        self.request("POST", "/account/master-keys", json={"master_key": record, "auth_key": auth_key_b64})
 
-    def delete_master_key(self, gen: int) -> None:
-        self.request("DELETE", f"/account/master-keys/{gen}")
+    def delete_master_key(self, gen: int, auth_key_b64: str) -> None:
+        self.request("DELETE", f"/account/master-keys/{gen}", json={"auth_key": auth_key_b64})
 
-    def delete_account(self) -> None:
-        self.request("DELETE", "/account")
+    def delete_account(self, auth_key_b64: str) -> None:
+        self.request("DELETE", "/account", json={"auth_key": auth_key_b64})
 
     # ------------------------------------------------------------ keys
     def get_key(self, inode: UUID) -> dict:

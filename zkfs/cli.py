@@ -110,16 +110,27 @@ def _not_a_server(api: ApiClient, exc: ServerError) -> ZkfsError:
 def _login(api: ApiClient, state: LocalState, username: str, password: str) -> None:
     try:
         keys = account.derive(api, username, password)
-        token = account.login(api, username, keys)
+        token = account.login(api, username, keys, _saved_device(state, api.base_url, username))
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
     api.token = token["access_token"]
     account.Keyring.unlock(api.account(), keys.kek)       # proves the keys open the account
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
         _warn(f"{path} was corrupt: removed")
-    state.save_config(server=api.base_url, username=username, token=token["access_token"])
+    state.save_config(server=api.base_url, username=username, token=token["access_token"],
+                      **({"device": token["device"]} if token.get("device") else {}))
     state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
     print(f"logged in as {username}")
+
+
+def _saved_device(state: LocalState, server: str, username: str) -> str | None:
+    """This machine's device credential for that account, if it has one."""
+    try:
+        cfg = state.config()
+    except CorruptState:
+        return None
+    same = cfg.get("server") == server and str(cfg.get("username", "")).lower() == username.lower()
+    return cfg.get("device") if same else None
 
 
 def cmd_logout(args, state: LocalState) -> None:
@@ -129,7 +140,7 @@ def cmd_logout(args, state: LocalState) -> None:
         cfg = {}        # no token to revoke that can be trusted; the local secrets still go
     if cfg.get("token"):
         try:
-            ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5).logout()
+            ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5).logout(args.all)
         except Unreachable as exc:
             # The local secrets go regardless: that is what logout promises here.
             _warn(f"the server could not revoke this session ({exc}); it stays valid until it expires")
@@ -166,7 +177,7 @@ def cmd_rotate_key(args, state: LocalState) -> None:
     except ZkfsError:
         raise ZkfsError("wrong password") from None
     start = time.perf_counter()
-    result = account.rotate_master_key(vault.api, keys.kek)
+    result = account.rotate_master_key(vault.api, keys)
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
 
@@ -459,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_login)
 
     sp = sub.add_parser("logout", help="forget the token and keys on this machine")
+    sp.add_argument("--all", action="store_true",
+                    help="also end every other device's session (their mounts must log in again)")
     sp.set_defaults(func=cmd_logout)
 
     sp = sub.add_parser("upload", help="encrypt and upload a file (or a folder with -r)")
