@@ -36,7 +36,7 @@ MAX_BLOB_BYTES = 64 * 1024 * 1024
 STAGED_MAX_AGE = 3600                 # staged blobs never committed are dropped after 1 h
 ORPHAN_MAX_AGE = 24 * 3600            # kept orphans are dropped after 24 h
 CLEANUP_INTERVAL = 3600
-DIRECT_URL_TTL = 300                  # presigned blob URLs; must stay well under STAGED_MAX_AGE
+DIRECT_URL_TTL = 300                  # presigned blob URLs (at most): well under STAGED_MAX_AGE
 
 # Login throttling (server/throttle.py): failures counted in a sliding window per
 # account and address, per account from anywhere (not for known devices), and per
@@ -64,6 +64,7 @@ _SOURCES = {
     "secret_key": (SECRET_VAR, "secret_key"),
     "secret_file": ("ZKFS_SECRET_FILE", "secret_file"),
     "registrations_per_hour": ("ZKFS_REGISTRATIONS_PER_HOUR", "registrations_per_hour"),
+    "direct_url_ttl": ("ZKFS_DIRECT_URL_TTL", "direct_url_ttl"),
 }
 FILE_KEYS = sorted(key for _env, key in _SOURCES.values())
 
@@ -186,6 +187,7 @@ class Settings:
             registration=registration,
             registrations_per_hour=_int("registrations_per_hour", pick("registrations_per_hour"))
             or REGISTRATIONS_PER_ADDR,
+            direct_url_ttl=min(_int("direct_url_ttl", pick("direct_url_ttl")) or DIRECT_URL_TTL, DIRECT_URL_TTL),
             trusted_proxies=_proxies(pick("trusted_proxies")),
             config_file=str(config_file) if config_file else None,
             secret_file=pick("secret_file") or None,
@@ -212,6 +214,7 @@ class Settings:
             "ZKFS_QUOTA_BYTES": "" if self.quota_bytes is None else str(self.quota_bytes),
             "ZKFS_REGISTRATION": self.registration,
             "ZKFS_REGISTRATIONS_PER_HOUR": str(self.registrations_per_hour),
+            "ZKFS_DIRECT_URL_TTL": str(self.direct_url_ttl),
             "ZKFS_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
         }
         if self.data_dir is not None:

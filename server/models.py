@@ -48,7 +48,7 @@ class KdfParams(Strict):
 class MasterKeyRecord(Strict):
     """One generation of the master key: wrapped by the password KEK, plus the
     namespace key wrapped by this master key."""
-    gen: int = Field(ge=1)
+    gen: int = Field(ge=1, le=2**31)
     wrapped_master: Annotated[B64, Field(max_length=MAX_KEY_B64)]
     wrapped_namespace: Annotated[B64, Field(max_length=MAX_KEY_B64)]
 
@@ -123,7 +123,7 @@ class NewMasterKeyRequest(Strict):
 
 class KeyUpdate(Strict):
     inode: UUID
-    gen: int = Field(ge=1)
+    gen: int = Field(ge=1, le=2**31)
     wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)]
 
 
@@ -202,7 +202,7 @@ class OpCreate(Strict):
     parent: UUID
     name_hash: NameHash
     name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
-    key_gen: int | None = Field(default=None, ge=1)
+    key_gen: int | None = Field(default=None, ge=1, le=2**31)
     wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)] | None = None
 
 

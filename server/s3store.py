@@ -20,8 +20,6 @@ from typing import AsyncIterator, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 from uuid import UUID
 
-import anyio
-
 from .errors import not_found, too_large
 from .storage import BlobStore, Staged
 
@@ -36,20 +34,37 @@ def _u(value: UUID) -> str:
 
 
 class _S3Staged(Staged):
-    """An object already under its key: invisible until a metadata row names it,
-    deleted again if that row is never written."""
+    """Bytes held here (in memory or a spool file) until the metadata transaction
+    that records them calls commit(): an object store has no invisible rename, and
+    writing the final key any earlier could overwrite a stored blob whose id a
+    refused request reused."""
 
-    def __init__(self, store: "S3BlobStore", key: str, size: int) -> None:
-        self.store, self.key, self.size = store, key, size
+    def __init__(self, store: "S3BlobStore", key: str, body, size: int) -> None:
+        self.store, self.key, self.body, self.size = store, key, body, size
+        self.uploaded = False
 
     def commit(self) -> None:
-        pass
+        if self.uploaded:
+            return
+        if isinstance(self.body, bytes):
+            self.store.s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=self.body)
+        else:
+            self.body.seek(0)
+            self.store.s3.upload_fileobj(self.body, self.store.bucket, self.key)
+        self.uploaded = True
+        self._release()
 
     def discard(self) -> None:
-        try:
-            self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key)
-        except Exception:   # pragma: no cover - garbage only; the sweeper lists nothing for it
-            pass
+        self._release()
+        if self.uploaded:
+            try:
+                self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key)
+            except Exception:   # pragma: no cover - garbage only: no row names it
+                pass
+
+    def _release(self) -> None:
+        if not isinstance(self.body, bytes):
+            self.body.close()
 
 
 class S3BlobStore(BlobStore):
@@ -121,17 +136,13 @@ class S3BlobStore(BlobStore):
                 if size > max_bytes:
                     raise too_large(f"blob larger than {max_bytes} bytes")
                 spool.write(chunk)
-            spool.seek(0)
-            key = self._key(user, inode, blob)
-            await anyio.to_thread.run_sync(lambda: self.s3.upload_fileobj(spool, self.bucket, key))
-        finally:
+        except BaseException:
             spool.close()
-        return _S3Staged(self, key, size)
+            raise
+        return _S3Staged(self, self._key(user, inode, blob), spool, size)
 
     def stage_bytes(self, user, inode, blob, data) -> Staged:
-        key = self._key(user, inode, blob)
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return _S3Staged(self, key, len(data))
+        return _S3Staged(self, self._key(user, inode, blob), data, len(data))
 
     # -- reads
     def open_range(self, user, inode, blob, start, end) -> Iterator[bytes]:

@@ -149,6 +149,39 @@ class ServerProcess:
         from server.sqldb import open_database
         return MetadataStore(open_database(self.database_url or str(self.data_dir / "app.db")))
 
+    def query(self, sql: str, *args) -> list[tuple]:
+        """Run one SQL statement (``?`` placeholders) on the server's database, out of band."""
+        from server.sqldb import open_database
+        db = open_database(self.database_url or str(self.data_dir / "app.db"))
+        try:
+            return db.transaction(lambda tx: tx.all(sql, args) if sql.lstrip().upper().startswith(
+                ("SELECT", "WITH")) or " RETURNING " in sql.upper() else tx.run(sql, args) and [])
+        finally:
+            db.close()
+
+    def blob_store(self):
+        from server.storage import open_blob_store
+        return open_blob_store(self.blobs_url or str(self.data_dir / "storage"))
+
+    def stored_objects(self, user=None) -> set[str]:
+        """Every object the blob store holds (of one user): ``user/inode/blob`` paths,
+        temp files included for a local folder (nothing partial may stay behind)."""
+        if self.blobs_url:
+            store = self.blob_store()
+            start = store.prefix + (f"{user}/" if user else "")
+            return {k[len(store.prefix):] for k in store._keys_under(start)}
+        root = self.data_dir / "storage"
+        base = root / str(user) if user else root
+        return {p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file()}
+
+    def read_object(self, user, inode, blob) -> bytes:
+        return b"".join(self.blob_store().open_range(user, inode, blob, 0, 1 << 40))
+
+    def secret(self) -> str:
+        """The token-signing secret this server was given or made."""
+        configured = {**os.environ, **self.env}.get("ZKFS_SECRET_KEY")
+        return configured or (self.data_dir / ".env").read_text().split("=", 1)[1].strip()
+
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.api, timeout=kw.pop("timeout", 30), **kw)
 
@@ -158,10 +191,13 @@ BACKENDS = ("sqlite", "postgres")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends: run on sqlite + folder and on PostgreSQL + S3")
+    config.addinivalue_line("markers", "sqlite_only: in a `backends` module, about sqlite + folder only")
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends"):
+    d = metafunc.definition
+    if "backend" in metafunc.fixturenames and d.get_closest_marker("backends") \
+            and not d.get_closest_marker("sqlite_only"):
         metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
 
 
@@ -179,9 +215,16 @@ def pg_cluster():
 def s3_endpoint():
     from backends import S3Endpoint
     endpoint = S3Endpoint().start()
+    saved = {k: os.environ.get(k) for k in endpoint.env()}
+    os.environ.update(endpoint.env())          # for the out-of-band looks of tests (blob_store())
     try:
         yield endpoint
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         endpoint.destroy()
 
 

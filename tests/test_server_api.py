@@ -21,7 +21,7 @@ from jose import jwt
 
 from apiuser import ApiUser as Account, b64, kdf, nh
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends]
 
 
 # ------------------------------------------------------------------ helpers
@@ -42,29 +42,14 @@ def unlink(parent, name: str, **kw) -> dict:
     return {"op": "unlink", "parent": str(parent), "name_hash": nh(name), **kw}
 
 
-def files_under(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()]
-
-
 def metadata_bytes(srv, user_id) -> int:
     """Bytes of encrypted attributes, manifests, wrapped keys and names the server
     keeps for an account (they count toward its quota), read out of band."""
-    conn = sqlite3.connect(srv.data_dir / "app.db")
     uid = str(user_id)
-    inodes = conn.execute("SELECT coalesce(sum(length(meta) + coalesce(length(manifest), 0)"
-                          " + coalesce(length(wrapped_key), 0)), 0) FROM inodes WHERE user_id = ?",
-                          (uid,)).fetchone()[0]
-    names = conn.execute("SELECT coalesce(sum(length(name)), 0) FROM dentries WHERE user_id = ?",
-                         (uid,)).fetchone()[0]
-    conn.close()
+    inodes = srv.query("SELECT coalesce(sum(length(meta) + coalesce(length(manifest), 0)"
+                       " + coalesce(length(wrapped_key), 0)), 0) FROM inodes WHERE user_id = ?", uid)[0][0]
+    names = srv.query("SELECT coalesce(sum(length(name)), 0) FROM dentries WHERE user_id = ?", uid)[0][0]
     return inodes + names
-
-
-def sql(srv, query: str, *args) -> None:
-    conn = sqlite3.connect(srv.data_dir / "app.db")
-    with conn:
-        conn.execute(query, args)
-    conn.close()
 
 
 # ------------------------------------------------------------------ accounts
@@ -143,7 +128,7 @@ def test_tokens(make_server):
     srv = make_server(env={"ZKFS_TOKEN_TTL_SECONDS": "2"})
     a = Account(srv)
     assert a.c.get("/account").status_code == 200
-    secret = (srv.data_dir / ".env").read_text().split("=", 1)[1].strip()
+    secret = srv.secret()
     now = int(time.time())
     claims = {"sub": str(a.user_id), "iat": now, "exp": now + 600, "tv": 1,
               "did": jwt.get_unverified_claims(a.token)["did"]}
@@ -214,13 +199,12 @@ def test_password_change_logout_and_delete_account(server):
     # data and storage gone, token dead, username free again
     f = a.create(a.root, "f", key=True)
     a.put_blob(f, b"x" * 100)
-    user_dir = server.data_dir / "storage" / str(a.user_id)
-    assert user_dir.exists()
+    assert server.stored_objects(a.user_id)
     assert_error(a.c.request("DELETE", "/account"), 422, "validation")
     assert_error(a.c.request("DELETE", "/account", json={"auth_key": b64(32)}), 401, "bad_credentials")
-    assert user_dir.exists() and a.c.get("/account").status_code == 200
+    assert server.stored_objects(a.user_id) and a.c.get("/account").status_code == 200
     assert a.c.request("DELETE", "/account", json={"auth_key": new_key}).status_code == 204
-    assert not user_dir.exists()
+    assert not server.stored_objects(a.user_id)
     assert_error(a.c.get("/account"), 401, "token_invalid")
     assert_error(a.c.post("/auth/login", json={"username": a.username, "auth_key": new_key}),
                  401, "bad_credentials")
@@ -364,12 +348,11 @@ def test_unlink_rmdir(shared_server):
     assert_error(a.ops({"op": "rmdir", "parent": str(d), "name_hash": nh("f")}), 409, "not_dir")
     assert_error(a.ops(unlink(d, "nope")), 404, "not_found")
     assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 409, "stale")
-    fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
-    assert (fdir / str(blob)).exists()
+    assert shared_server.stored_objects(a.user_id) == {f"{a.user_id}/{f}/{blob}"}
     res = a.ok(unlink(d, "f", expect_inode=str(f)))
     assert res["results"][0]["inode"] == str(f)
     assert_error(a.c.get(f"/fs/inodes/{f}"), 404, "not_found")
-    assert not fdir.exists()                                   # blobs deleted
+    assert not shared_server.stored_objects(a.user_id)               # blobs deleted
     a.ok({"op": "rmdir", "parent": str(a.root), "name_hash": nh("d")})
     assert_error(a.c.get(f"/fs/inodes/{d}"), 404, "not_found")
     assert a.names(a.root) == {}
@@ -472,7 +455,7 @@ def test_rename_keep_orphan_and_delete_inode(shared_server):
     assert_error(a.ops({"op": "delete_inode", "inode": str(R)}), 409, "in_use")
     a.ok({"op": "delete_inode", "inode": str(g)})
     assert_error(a.c.get(f"/fs/inodes/{g}"), 404, "not_found")
-    assert not (shared_server.data_dir / "storage" / str(a.user_id) / str(g)).exists()
+    assert not any(o.split("/")[1] == str(g) for o in shared_server.stored_objects(a.user_id))
     # unlink with keep_orphan, then re-link (orphan revived)
     a.ok(unlink(R, "g", keep_orphan=True))
     assert a.inode(f)["nlink"] == 0
@@ -499,7 +482,6 @@ def test_setmeta_cas_and_versions(shared_server):
 def test_commit_blobs_and_gc(shared_server):
     a = Account(shared_server)
     f = a.create(a.root, "f", key=True)
-    fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
     b1 = a.put_blob(f, b"one" * 1000)
     b2 = a.put_blob(f, b"two" * 1000)
     assert_error(a.c.put(f"/blobs/{f}/{b1}", content=b"again"), 409, "exists")   # immutable
@@ -522,10 +504,8 @@ def test_commit_blobs_and_gc(shared_server):
     assert a.commit(f, [b2, b4]).status_code == 200
     for gone in (b1, b3):
         assert_error(a.c.get(f"/blobs/{f}/{gone}"), 404, "not_found")
-        assert not (fdir / str(gone)).exists()
-    assert (fdir / str(b2)).exists() and (fdir / str(b4)).exists()
-    assert (fdir / str(staged)).exists()                  # staged blobs are left to the cleaner
-    assert not list(fdir.glob("*.tmp"))
+    # b1 and b3 deleted; staged blobs are left to the cleaner; no temp file left
+    assert shared_server.stored_objects(a.user_id) == {f"{a.user_id}/{f}/{b}" for b in (b2, b4, staged)}
     # inline blob with invalid base64 -> invalid; inline id already stored -> exists
     r = a.ops({"op": "commit", "inode": str(f), "base_version": 3, "meta": b64(8), "manifest": b64(8),
                "blobs": [], "inline": [{"blob_id": str(uuid.uuid4()), "data": "abc"}]})
@@ -570,7 +550,7 @@ def test_ops_atomicity(shared_server):
     assert nh("new") not in a.names(a.root)
     assert_error(a.c.get(f"/fs/inodes/{new_inode}"), 404, "not_found")
     assert a.inode(f)["version"] == 1
-    assert files_under(shared_server.data_dir / "storage" / str(a.user_id)) == []
+    assert shared_server.stored_objects(a.user_id) == set()
     # results of a successful batch
     res = a.ok(rename(a.root, "f", a.root, "g"), {"op": "setmeta", "inode": str(f), "base_version": 1,
                                                  "meta": b64(8)})
@@ -642,7 +622,7 @@ def test_oversized_blob(shared_server):
     r = a.c.put(f"/blobs/{f}/{blob}", content=gen())
     assert_error(r, 413, "too_large")
     assert_error(a.c.get(f"/blobs/{f}/{blob}"), 404, "not_found")
-    assert files_under(shared_server.data_dir / "storage" / str(a.user_id)) == []
+    assert shared_server.stored_objects(a.user_id) == set()
 
 
 def test_quota(make_server):
@@ -651,7 +631,7 @@ def test_quota(make_server):
     f = a.create(a.root, "f")
     b1 = a.put_blob(f, os.urandom(6000))
     assert a.commit(f, [b1]).status_code == 200
-    before = sorted(files_under(srv.data_dir / "storage"))
+    before = srv.stored_objects()
     # declared length over the quota
     assert_error(a.c.put(f"/blobs/{f}/{uuid.uuid4()}", content=os.urandom(6000)), 507, "no_space")
 
@@ -667,7 +647,7 @@ def test_quota(make_server):
     b2 = uuid.uuid4()
     assert_error(a.commit(f, [b1, b2], inline=[(b2, os.urandom(6000))]), 507, "no_space")
     assert a.inode(f)["version"] == 2
-    assert sorted(files_under(srv.data_dir / "storage")) == before      # nothing partial left
+    assert srv.stored_objects() == before                       # nothing partial left
     st = a.c.get("/fs/statfs").json()
     used = 6000 + metadata_bytes(srv, a.user_id)
     assert st == {"quota_bytes": 10_000, "used_bytes": used, "free_bytes": 10_000 - used}
@@ -736,7 +716,7 @@ def test_isolation(shared_server):
     assert b.c.get(f"/blobs/{f}/{blob}").content == b"evil"
     assert a.c.get(f"/blobs/{f}/{blob}").content == b"secret"
     assert a.inode(f)["version"] == 2
-    assert (shared_server.data_dir / "storage" / str(a.user_id) / str(f) / str(blob)).read_bytes() == b"secret"
+    assert shared_server.read_object(a.user_id, f, blob) == b"secret"
 
 
 def test_junk_ids_never_500(shared_server):
@@ -766,11 +746,12 @@ def test_junk_ids_never_500(shared_server):
                "wrapped_key": b64(40)})
     assert r.status_code in (400, 422), r.text
     assert_error(a.c.get("/fs/changes", params={"since": huge}), 422, "validation")
-    assert not any(p.name in ("passwd", "etc") for p in (shared_server.data_dir / "storage").rglob("*"))
+    assert not any(part in ("passwd", "etc") for o in shared_server.stored_objects() for part in o.split("/"))
     assert "Traceback" not in shared_server.log()
 
 
 # ------------------------------------------------------------------ server lifecycle
+@pytest.mark.sqlite_only            # .env and temp files; the S3 sweeper: test_scale_out.py
 def test_env_file_and_startup_cleanup(server):
     env = server.data_dir / ".env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
@@ -789,8 +770,8 @@ def test_env_file_and_startup_cleanup(server):
     fdir = server.data_dir / "storage" / str(a.user_id) / str(f)
     tmp = fdir / f".{uuid.uuid4()}.abc.tmp"
     tmp.write_bytes(b"partial upload")
-    sql(server, "UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id = ?", str(staged_old))
-    sql(server, "UPDATE inodes SET orphan_since = orphan_since - 90000 WHERE id = ?", str(g))
+    server.query("UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id = ?", str(staged_old))
+    server.query("UPDATE inodes SET orphan_since = orphan_since - 90000 WHERE id = ?", str(g))
     server.start()
     assert (server.data_dir / ".env").read_text() == secret        # secret kept
     a.login()                                                      # (tokens survive restarts too)

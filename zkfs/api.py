@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import httpx
@@ -21,8 +22,15 @@ from .transport import TlsError, Urllib3Transport
 
 log = logging.getLogger(__name__)
 
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+class _Unavailable(httpx.TransportError):
+    """A 503 ``unavailable`` from the server (its database away: nothing was
+    applied), or a gateway error from a load balancer in front of it for an
+    idempotent request (the node behind it died): tried again like a lost connection."""
+
+
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _Unavailable)
 _TRANSPORT = (httpx.TransportError,)
+_GATEWAY = (502, 503, 504)
 
 
 class ApiClient:
@@ -38,20 +46,24 @@ class ApiClient:
         self._transport = Urllib3Transport(max_connections=32, connect_timeout=5.0, read_timeout=timeout)
         self._reauth_lock = threading.Lock()
         self._down_since: float | None = None
+        self._direct: bool | None = None    # whether the server offers direct blob URLs
 
     def close(self) -> None:
         self._transport.close()
 
     # ------------------------------------------------------------ plumbing
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict | None = None,
-              **kw) -> httpx.Response:
-        headers = self._headers() | (headers or {})
+              url: str | None = None, **kw) -> httpx.Response:
+        """``url``: an absolute URL the server handed out (an object store's), sent
+        without this client's credentials; otherwise ``path`` under the API."""
+        headers = (self._headers() if url is None else {}) | (headers or {})
+        kw["url"] = url or f"{self.base_url}/api/v1{path}"
         retryable = _TRANSPORT if idempotent else _NEVER_SENT
         try:
             if self._down_since is None:
                 # The usual case: one attempt, no retry machinery set up for it.
                 try:
-                    return self._attempt(method, path, headers, kw)
+                    return self._attempt(method, path, headers, kw, idempotent)
                 except retryable:
                     pass
             # One retry budget per outage, not per request: requests that start while
@@ -64,15 +76,20 @@ class ApiClient:
                     wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
                     stop=tenacity.stop_after_delay(window), reraise=True):
                 with attempt:
-                    return self._attempt(method, path, headers, kw)
+                    return self._attempt(method, path, headers, kw, idempotent)
         except _TRANSPORT as exc:
-            why = f"TLS: {exc}" if isinstance(exc, TlsError) else exc.__class__.__name__
-            raise Unreachable(f"cannot reach the server at {self.base_url} ({why})") from None
+            why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
+                   else exc.__class__.__name__)
+            where = (f"the server at {self.base_url}" if url is None
+                     else f"the object store at {urlsplit(url).netloc}")
+            raise Unreachable(f"cannot reach {where} ({why})") from None
         raise AssertionError("unreachable")
 
-    def _attempt(self, method: str, path: str, headers: dict, kw: dict) -> httpx.Response:
+    def _attempt(self, method: str, path: str, headers: dict, kw: dict, idempotent: bool) -> httpx.Response:
         try:
             resp = self._exchange(method, path, headers, **kw)
+            if resp.status_code in _GATEWAY and (idempotent or self._error(resp).code == "unavailable"):
+                raise _Unavailable(f"HTTP {resp.status_code}", request=resp.request)
         except _TRANSPORT:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -80,8 +97,8 @@ class ApiClient:
         self._down_since = None
         return resp
 
-    def _exchange(self, method: str, path: str, headers: dict, **kw) -> httpx.Response:
-        req = httpx.Request(method, f"{self.base_url}/api/v1{path}", headers=headers, **kw)
+    def _exchange(self, method: str, path: str, headers: dict, *, url: str, **kw) -> httpx.Response:
+        req = httpx.Request(method, url, headers=headers, **kw)
         return self._transport.handle_request(req)     # the body is read in full
 
     def _headers(self) -> dict[str, str]:
@@ -195,7 +212,21 @@ class ApiClient:
         return self._json("POST", "/fs/ops", json={"ops": ops})
 
     # ------------------------------------------------------------ blobs
+    # A server on an object store offers short-lived URLs so chunk bytes skip its API
+    # nodes: ``upload-url`` before a PUT, a 307 for a GET. What comes back from them is
+    # no more trusted than the server's own answers (chunks are verified by the vault).
     def put_blob(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+        if self._direct is not False:
+            try:
+                self._put_direct(inode, blob_id, data)
+                self._direct = True
+                return
+            except ServerError as exc:
+                if exc.code != "direct_unavailable":
+                    if exc.code == "exists":      # a retry whose first attempt landed
+                        return
+                    raise
+                self._direct = False
         try:
             self.request("PUT", f"/blobs/{inode}/{blob_id}", content=data,
                          headers={"Content-Type": "application/octet-stream"})
@@ -204,8 +235,44 @@ class ApiClient:
             if exc.code != "exists":
                 raise
 
+    def _put_direct(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+        for attempt in range(2):
+            offer = self._json("POST", f"/blobs/{inode}/{blob_id}/upload-url", json={"size": len(data)},
+                               idempotent=True)
+            resp = self._send("PUT", "", url=_checked_url(offer["url"]), idempotent=True, content=data)
+            if resp.status_code < 300:
+                return
+            if resp.status_code != 403 or attempt:
+                raise _store_error(resp, "upload")
+            # 403: the URL expired while this client retried: ask for a fresh one
+
     def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None) -> bytes:
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        return self.request("GET", f"/blobs/{inode}/{blob_id}", headers=headers).content
+        path = f"/blobs/{inode}/{blob_id}"
+        for attempt in range(2):
+            resp = self.request("GET", path, headers=headers)
+            if resp.status_code != 307:
+                return resp.content
+            resp = self._send("GET", "", url=_checked_url(resp.headers.get("location", "")), idempotent=True,
+                              headers=headers)
+            if resp.status_code < 300:
+                return resp.content
+            if resp.status_code == 404:
+                raise ServerError(404, "not_found", "the object store has no such blob")
+            if resp.status_code != 403 or attempt:
+                raise _store_error(resp, "download")
+        raise AssertionError("unreachable")
+
+
+def _checked_url(url: str) -> str:
+    """A URL from the server, if it is one this client will follow (http or https)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ServerError(502, "bad_url", "the server offered a transfer URL that is not http(s)")
+    return url
+
+
+def _store_error(resp: httpx.Response, what: str) -> ServerError:
+    return ServerError(resp.status_code, "object_store",
+                       f"the object store refused the {what} (HTTP {resp.status_code})")

@@ -136,9 +136,9 @@ async def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, sto
         rec = db.get_blob(user.id, inode, blob_id)
         if rec is None:
             raise E.not_found("no such blob")
+        rng = parse_range(range_, rec.size)      # unsatisfiable: 416 here, not from the store
         if store.direct:
             return rec.size, None, store.presign_get(user.id, inode, blob_id, settings.direct_url_ttl)
-        rng = parse_range(range_, rec.size)
         start, end = rng if rng is not None else (0, rec.size)
         body = store.open_range(user.id, inode, blob_id, start, end)
         return rec.size, rng, (b"".join(body) if end - start <= _BUFFERED_MAX else body)

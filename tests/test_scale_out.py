@@ -1,0 +1,176 @@
+"""PostgreSQL + S3 (SeaweedFS) deployments: chunk bytes go straight between the
+client and the bucket through presigned URLs bound to one user's object and its
+size; the API checks at commit what was uploaded; a sweeper that several nodes
+may run at once removes what was never committed."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import time
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from apiuser import ApiUser
+from clitools import assert_ok, sha256_file, write_random
+
+pytestmark = [pytest.mark.timeout(240)]
+
+CHUNK = 1024 * 1024
+
+
+@pytest.fixture
+def pg_s3_server(make_server, request):
+    """A server on PostgreSQL + S3, whatever the module's backend."""
+    def factory(**kw):
+        from conftest import backend_kwargs
+        more = backend_kwargs(request, "postgres")
+        kw["env"] = {**more.pop("env"), **kw.get("env", {})}
+        return make_server(**more, **kw)
+    return factory
+
+
+def upload_url(a: ApiUser, inode, blob, size: int) -> str:
+    r = a.c.post(f"/blobs/{inode}/{blob}/upload-url", json={"size": size})
+    assert r.status_code == 200, r.text
+    return r.json()["url"]
+
+
+def with_path(url: str, old: str, new: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.replace(old, new)))
+
+
+def test_cli_round_trip_moves_no_chunk_through_the_api(pg_s3_server, make_machine, tmp_path):
+    srv = pg_s3_server()
+    m = make_machine(srv).register()
+    src = write_random(tmp_path / "big.bin", 3 * CHUNK + 77)
+    assert_ok(m.run("upload", str(src)))
+    out = tmp_path / "back.bin"
+    assert_ok(m.run("download", "/big.bin", "-o", str(out)))
+    assert sha256_file(out) == sha256_file(src)
+    log = srv.log()
+    assert len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url HTTP/1.1" 200', log)) >= 4, log[-3000:]
+    assert len(re.findall(r'"GET /api/v1/blobs/[^ ]+ HTTP/1.1" 307', log)) >= 4
+    assert not re.search(r'"PUT /api/v1/blobs/', log), "a chunk went through the API node"
+    assert not re.search(r'"GET /api/v1/blobs/[^ ]+ HTTP/1.1" 20[06]', log)
+    # the bucket holds exactly the 4 chunk objects, under ids only
+    objects = srv.stored_objects()
+    assert len(objects) == 4
+    assert all(re.fullmatch(r"[0-9a-f-]{36}/[0-9a-f-]{36}/[0-9a-f-]{36}", o) for o in objects), objects
+
+
+def test_presigned_urls_are_bound_to_one_users_object_and_size_and_expire(pg_s3_server):
+    srv = pg_s3_server(env={"ZKFS_DIRECT_URL_TTL": "2"})
+    a, b = ApiUser(srv), ApiUser(srv)
+    fa, fb = a.create(a.root, "f"), b.create(b.root, "f")
+    ba, bb = uuid.uuid4(), uuid.uuid4()
+    data_a, data_b = os.urandom(5000), os.urandom(5000)
+    url_a = upload_url(a, fa, ba, len(data_a))
+    url_b = upload_url(b, fb, bb, len(data_b))
+    raw = httpx.Client(timeout=30)
+    # A's URL writes only A's object, only with the declared size
+    assert raw.put(url_a, content=data_a[:-1]).status_code == 403
+    assert raw.put(url_a, content=data_a + b"x").status_code == 403
+    assert raw.put(with_path(url_a, f"{a.user_id}/{fa}/{ba}", f"{b.user_id}/{fb}/{bb}"),
+                   content=data_a).status_code == 403
+    assert raw.put(url_a, content=data_a).status_code == 200
+    assert raw.put(url_b, content=data_b).status_code == 200
+    assert a.commit(fa, [ba]).status_code == 200 and b.commit(fb, [bb]).status_code == 200
+    # a read URL reads only its own object
+    r = a.c.get(f"/blobs/{fa}/{ba}", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["cache-control"] == "no-store"
+    get_a = r.headers["location"]
+    assert raw.get(get_a).content == data_a
+    assert raw.get(with_path(get_a, f"{a.user_id}/{fa}/{ba}", f"{b.user_id}/{fb}/{bb}")).status_code == 403
+    assert raw.get(with_path(get_a, f"{fa}/{ba}", f"{fa}/{uuid.uuid4()}")).status_code == 403
+    # B cannot obtain URLs for A's objects: they do not exist for B
+    assert b.c.get(f"/blobs/{fa}/{ba}", follow_redirects=False).status_code == 404
+    # an expired URL is refused
+    late_put = upload_url(a, fa, uuid.uuid4(), 10)
+    time.sleep(3.5)
+    assert raw.get(get_a).status_code == 403
+    assert raw.put(late_put, content=b"0123456789").status_code == 403
+    # and without any signature the bucket answers nobody
+    anon = urlunsplit(urlsplit(get_a)._replace(query=""))
+    assert raw.get(anon).status_code == 403
+
+
+def test_commit_believes_only_what_was_uploaded(pg_s3_server, s3_endpoint):
+    srv = pg_s3_server()
+    a = ApiUser(srv)
+    f = a.create(a.root, "f")
+    never, short, good = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    upload_url(a, f, never, 100)                                    # URL taken, nothing sent
+    upload_url(a, f, short, 100)
+    store = srv.blob_store()
+    # an object of another size under the key (only the bucket's owner could do this)
+    s3_endpoint.client().put_object(Bucket=store.bucket, Key=store._key(a.user_id, f, short), Body=b"x" * 99)
+    assert httpx.put(upload_url(a, f, good, 100), content=b"g" * 100).status_code == 200
+    r = a.commit(f, [good, never])
+    assert r.status_code == 400 and "never uploaded" in r.json()["detail"], r.text
+    r = a.commit(f, [good, short])
+    assert r.status_code == 400 and "99 bytes, not the 100 declared" in r.json()["detail"], r.text
+    assert a.inode(f)["version"] == 1
+    assert a.commit(f, [good]).status_code == 200
+    assert a.c.get(f"/blobs/{f}/{good}").content == b"g" * 100
+    # asking again for a staged blob's URL is a retry; for a stored one, a conflict
+    assert a.c.post(f"/blobs/{f}/{never}/upload-url", json={"size": 100}).status_code == 200
+    assert a.c.post(f"/blobs/{f}/{never}/upload-url", json={"size": 101}).status_code == 409
+    assert a.c.post(f"/blobs/{f}/{good}/upload-url", json={"size": 100}).status_code == 409
+
+
+def test_sweeper_removes_uncommitted_uploads_safely_from_several_nodes(pg_s3_server):
+    from server import maintenance
+    from server.db import MetadataStore
+    from server.sqldb import open_database
+
+    srv = pg_s3_server()
+    a = ApiUser(srv)
+    f = a.create(a.root, "f")
+    kept, dead = uuid.uuid4(), [uuid.uuid4() for _ in range(6)]
+    assert httpx.put(upload_url(a, f, kept, 10), content=b"k" * 10).status_code == 200
+    for blob in dead:
+        assert httpx.put(upload_url(a, f, blob, 10), content=b"d" * 10).status_code == 200
+    young = uuid.uuid4()
+    assert httpx.put(upload_url(a, f, young, 10), content=b"y" * 10).status_code == 200
+    assert a.commit(f, [kept]).status_code == 200
+    used = a.c.get("/fs/statfs").json()["used_bytes"]
+    # the dead uploads are older than an hour; the young one is not
+    srv.query("UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id <> ? AND blob_id <> ?",
+              str(kept), str(young))
+    nodes = [(MetadataStore(open_database(srv.database_url)), srv.blob_store()) for _ in range(3)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:      # three nodes sweeping at once
+            swept = list(pool.map(lambda n: maintenance.expire(*n)[0], nodes))
+    finally:
+        for db, _ in nodes:
+            db.close()
+    assert sum(swept) >= len(dead)
+    assert srv.stored_objects() == {f"{a.user_id}/{f}/{kept}", f"{a.user_id}/{f}/{young}"}
+    assert srv.query("SELECT count(*) FROM blobs WHERE user_id = ?", str(a.user_id))[0][0] == 2
+    assert a.c.get("/fs/statfs").json()["used_bytes"] == used - 6 * 10          # uncharged once
+    assert a.commit(f, [kept, dead[0]], base=2).status_code == 400            # swept: gone
+    assert a.commit(f, [kept, young], base=2).status_code == 200
+
+
+def test_blobs_through_the_api_when_direct_transfers_are_off(make_server, request, make_machine, tmp_path):
+    from conftest import backend_kwargs
+    more = backend_kwargs(request, "postgres")
+    more["blobs_url"] += "&direct=0"
+    env = more.pop("env")
+    srv = make_server(**more, env=env)
+    a = ApiUser(srv)
+    f = a.create(a.root, "f")
+    r = a.c.post(f"/blobs/{f}/{uuid.uuid4()}/upload-url", json={"size": 10})
+    assert r.status_code == 409 and r.json()["code"] == "direct_unavailable"
+    m = make_machine(srv).register()
+    src = write_random(tmp_path / "x.bin", 2 * CHUNK + 5)
+    assert_ok(m.run("upload", str(src)))
+    out = tmp_path / "x.out"
+    assert_ok(m.run("download", "/x.bin", "-o", str(out)))
+    assert sha256_file(out) == sha256_file(src)
+    assert re.search(r'"PUT /api/v1/blobs/[^ ]+ HTTP/1.1" 201', srv.log())
