@@ -5,6 +5,7 @@ may run at once removes what was never committed."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import re
 import time
@@ -174,3 +175,55 @@ def test_blobs_through_the_api_when_direct_transfers_are_off(make_server, reques
     assert_ok(m.run("download", "/x.bin", "-o", str(out)))
     assert sha256_file(out) == sha256_file(src)
     assert re.search(r'"PUT /api/v1/blobs/[^ ]+ HTTP/1.1" 201', srv.log())
+
+
+# ---------------------------------------------------------------- a lying host, on both backends
+@pytest.mark.backends
+def test_tampered_chunk_and_rollback_are_eio(shared_server, make_machine, make_mount, tmp_path):
+    """What the host stores is edited behind the server: one bit of a chunk object
+    (folder or bucket), then a whole file put back to its previous version (rows
+    and objects). A mount reads EIO for both, never other bytes."""
+    from hostile import mount_log
+    srv = shared_server
+    machine = make_machine(srv).register()
+    m = make_mount(machine)
+    (m.path / "t").mkdir()
+    chunked, rolled = os.urandom(2 * CHUNK + 100), os.urandom(CHUNK + 7)
+    (m.path / "t" / "flip.bin").write_bytes(chunked)
+    (m.path / "t" / "roll.bin").write_bytes(rolled)
+    uid = srv.query("SELECT id FROM users WHERE username = ?", machine.username)[0][0]
+    # The host knows no names: it tells the two files apart by their stored size.
+    sizes = dict(srv.query("SELECT inode, sum(size) FROM blobs WHERE user_id = ? AND committed = 1"
+                           " GROUP BY inode", uid))
+    flip, roll = sorted(sizes, key=sizes.get, reverse=True)
+    # 1. one bit of a chunk
+    blob = srv.query("SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ? AND committed = 1"
+                     " ORDER BY size DESC, blob_id LIMIT 1", uid, flip)[0][0]
+    data = bytearray(srv.read_object(uuid.UUID(uid), uuid.UUID(flip), uuid.UUID(blob)))
+    data[len(data) // 2 + 1000] ^= 1
+    srv.write_object(uuid.UUID(uid), uuid.UUID(flip), uuid.UUID(blob), bytes(data))
+    # 2. a rollback: remember version N, write N+1 through the mount, put N back
+    row = srv.query("SELECT version, meta, manifest FROM inodes WHERE user_id = ? AND id = ?", uid, roll)[0]
+    old_blobs = srv.query("SELECT blob_id, size FROM blobs WHERE user_id = ? AND inode = ? AND committed = 1",
+                          uid, roll)
+    old_bytes = {b: srv.read_object(uuid.UUID(uid), uuid.UUID(roll), uuid.UUID(b)) for b, _ in old_blobs}
+    (m.path / "t" / "roll.bin").write_bytes(os.urandom(CHUNK + 9))
+    wait_committed = time.monotonic() + 20
+    while srv.query("SELECT version FROM inodes WHERE user_id = ? AND id = ?", uid, roll)[0][0] == row[0]:
+        assert time.monotonic() < wait_committed, "the new version never reached the server"
+        time.sleep(0.1)
+    srv.query("DELETE FROM blobs WHERE user_id = ? AND inode = ?", uid, roll)
+    for b, size in old_blobs:
+        srv.write_object(uuid.UUID(uid), uuid.UUID(roll), uuid.UUID(b), old_bytes[b])
+        srv.query("INSERT INTO blobs(user_id, inode, blob_id, size, committed, verified, created_at)"
+                  " VALUES (?, ?, ?, ?, 1, 1, 0)", uid, roll, b, size)
+    srv.query("UPDATE inodes SET version = ?, meta = ?, manifest = ? WHERE user_id = ? AND id = ?",
+              row[0], row[1], row[2], uid, roll)
+
+    fresh = make_mount(machine)            # cold cache, same machine (it saw version N+1)
+    for name, why in (("flip.bin", "failed verification"), ("roll.bin", "rolled inode")):
+        with pytest.raises(OSError) as exc:
+            (fresh.path / "t" / name).read_bytes()
+        assert exc.value.errno == errno.EIO, name
+        assert why in mount_log(fresh), mount_log(fresh)[-2000:]
+
