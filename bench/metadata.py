@@ -139,7 +139,7 @@ def main() -> None:
             kw: dict = {"env": {"ZKFS_REGISTRATIONS_PER_HOUR": "1000000"}}
             if kind == "postgres":
                 if pg is None:
-                    pg, s3 = PostgresCluster(work / "pg").init().start(), S3Endpoint(work / "s3").start()
+                    pg, s3 = PostgresCluster().init().start(), S3Endpoint().start()
                 kw.update(database_url=pg.new_database(), blobs_url=s3.blobs_url(uuid.uuid4().hex[:8]))
                 kw["env"] |= {**s3.env(), "ZKFS_SECRET_KEY": TEST_SECRET}
             servers = []

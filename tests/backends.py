@@ -77,6 +77,8 @@ class PostgresCluster:
     USER = "zkfs"
 
     def __init__(self, root: Path | None = None) -> None:
+        # (its own temporary directory by default: when root, every directory above the
+        # cluster must be one the postgres user may enter)
         self.root = Path(root or tempfile.mkdtemp(prefix="zkfs-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
