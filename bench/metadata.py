@@ -29,7 +29,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from backends import PostgresCluster, S3Endpoint, free_port  # noqa: E402
+from backends import PostgresCluster, S3Endpoint  # noqa: E402
 from loadbalancer import LoadBalancer  # noqa: E402
 
 

@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--data-dir", default=default,
                    help="holds app.db, .env and storage/ (default: server/ and ./storage in the repo)")
     p.add_argument("--secret-file", default=default,
-                   help=f"file with a ZKFS_SECRET_KEY=<64 hex> line (env ZKFS_SECRET_FILE); every "
+                   help="file with a ZKFS_SECRET_KEY=<64 hex> line (env ZKFS_SECRET_FILE); every "
                         "node sharing a database needs the same secret")
 
 

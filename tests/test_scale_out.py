@@ -25,10 +25,12 @@ CHUNK = 1024 * 1024
 
 @pytest.fixture
 def pg_s3_server(make_server, request):
-    """A server on PostgreSQL + S3, whatever the module's backend."""
-    def factory(**kw):
+    """A server on PostgreSQL + S3, whatever the module's backend; ``blobs_query``
+    is appended to its s3:// URL."""
+    def factory(blobs_query: str = "", **kw):
         from conftest import backend_kwargs
         more = backend_kwargs(request, "postgres")
+        more["blobs_url"] += blobs_query
         kw["env"] = {**more.pop("env"), **kw.get("env", {})}
         return make_server(**more, **kw)
     return factory
@@ -158,12 +160,8 @@ def test_sweeper_removes_uncommitted_uploads_safely_from_several_nodes(pg_s3_ser
     assert a.commit(f, [kept, young], base=2).status_code == 200
 
 
-def test_blobs_through_the_api_when_direct_transfers_are_off(make_server, request, make_machine, tmp_path):
-    from conftest import backend_kwargs
-    more = backend_kwargs(request, "postgres")
-    more["blobs_url"] += "&direct=0"
-    env = more.pop("env")
-    srv = make_server(**more, env=env)
+def test_blobs_through_the_api_when_direct_transfers_are_off(pg_s3_server, make_machine, tmp_path):
+    srv = pg_s3_server("&direct=0")
     a = ApiUser(srv)
     f = a.create(a.root, "f")
     r = a.c.post(f"/blobs/{f}/{uuid.uuid4()}/upload-url", json={"size": 10})

@@ -9,7 +9,6 @@ import base64
 import concurrent.futures
 import json
 import os
-import sqlite3
 import stat
 import time
 import uuid
