@@ -1,7 +1,8 @@
 """HAProxy (Debian's package) in front of several zkfs API nodes on 127.0.0.1,
-started and stopped by its PID. Round robin, health-checked: a node that dies
-is taken out within a second; a request that cannot connect to one node is
-sent to another."""
+started and stopped by its PID. ``url``: round robin over the nodes.
+``node_urls[i]``: node *i* first, the others as its backups (a client "on node
+i" that fails over). Health-checked: a node that dies is taken out within a
+second; a request that cannot connect to one node is sent to another."""
 from __future__ import annotations
 
 import os
@@ -22,11 +23,25 @@ class LoadBalancer:
         self.root = Path(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.node_ports = [free_port() for _ in ports]
+        self.node_urls = [f"http://127.0.0.1:{p}" for p in self.node_ports]
         self.proc: subprocess.Popen | None = None
 
+    def _servers(self, first: int | None = None) -> str:
+        return "\n".join(f"    server node{i} 127.0.0.1:{p} check inter 300ms fall 2 rise 2"
+                         + (" backup" if first is not None and i != first else "")
+                         for i, p in enumerate(self.ports))
+
     def config(self) -> str:
-        servers = "\n".join(f"    server node{i} 127.0.0.1:{p} check inter 300ms fall 2 rise 2"
-                            for i, p in enumerate(self.ports))
+        per_node = "".join(f"""
+frontend node{i}
+    bind 127.0.0.1:{port}
+    default_backend node{i}_first
+backend node{i}_first
+    option httpchk GET /api/v1/health
+    http-check expect status 200
+{self._servers(i)}
+""" for i, port in enumerate(self.node_ports))
         return f"""global
     maxconn 2000
 defaults
@@ -43,8 +58,8 @@ backend nodes
     balance roundrobin
     option httpchk GET /api/v1/health
     http-check expect status 200
-{servers}
-"""
+{self._servers()}
+{per_node}"""
 
     def start(self) -> "LoadBalancer":
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"

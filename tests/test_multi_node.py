@@ -1,9 +1,11 @@
 """A real scale-out deployment: two API nodes on one PostgreSQL and one S3 bucket,
-HAProxy in front, FUSE mounts through it. A node SIGKILLed during a 300 MB copy,
-PostgreSQL restarted under a live mount: nothing half-written, nothing lost."""
+HAProxy in front, FUSE mounts through it (one per node, each failing over to the
+other). A node SIGKILLed during a 300 MB copy, PostgreSQL restarted under a live
+mount: nothing half-written, nothing lost."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -45,12 +47,18 @@ def deployment(tmp_path_factory, pg_cluster, s3_endpoint):
         for node in nodes:
             node.start()
         lb = LoadBalancer([n.port for n in nodes], tmp_path_factory.mktemp("haproxy")).start()
-        yield SimpleNamespace(nodes=nodes, lb=lb, url=lb.url, pg=pg_cluster)
+        yield SimpleNamespace(nodes=nodes, lb=lb, url=lb.url, pg=pg_cluster,
+                              on_node=[SimpleNamespace(url=u) for u in lb.node_urls])
     finally:
         if lb:
             lb.stop()
         for node in nodes:
             node.stop()
+
+
+def uploads_via(node: ServerProcess) -> int:
+    """How many chunk upload URLs this node handed out."""
+    return len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url', node.log_path.read_text(errors="replace")))
 
 
 def sweep_everything_staged(node: ServerProcess) -> None:
@@ -68,8 +76,8 @@ def sweep_everything_staged(node: ServerProcess) -> None:
 
 
 def test_node_killed_during_a_300_mb_copy(deployment, mounts, tmp_path):
-    first = mounts.machine(deployment)
-    other = mounts.machine(deployment, register=False)
+    first = mounts.machine(deployment.on_node[0])          # A's mount talks to node A
+    other = mounts.machine(deployment.on_node[1], register=False)
     other.login(first.username, first.password)
     a, b = mounts.mount(first), mounts.mount(other)
     old = write_random(tmp_path / "old.bin", 8 * MiB + 3)
@@ -87,6 +95,8 @@ def test_node_killed_during_a_300_mb_copy(deployment, mounts, tmp_path):
     wait_until(lambda: node_a.query("SELECT count(*) FROM blobs WHERE committed = 0")[0][0] >= 60
                or copy.poll() is not None, 300, interval=0.2, what="the copy under way")
     assert copy.poll() is None, "the copy ended before node A could be killed"
+    assert uploads_via(node_a) > 0, "the copy did not go through node A"
+    before_kill = uploads_via(deployment.nodes[1])
     node_a.kill()
     _, err = copy.communicate(timeout=400)
     print(f"copy after node A died: exit {copy.returncode} {err.strip()}")
@@ -100,6 +110,8 @@ def test_node_killed_during_a_300_mb_copy(deployment, mounts, tmp_path):
             return None
         return sha if sha in (old_sha, new_sha) else "mixed"
     if copy.returncode == 0:
+        # the rest of the copy went through node B
+        assert uploads_via(deployment.nodes[1]) > before_kill
         wait_until(lambda: whole() == new_sha, 120, interval=1, what="the new version in B")
     else:
         assert whole() in (old_sha, new_sha)
