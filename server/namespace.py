@@ -330,9 +330,14 @@ class NamespaceTx:
                 raise E.invalid(f"blob {b} is not stored for this inode")
             if not state[1]:
                 raise E.invalid(f"blob {b} was not checked after its direct upload")
-        staged = [(uid, ino, b) for b in wanted if stored[b][0] == 0]
-        if staged:
-            c.many("UPDATE blobs SET committed = 1 WHERE user_id = ? AND inode = ? AND blob_id = ?", staged)
+        staged = [b for b in wanted if stored[b][0] == 0]
+        for i in range(0, len(staged), 500):
+            part = staged[i:i + 500]
+            # "AND committed = 0": a sweeper on another node may have claimed one since
+            # it was read (nothing locks a staged row); then the commit must fail.
+            if c.run(f"UPDATE blobs SET committed = 1 WHERE user_id = ? AND inode = ? AND committed = 0"
+                     f" AND blob_id IN ({','.join('?' * len(part))})", (uid, ino, *part)) != len(part):
+                raise E.invalid("a blob of this commit was swept meanwhile: upload it again")
         stale = [b for b, (committed, _v, _n) in stored.items() if committed == 1 and b not in wanted]
         if stale:
             self.growth -= sum(stored[b][2] for b in stale)

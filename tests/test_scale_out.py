@@ -225,3 +225,51 @@ def test_tampered_chunk_and_rollback_are_eio(shared_server, make_machine, make_m
         assert exc.value.errno == errno.EIO, name
         assert why in mount_log(fresh), mount_log(fresh)[-2000:]
 
+
+
+def test_a_commit_never_takes_a_blob_a_sweeper_claimed_meanwhile(pg_cluster):
+    """Nothing locks a staged blob's row: a sweeper on another node can claim it
+    between the moment a commit reads the inode's blobs and the moment it marks
+    them committed. The commit must then fail (the object is being deleted),
+    never commit a blob without its object."""
+    from server.db import MetadataStore
+    from server.migrations import migrate
+    from server.models import KdfParams, MasterKeyRecord, OpCommit, OpCreate
+    from server.sqldb import open_database
+
+    url = pg_cluster.new_database()
+    committer, sweeper = MetadataStore(open_database(url)), MetadataStore(open_database(url))
+    try:
+        migrate(committer.db)
+        user, root, f, blob = (uuid.uuid4() for _ in range(4))
+        committer.create_user(user, "racer", "x", KdfParams(salt="AAAA", memory_kib=8, iterations=1, lanes=1),
+                              MasterKeyRecord(gen=1, wrapped_master="AA==", wrapped_namespace="AA=="), root, "AA==")
+        committer.apply_ops(user, [OpCreate(op="create", inode=f, is_dir=False, meta="AA==", parent=root,
+                                            name_hash="0" * 64, name="AA==")], {})
+        committer.add_blob(committer.get_user(user), f, blob, 10)
+        committer.db.transaction(lambda tx: tx.run("UPDATE blobs SET created_at = 0"))
+
+        real = committer.db.transaction
+
+        def interleaved(fn, **kw):
+            def with_sweep(tx):
+                real_all = tx.all
+
+                def all_(sql, args=()):
+                    rows = real_all(sql, args)
+                    if sql.startswith("SELECT blob_id, committed, verified, size FROM blobs"):
+                        sweeper.claim_staged(time.time() - 3600)      # another node, right now
+                    return rows
+                tx.all = all_
+                return fn(tx)
+            return real(with_sweep, **kw)
+        committer.db.transaction = interleaved
+        op = OpCommit(op="commit", inode=f, base_version=1, meta="AA==", manifest="AA==", blobs=[blob])
+        with pytest.raises(Exception) as exc:
+            committer.apply_ops(user, [op], {})
+        assert getattr(exc.value, "code", None) == "invalid", exc.value
+        committer.db.transaction = real
+        assert committer.get_blob(user, f, blob) is None          # claimed, not committed
+    finally:
+        committer.close()
+        sweeper.close()
