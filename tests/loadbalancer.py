@@ -51,6 +51,7 @@ defaults
     timeout server 300s
     retries 3
     option redispatch
+    option forwardfor
 frontend zkfs
     bind 127.0.0.1:{self.port}
     default_backend nodes

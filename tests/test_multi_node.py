@@ -40,8 +40,9 @@ def deployment(tmp_path_factory, pg_cluster, s3_endpoint):
     """Two nodes sharing a database and a bucket prefix, HAProxy in front."""
     database, blobs = pg_cluster.new_database(), s3_endpoint.blobs_url("n" + uuid.uuid4().hex[:10])
     env = {**s3_endpoint.env(), "ZKFS_SECRET_KEY": TEST_SECRET}
-    nodes = [ServerProcess(tmp_path_factory.mktemp(f"node{i}"), database_url=database, blobs_url=blobs, env=env)
-             for i in range(2)]
+    # The nodes believe X-Forwarded-For from the balancer only (it adds the header).
+    nodes = [ServerProcess(tmp_path_factory.mktemp(f"node{i}"), database_url=database, blobs_url=blobs, env=env,
+                           extra_args=["--trusted-proxy", "127.0.0.1"]) for i in range(2)]
     lb = None
     try:
         for node in nodes:
