@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         db, store = open_stores(settings)
     except (SchemaError, ValueError) as e:
         sys.exit(f"error: {e}")
+    logging.getLogger("zkfs.server").info("metadata in %s, blobs in %s", db.db.describe(), store.describe())
     maintenance.startup(db, store)
     db.close()
     os.environ[SKIP_STARTUP_ENV] = "1"

@@ -199,11 +199,6 @@ class Settings:
     def from_env(cls) -> "Settings":
         return cls.resolve()
 
-    @classmethod
-    def build(cls, data_dir: str | os.PathLike | None = None, quota_bytes: int | None = None) -> "Settings":
-        """The embedded defaults for a data dir (``DIR/app.db``, ``DIR/.env``, ``DIR/storage``)."""
-        return cls.resolve({"data_dir": data_dir, "quota_bytes": quota_bytes}, env={})
-
     def to_env(self) -> dict[str, str]:
         """Environment for worker processes (a secret only if it came from there)."""
         env = {

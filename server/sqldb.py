@@ -305,6 +305,3 @@ def open_database(url: str) -> Database:
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite:///PATH or postgresql://...)")
 
 
-def sqlite_url(path: Path) -> str:
-    return "sqlite://" + str(Path(path).resolve())
-

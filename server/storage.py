@@ -181,6 +181,9 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def describe(self) -> str:
+        return str(self.root)
+
     # -- paths
     def _inode_dir(self, user: UUID, inode: UUID) -> Path:
         return self.root / _u(user) / _u(inode)

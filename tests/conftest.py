@@ -167,9 +167,7 @@ class ServerProcess:
         """Every object the blob store holds (of one user): ``user/inode/blob`` paths,
         temp files included for a local folder (nothing partial may stay behind)."""
         if self.blobs_url:
-            store = self.blob_store()
-            start = store.prefix + (f"{user}/" if user else "")
-            return {k[len(store.prefix):] for k in store._keys_under(start)}
+            return {f"{u}/{i}/{b}" for u, i, b in self.blob_store().list_blobs(user)}
         root = self.data_dir / "storage"
         base = root / str(user) if user else root
         return {p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file()}
