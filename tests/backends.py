@@ -231,7 +231,7 @@ class S3Endpoint:
         return out
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)
+        _stop(self.proc, signal.SIGTERM, timeout=3)      # (its graceful stop takes ~10 s)
 
     def destroy(self) -> None:
         self.stop()

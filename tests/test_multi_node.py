@@ -165,7 +165,7 @@ def test_postgres_restarted_under_a_live_mount(deployment, mounts, tmp_path):
         stop.set()
         t.join(240)
     assert not errors, errors
-    log = "".join(n.log() for n in deployment.nodes)
+    log = "".join(n.log_path.read_text(errors="replace") for n in deployment.nodes)
     assert "database connection lost: retrying" in log, "the restart was not noticed by the nodes"
     for name, data in written.items():
         assert (m.path / name).read_bytes() == data, name
