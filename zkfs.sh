@@ -43,7 +43,7 @@ setup() {
         say "creating $VENV and installing zkfs with its dependencies"
         [ -x "$PY" ] || python3 -m venv "$VENV"
         "$PY" -m pip install -q --upgrade pip >/dev/null
-        "$PY" -m pip install -q -e ".[test,bench]"
+        "$PY" -m pip install -q -e ".[scale,test,bench]"
         echo "$want" > "$stamp"
     fi
 }

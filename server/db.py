@@ -427,6 +427,20 @@ class MetadataStore:
                           " AND committed >= 0", (_s(user_id), _s(inode), _s(blob)))
         return BlobRecord(size=row[0], committed=row[1] == 1) if row else None
 
+    def existing_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]]) -> list[tuple[UUID, UUID]]:
+        """Those of ``wanted`` (inode, blob) that the user has (staged or committed), in order."""
+        uid = _s(user_id)
+        inodes = list(dict.fromkeys(i for i, _ in wanted))
+
+        def run(c: Tx) -> set[tuple[UUID, UUID]]:
+            have = set()
+            for ino in inodes:
+                have.update((ino, UUID(b)) for (b,) in c.all(
+                    "SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ? AND committed >= 0", (uid, _s(ino))))
+            return have
+        have = self._read(run)
+        return [w for w in dict.fromkeys(wanted) if w in have]
+
     def unverified_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]]) -> list[tuple[UUID, UUID, int]]:
         """Those of ``wanted`` (inode, blob) uploaded directly and not yet checked, with
         their declared size."""

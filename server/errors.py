@@ -93,7 +93,7 @@ def unknown_key_gen(gen: int) -> ApiError:
 
 
 def direct_unavailable() -> ApiError:
-    return ApiError(409, "direct_unavailable", "this server's blob store takes uploads through the API only")
+    return ApiError(409, "direct_unavailable", "this server's blob store moves chunks through the API only")
 
 
 def unavailable(detail: str = "the database is unavailable, try again") -> ApiError:

@@ -308,6 +308,27 @@ class UploadUrlResponse(BaseModel):
     expires_in: int
 
 
+class BlobRef(Strict):
+    inode: UUID
+    blob_id: UUID
+
+
+class DownloadUrlsRequest(Strict):
+    blobs: list[BlobRef] = Field(min_length=1, max_length=MAX_LISTINGS)
+
+
+class BlobUrl(BaseModel):
+    inode: UUID
+    blob_id: UUID
+    url: str
+
+
+class DownloadUrlsResponse(BaseModel):
+    """GET URLs of those blobs that exist (others are left out), valid ``expires_in`` s."""
+    urls: list[BlobUrl]
+    expires_in: int
+
+
 # ---------------------------------------------------------------- misc
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"

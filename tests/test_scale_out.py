@@ -55,9 +55,10 @@ def test_cli_round_trip_moves_no_chunk_through_the_api(pg_s3_server, make_machin
     out = tmp_path / "back.bin"
     assert_ok(m.run("download", "/big.bin", "-o", str(out)))
     assert sha256_file(out) == sha256_file(src)
-    log = srv.log()
-    assert len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url HTTP/1.1" 200', log)) >= 4, log[-3000:]
-    assert len(re.findall(r'"GET /api/v1/blobs/[^ ]+ HTTP/1.1" 307', log)) >= 4
+    log = srv.log_path.read_text()
+    assert len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url HTTP/1.1" 200', log)) == 4, log[-3000:]
+    # the download asked for the 4 chunks' URLs in one request
+    assert len(re.findall(r'"POST /api/v1/blobs/download-urls HTTP/1.1" 200', log)) == 1, log[-3000:]
     assert not re.search(r'"PUT /api/v1/blobs/', log), "a chunk went through the API node"
     assert not re.search(r'"GET /api/v1/blobs/[^ ]+ HTTP/1.1" 20[06]', log)
     # the bucket holds exactly the 4 chunk objects, under ids only
@@ -83,6 +84,11 @@ def test_presigned_urls_are_bound_to_one_users_object_and_size_and_expire(pg_s3_
     assert raw.put(url_a, content=data_a).status_code == 200
     assert raw.put(url_b, content=data_b).status_code == 200
     assert a.commit(fa, [ba]).status_code == 200 and b.commit(fb, [bb]).status_code == 200
+    # URLs handed out in a batch are for the user's own existing blobs only
+    r = b.c.post("/blobs/download-urls", json={"blobs": [{"inode": str(fa), "blob_id": str(ba)},
+                                                         {"inode": str(fb), "blob_id": str(bb)}]})
+    assert r.status_code == 200 and [u["blob_id"] for u in r.json()["urls"]] == [str(bb)], r.text
+    assert raw.get(r.json()["urls"][0]["url"]).content == data_b
     # a read URL reads only its own object
     r = a.c.get(f"/blobs/{fa}/{ba}", follow_redirects=False)
     assert r.status_code == 307 and r.headers["cache-control"] == "no-store"

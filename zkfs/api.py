@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -47,6 +48,10 @@ class ApiClient:
         self._reauth_lock = threading.Lock()
         self._down_since: float | None = None
         self._direct: bool | None = None    # whether the server offers direct blob URLs
+        # (inode, blob) -> (GET URL, monotonic deadline) handed out ahead by download-urls
+        self._read_urls: OrderedDict[tuple[UUID, UUID], tuple[str, float]] = OrderedDict()
+        self._urls_lock = threading.Lock()
+        self._urls_fetch = threading.Lock()
 
     def close(self) -> None:
         self._transport.close()
@@ -246,10 +251,52 @@ class ApiClient:
                 raise _store_error(resp, "upload")
             # 403: the URL expired while this client retried: ask for a fresh one
 
+    def blob_urls_ahead(self, inode: UUID, blob_ids: list[UUID]) -> None:
+        """Fetch read URLs of several blobs in one request (a file's next chunks),
+        unless the first is known already or the server has no object store."""
+        if self._direct is False or not blob_ids or self._read_url(inode, blob_ids[0]):
+            return
+        with self._urls_fetch:      # parallel readers of one file wait for one batch
+            if self._read_url(inode, blob_ids[0]):
+                return
+            refs = [{"inode": str(inode), "blob_id": str(b)} for b in blob_ids[:_URLS_PER_REQUEST]]
+            try:
+                body = self._json("POST", "/blobs/download-urls", json={"blobs": refs}, idempotent=True)
+            except ServerError as exc:
+                if exc.code != "direct_unavailable":
+                    raise
+                self._direct = False
+                return
+            self._keep_urls(body)
+
+    def _keep_urls(self, body: dict) -> None:
+        # used until well before they expire: a retried read must not get a 403
+        deadline = time.monotonic() + body["expires_in"] / 2
+        with self._urls_lock:
+            for u in body["urls"]:
+                self._read_urls[(UUID(u["inode"]), UUID(u["blob_id"]))] = (_checked_url(u["url"]), deadline)
+            while len(self._read_urls) > _URLS_KEPT:
+                self._read_urls.popitem(last=False)
+
+    def _read_url(self, inode: UUID, blob_id: UUID) -> str | None:
+        with self._urls_lock:
+            found = self._read_urls.get((inode, blob_id))
+            if found and found[1] > time.monotonic():
+                return found[0]
+            self._read_urls.pop((inode, blob_id), None)
+            return None
+
     def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None) -> bytes:
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        url = self._read_url(inode, blob_id)
+        if url is not None:
+            resp = self._send("GET", "", url=url, idempotent=True, headers=headers)
+            if resp.status_code < 300:
+                return resp.content
+            with self._urls_lock:     # expired, or gone: the API knows which
+                self._read_urls.pop((inode, blob_id), None)
         path = f"/blobs/{inode}/{blob_id}"
         for attempt in range(2):
             resp = self.request("GET", path, headers=headers)
@@ -264,6 +311,10 @@ class ApiClient:
             if resp.status_code != 403 or attempt:
                 raise _store_error(resp, "download")
         raise AssertionError("unreachable")
+
+
+_URLS_PER_REQUEST = 64       # read URLs asked for at once (a reader's next 64 MiB)
+_URLS_KEPT = 8192
 
 
 def _checked_url(url: str) -> str:

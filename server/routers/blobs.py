@@ -13,7 +13,8 @@ from starlette.requests import ClientDisconnect
 
 from .. import errors as E
 from ..auth import CurrentUser
-from ..models import Error, UploadUrlRequest, UploadUrlResponse
+from ..models import (BlobUrl, DownloadUrlsRequest, DownloadUrlsResponse, Error, UploadUrlRequest,
+                      UploadUrlResponse)
 from ..namespace import check_quota, quota_room
 from .common import DbDep, SettingsDep, StoreDep
 
@@ -116,6 +117,20 @@ def upload_url(inode: UUID, blob_id: UUID, body: UploadUrlRequest, user: Current
     db.add_blob(user, inode, blob_id, body.size, verified=False)
     ttl = settings.direct_url_ttl
     return UploadUrlResponse(url=store.presign_put(user.id, inode, blob_id, body.size, ttl), expires_in=ttl)
+
+
+@router.post("/download-urls", response_model=DownloadUrlsResponse, responses={409: {"model": Error}})
+def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
+                  settings: SettingsDep):
+    """Short-lived GET URLs for up to 256 blobs at once (a reader asks for the next
+    chunks of a file in one request instead of one 307 each); blobs the user does
+    not have are left out. 409 ``direct_unavailable`` without an object store."""
+    if not store.direct:
+        raise E.direct_unavailable()
+    ttl = settings.direct_url_ttl
+    found = db.existing_blobs(user.id, [(b.inode, b.blob_id) for b in body.blobs])
+    return DownloadUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_get(user.id, i, b, ttl))
+                                      for i, b in found], expires_in=ttl)
 
 
 # A range up to this size is read in the same worker-thread call that looks the
