@@ -279,3 +279,26 @@ def test_a_commit_never_takes_a_blob_a_sweeper_claimed_meanwhile(pg_cluster):
     finally:
         committer.close()
         sweeper.close()
+
+
+def test_client_falls_back_to_the_api_when_a_batched_url_expired(pg_s3_server):
+    """A read URL kept past its life (a client whose clock or queue ran late) is
+    refused by the bucket; the client then asks the API again and gets the bytes."""
+    from zkfs.api import ApiClient
+    srv = pg_s3_server(env={"ZKFS_DIRECT_URL_TTL": "2"})
+    a = ApiUser(srv)
+    f = a.create(a.root, "f")
+    blob = uuid.uuid4()
+    assert httpx.put(upload_url(a, f, blob, 6), content=b"stored").status_code == 200
+    assert a.commit(f, [blob]).status_code == 200
+    api = ApiClient(srv.url, a.token)
+    try:
+        api.blob_urls_ahead(f, [blob])
+        url, _ = api._read_urls[(f, blob)]
+        api._read_urls[(f, blob)] = (url, time.monotonic() + 3600)   # kept far too long
+        time.sleep(3)
+        assert httpx.get(url).status_code == 403
+        assert api.get_blob(f, blob) == b"stored"
+        assert (f, blob) not in api._read_urls
+    finally:
+        api.close()
