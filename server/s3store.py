@@ -155,14 +155,16 @@ class S3BlobStore(BlobStore):
             raise not_found("blob not found") from None
         return obj["Body"].iter_chunks(_READ_CHUNK)
 
-    def size(self, user, inode, blob) -> int | None:
-        from botocore.exceptions import ClientError
-        try:
-            return self.s3.head_object(Bucket=self.bucket, Key=self._key(user, inode, blob))["ContentLength"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+    def sizes(self, user, inode) -> dict[UUID, int]:
+        start = f"{self.prefix}{_u(user)}/{_u(inode)}/"
+        out = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for obj in page.get("Contents", ()):
+                try:
+                    out[UUID(obj["Key"][len(start):])] = obj["Size"]
+                except ValueError:
+                    continue
+        return out
 
     def list_blobs(self, user=None):
         start = self.prefix + (_u(user) + "/" if user is not None else "")

@@ -76,7 +76,8 @@ class BlobStore(abc.ABC):
         """Bytes ``[start, end)``. Opens eagerly: raises not_found if missing."""
 
     @abc.abstractmethod
-    def size(self, user: UUID, inode: UUID, blob: UUID) -> int | None: ...
+    def sizes(self, user: UUID, inode: UUID) -> dict[UUID, int]:
+        """Every stored chunk of one inode with its size (one listing)."""
 
     @abc.abstractmethod
     def list_blobs(self, user: UUID | None = None) -> Iterator[tuple[UUID, UUID, UUID]]:
@@ -271,11 +272,18 @@ class LocalBlobStore(BlobStore):
             raise not_found("blob not found") from None
         return _RangeReader(f, start, end)
 
-    def size(self, user, inode, blob) -> int | None:
+    def sizes(self, user, inode) -> dict[UUID, int]:
+        out = {}
         try:
-            return self._path(user, inode, blob).stat().st_size
+            entries = list(os.scandir(self._inode_dir(user, inode)))
         except FileNotFoundError:
-            return None
+            return out
+        for e in entries:
+            try:
+                out[UUID(e.name)] = e.stat().st_size
+            except (ValueError, FileNotFoundError):   # temp files, or gone meanwhile
+                continue
+        return out
 
     def list_blobs(self, user=None):
         users = [self.root / _u(user)] if user is not None else sorted(self.root.iterdir())

@@ -61,9 +61,12 @@ def verify_direct_uploads(db: MetadataStore, store: BlobStore, user: UUID,
     pending = db.unverified_blobs(user, wanted)
     if not pending:
         return
-    with ThreadPoolExecutor(min(16, len(pending))) as pool:
-        sizes = list(pool.map(lambda p: store.size(user, p[0], p[1]), pending))
-    for (_ino, blob, declared), actual in zip(pending, sizes):
+    # One listing per inode (1,000 objects a request) instead of one HEAD per chunk.
+    inodes = list(dict.fromkeys(i for i, _b, _n in pending))
+    with ThreadPoolExecutor(min(8, len(inodes))) as pool:
+        listed = dict(zip(inodes, pool.map(lambda ino: store.sizes(user, ino), inodes)))
+    for ino, blob, declared in pending:
+        actual = listed[ino].get(blob)
         if actual is None:
             raise E.invalid(f"blob {blob} was never uploaded")
         if actual != declared:
