@@ -399,24 +399,35 @@ class MetadataStore:
             return c.one("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
         return self._read(run)
 
-    def add_blob(self, user: UserRecord, inode: UUID, blob: UUID, size: int, *, verified: bool = True,
+    def add_blob(self, user: UserRecord, inode: UUID, blob: UUID, size: int,
                  pre_commit: Callable[[], None] | None = None) -> None:
-        """Record a staged blob of ``size`` bytes (charged to the account now).
-        ``verified=False``: about to be uploaded straight to the object store, so
-        a commit checks first that it arrived with that size; asking again for
+        """Record a staged blob of ``size`` bytes that went through this node
+        (charged to the account now)."""
+        self.stage_blobs(user, [(inode, blob, size)], verified=True, pre_commit=pre_commit)
+
+    def stage_blobs(self, user: UserRecord, blobs: Sequence[tuple[UUID, UUID, int]], *, verified: bool,
+                    pre_commit: Callable[[], None] | None = None) -> None:
+        """Record staged blobs (inode, blob, size), all or none, charged to the account
+        now. ``verified=False``: about to be uploaded straight to the object store,
+        so a commit checks first that each arrived with its size; asking again for
         such a blob with the same size is a retry, not a conflict."""
-        uid, ino, b = _s(user.id), _s(inode), _s(blob)
+        uid = _s(user.id)
 
         def run(c: Tx) -> None:
             used = c.lock_row("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
-            if not verified and c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
-                                      " AND size = ? AND committed = 0 AND verified = 0", (uid, ino, b, size)):
-                return
-            self._blob_target(c, uid, ino, b)
-            check_quota(used, size, self.quota_of(user))
-            c.run("INSERT INTO blobs(user_id, inode, blob_id, size, committed, verified, created_at)"
-                  " VALUES (?,?,?,?,0,?,?)", (uid, ino, b, size, int(verified), time.time()))
-            c.run("UPDATE users SET used_bytes = used_bytes + ? WHERE id = ?", (size, uid))
+            new = []
+            for inode, blob, size in blobs:
+                ino, b = _s(inode), _s(blob)
+                if not verified and c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
+                                          " AND size = ? AND committed = 0 AND verified = 0", (uid, ino, b, size)):
+                    continue
+                self._blob_target(c, uid, ino, b)
+                new.append((uid, ino, b, size, int(verified), time.time()))
+            growth = sum(row[3] for row in new)
+            check_quota(used, growth, self.quota_of(user))
+            c.many("INSERT INTO blobs(user_id, inode, blob_id, size, committed, verified, created_at)"
+                   " VALUES (?,?,?,?,0,?,?)", new)
+            c.run("UPDATE users SET used_bytes = used_bytes + ? WHERE id = ?", (growth, uid))
             if pre_commit is not None:
                 pre_commit()
         # Not durable: a staged row lost in a power cut only makes its commit fail cleanly.

@@ -298,19 +298,17 @@ class OpsResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- blobs
-class UploadUrlRequest(Strict):
-    size: int = Field(ge=0, le=2**40)
-
-
-class UploadUrlResponse(BaseModel):
-    """PUT exactly ``size`` bytes to ``url`` (no other header needed) before it expires."""
-    url: str
-    expires_in: int
-
-
 class BlobRef(Strict):
     inode: UUID
     blob_id: UUID
+
+
+class BlobUpload(BlobRef):
+    size: int = Field(ge=0, le=2**40)
+
+
+class UploadUrlsRequest(Strict):
+    blobs: list[BlobUpload] = Field(min_length=1, max_length=MAX_LISTINGS)
 
 
 class DownloadUrlsRequest(Strict):
@@ -323,8 +321,10 @@ class BlobUrl(BaseModel):
     url: str
 
 
-class DownloadUrlsResponse(BaseModel):
-    """GET URLs of those blobs that exist (others are left out), valid ``expires_in`` s."""
+class BlobUrlsResponse(BaseModel):
+    """Upload: PUT exactly the blob's declared size to its URL (no other header
+    needed). Download: GET (a ``Range`` is honoured); blobs the user does not have
+    are left out. Valid ``expires_in`` seconds."""
     urls: list[BlobUrl]
     expires_in: int
 

@@ -58,8 +58,8 @@ def deployment(tmp_path_factory, pg_cluster, s3_endpoint):
 
 
 def uploads_via(node: ServerProcess) -> int:
-    """How many chunk upload URLs this node handed out."""
-    return len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url', node.log_path.read_text(errors="replace")))
+    """How many requests for chunk upload URLs this node answered."""
+    return len(re.findall(r'"POST /api/v1/blobs/upload-urls', node.log_path.read_text(errors="replace")))
 
 
 def sweep_everything_staged(node: ServerProcess) -> None:

@@ -36,10 +36,15 @@ def pg_s3_server(make_server, request):
     return factory
 
 
+def upload_urls(a: ApiUser, *blobs: tuple) -> httpx.Response:
+    return a.c.post("/blobs/upload-urls", json={"blobs": [
+        {"inode": str(i), "blob_id": str(b), "size": n} for i, b, n in blobs]})
+
+
 def upload_url(a: ApiUser, inode, blob, size: int) -> str:
-    r = a.c.post(f"/blobs/{inode}/{blob}/upload-url", json={"size": size})
+    r = upload_urls(a, (inode, blob, size))
     assert r.status_code == 200, r.text
-    return r.json()["url"]
+    return r.json()["urls"][0]["url"]
 
 
 def with_path(url: str, old: str, new: str) -> str:
@@ -56,7 +61,8 @@ def test_cli_round_trip_moves_no_chunk_through_the_api(pg_s3_server, make_machin
     assert_ok(m.run("download", "/big.bin", "-o", str(out)))
     assert sha256_file(out) == sha256_file(src)
     log = srv.log_path.read_text()
-    assert len(re.findall(r'"POST /api/v1/blobs/[^ ]+/upload-url HTTP/1.1" 200', log)) == 4, log[-3000:]
+    # the 4 chunks' upload URLs in 1 to 4 requests (parallel uploads ask together)
+    assert 1 <= len(re.findall(r'"POST /api/v1/blobs/upload-urls HTTP/1.1" 200', log)) <= 4, log[-3000:]
     # the download asked for the 4 chunks' URLs in one request
     assert len(re.findall(r'"POST /api/v1/blobs/download-urls HTTP/1.1" 200', log)) == 1, log[-3000:]
     assert not re.search(r'"PUT /api/v1/blobs/', log), "a chunk went through the API node"
@@ -127,9 +133,13 @@ def test_commit_believes_only_what_was_uploaded(pg_s3_server, s3_endpoint):
     assert a.commit(f, [good]).status_code == 200
     assert a.c.get(f"/blobs/{f}/{good}").content == b"g" * 100
     # asking again for a staged blob's URL is a retry; for a stored one, a conflict
-    assert a.c.post(f"/blobs/{f}/{never}/upload-url", json={"size": 100}).status_code == 200
-    assert a.c.post(f"/blobs/{f}/{never}/upload-url", json={"size": 101}).status_code == 409
-    assert a.c.post(f"/blobs/{f}/{good}/upload-url", json={"size": 100}).status_code == 409
+    assert upload_urls(a, (f, never, 100)).status_code == 200
+    assert upload_urls(a, (f, never, 101)).status_code == 409
+    assert upload_urls(a, (f, good, 100)).status_code == 409
+    # a batch is staged all or none
+    fresh = uuid.uuid4()
+    assert upload_urls(a, (f, fresh, 5), (f, good, 100)).status_code == 409
+    assert upload_urls(a, (f, fresh, 6)).status_code == 200
 
 
 def test_sweeper_removes_uncommitted_uploads_safely_from_several_nodes(pg_s3_server):
@@ -170,7 +180,7 @@ def test_blobs_through_the_api_when_direct_transfers_are_off(pg_s3_server, make_
     srv = pg_s3_server("&direct=0")
     a = ApiUser(srv)
     f = a.create(a.root, "f")
-    r = a.c.post(f"/blobs/{f}/{uuid.uuid4()}/upload-url", json={"size": 10})
+    r = upload_urls(a, (f, uuid.uuid4(), 10))
     assert r.status_code == 409 and r.json()["code"] == "direct_unavailable"
     m = make_machine(srv).register()
     src = write_random(tmp_path / "x.bin", 2 * CHUNK + 5)

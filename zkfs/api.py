@@ -52,6 +52,7 @@ class ApiClient:
         self._read_urls: OrderedDict[tuple[UUID, UUID], tuple[str, float]] = OrderedDict()
         self._urls_lock = threading.Lock()
         self._urls_fetch = threading.Lock()
+        self._upload_urls = _Coalescer(self._fetch_upload_urls)
 
     def close(self) -> None:
         self._transport.close()
@@ -218,8 +219,9 @@ class ApiClient:
 
     # ------------------------------------------------------------ blobs
     # A server on an object store offers short-lived URLs so chunk bytes skip its API
-    # nodes: ``upload-url`` before a PUT, a 307 for a GET. What comes back from them is
-    # no more trusted than the server's own answers (chunks are verified by the vault).
+    # nodes: ``upload-urls`` before PUTs, ``download-urls`` (or a 307) before GETs. What
+    # comes back from them is no more trusted than the server's own answers (chunks
+    # are verified by the vault).
     def put_blob(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
         if self._direct is not False:
             try:
@@ -242,14 +244,23 @@ class ApiClient:
 
     def _put_direct(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
         for attempt in range(2):
-            offer = self._json("POST", f"/blobs/{inode}/{blob_id}/upload-url", json={"size": len(data)},
-                               idempotent=True)
-            resp = self._send("PUT", "", url=_checked_url(offer["url"]), idempotent=True, content=data)
+            url = self._upload_urls.get((inode, blob_id, len(data)))
+            resp = self._send("PUT", "", url=url, idempotent=True, content=data)
             if resp.status_code < 300:
                 return
             if resp.status_code != 403 or attempt:
                 raise _store_error(resp, "upload")
             # 403: the URL expired while this client retried: ask for a fresh one
+
+    def _fetch_upload_urls(self, wanted: list[tuple[UUID, UUID, int]]) -> dict:
+        """Upload URLs of several blobs in one request (idempotent: staging the same
+        blob with the same size again is a retry)."""
+        body = self._json("POST", "/blobs/upload-urls", idempotent=True, json={"blobs": [
+            {"inode": str(i), "blob_id": str(b), "size": n} for i, b, n in wanted]})
+        urls = {(UUID(u["inode"]), UUID(u["blob_id"])): _checked_url(u["url"]) for u in body["urls"]}
+        if any((i, b) not in urls for i, b, _n in wanted):
+            raise ServerError(502, "bad_answer", "the server left out upload URLs it was asked for")
+        return urls
 
     def blob_urls_ahead(self, inode: UUID, blob_ids: list[UUID]) -> None:
         """Fetch read URLs of several blobs in one request (a file's next chunks),
@@ -313,7 +324,58 @@ class ApiClient:
         raise AssertionError("unreachable")
 
 
-_URLS_PER_REQUEST = 64       # read URLs asked for at once (a reader's next 64 MiB)
+class _Coalescer:
+    """Parallel uploaders ask for their upload URLs together, the way a database
+    groups commits: while one request is out, the callers that arrive wait and
+    then go as the next batch. Exact ids and sizes, so nothing is reserved ahead;
+    a refused batch is retried one blob at a time (one bad blob fails alone)."""
+
+    def __init__(self, fetch) -> None:
+        self.fetch = fetch
+        self.cond = threading.Condition()
+        self.pending: list[list] = []        # [key, result or None]
+        self.busy = False
+
+    def get(self, key: tuple[UUID, UUID, int]) -> str:
+        entry = [key, None]
+        with self.cond:
+            self.pending.append(entry)
+            while entry[1] is None:
+                if self.busy:
+                    self.cond.wait()
+                    continue
+                self.busy = True
+                batch, self.pending = self.pending[:_URLS_PER_REQUEST], self.pending[_URLS_PER_REQUEST:]
+                self.cond.release()
+                try:
+                    self._serve(batch)
+                finally:
+                    self.cond.acquire()
+                    self.busy = False
+                    self.cond.notify_all()
+        kind, value = entry[1]
+        if kind == "error":
+            raise value
+        return value
+
+    def _serve(self, batch: list[list]) -> None:
+        try:
+            urls = self.fetch([e[0] for e in batch])
+        except ServerError as exc:          # refused: find which blob, if several
+            if len(batch) == 1:
+                batch[0][1] = ("error", exc)
+            for e in batch if len(batch) > 1 else ():
+                self._serve([e])
+            return
+        except BaseException as exc:        # unreachable: every caller hears it
+            for e in batch:
+                e[1] = ("error", exc)
+            return
+        for e in batch:
+            e[1] = ("url", urls[e[0][:2]])
+
+
+_URLS_PER_REQUEST = 64       # URLs asked for at once (a reader's next 64 MiB)
 _URLS_KEPT = 8192
 
 

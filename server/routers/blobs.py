@@ -13,8 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import errors as E
 from ..auth import CurrentUser
-from ..models import (BlobUrl, DownloadUrlsRequest, DownloadUrlsResponse, Error, UploadUrlRequest,
-                      UploadUrlResponse)
+from ..models import BlobUrl, BlobUrlsResponse, DownloadUrlsRequest, Error, UploadUrlsRequest
 from ..namespace import check_quota, quota_room
 from .common import DbDep, SettingsDep, StoreDep
 
@@ -102,24 +101,27 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
     return Response(status_code=201)
 
 
-@router.post("/{inode}/{blob_id}/upload-url", response_model=UploadUrlResponse,
+@router.post("/upload-urls", response_model=BlobUrlsResponse,
              responses={409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}})
-def upload_url(inode: UUID, blob_id: UUID, body: UploadUrlRequest, user: CurrentUser,
-               db: DbDep, store: StoreDep, settings: SettingsDep):
-    """A short-lived URL to PUT exactly ``size`` bytes of this blob straight into
-    the object store (409 ``direct_unavailable`` when the store cannot: then PUT
-    here). The blob is staged from now on, charged at its declared size, and a
-    commit checks it arrived with that size."""
+def upload_urls(body: UploadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep):
+    """Short-lived URLs to PUT exactly ``size`` bytes of each blob straight into the
+    object store (409 ``direct_unavailable`` when the store cannot: then PUT here).
+    The blobs are staged from now on, all or none, charged at their declared
+    sizes; a commit checks each arrived with its size."""
     if not store.direct:
         raise E.direct_unavailable()
-    if body.size > settings.max_blob_bytes:
+    if any(b.size > settings.max_blob_bytes for b in body.blobs):
         raise E.too_large(f"blob larger than {settings.max_blob_bytes} bytes")
-    db.add_blob(user, inode, blob_id, body.size, verified=False)
+    wanted = {(b.inode, b.blob_id): b.size for b in body.blobs}
+    if len(wanted) != len(body.blobs):
+        raise E.invalid("a blob is listed twice")
+    db.stage_blobs(user, [(i, b, n) for (i, b), n in wanted.items()], verified=False)
     ttl = settings.direct_url_ttl
-    return UploadUrlResponse(url=store.presign_put(user.id, inode, blob_id, body.size, ttl), expires_in=ttl)
+    return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_put(user.id, i, b, n, ttl))
+                                  for (i, b), n in wanted.items()], expires_in=ttl)
 
 
-@router.post("/download-urls", response_model=DownloadUrlsResponse, responses={409: {"model": Error}})
+@router.post("/download-urls", response_model=BlobUrlsResponse, responses={409: {"model": Error}})
 def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
                   settings: SettingsDep):
     """Short-lived GET URLs for up to 256 blobs at once (a reader asks for the next
@@ -129,8 +131,8 @@ def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store
         raise E.direct_unavailable()
     ttl = settings.direct_url_ttl
     found = db.existing_blobs(user.id, [(b.inode, b.blob_id) for b in body.blobs])
-    return DownloadUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_get(user.id, i, b, ttl))
-                                      for i, b in found], expires_in=ttl)
+    return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_get(user.id, i, b, ttl))
+                                  for i, b in found], expires_in=ttl)
 
 
 # A range up to this size is read in the same worker-thread call that looks the
