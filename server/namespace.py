@@ -212,18 +212,20 @@ class NamespaceTx:
         self.touch(ino, parent)
         return op.inode, row[1]
 
-    def _expect(self, ent, expect: UUID | None) -> None:
-        if expect is not None and ent[0] != _s(expect):
-            raise E.not_found("the entry no longer names the expected inode")
-
-    def op_unlink(self, op: OpUnlink, _inline):
+    def named(self, op: OpUnlink | OpRmdir) -> tuple[str, str, bool]:
+        """(parent, inode, is_dir) of the entry an unlink or rmdir names; not_found
+        if it is gone or no longer names ``expect_inode``."""
         parent = _s(op.parent)
         self.require_dir(parent)
         ent = self.entry(parent, op.name_hash)
         if ent is None:
             raise E.not_found("no such entry")
-        self._expect(ent, op.expect_inode)
-        ino, isdir = ent
+        if op.expect_inode is not None and ent[0] != _s(op.expect_inode):
+            raise E.not_found("the entry no longer names the expected inode")
+        return parent, ent[0], bool(ent[1])
+
+    def op_unlink(self, op: OpUnlink, _inline):
+        parent, ino, isdir = self.named(op)
         if isdir:
             raise E.is_dir("is a directory (use rmdir)")
         self.del_entry(parent, op.name_hash)
@@ -232,13 +234,7 @@ class NamespaceTx:
         return UUID(ino), self.version(ino)
 
     def op_rmdir(self, op: OpRmdir, _inline):
-        parent = _s(op.parent)
-        self.require_dir(parent)
-        ent = self.entry(parent, op.name_hash)
-        if ent is None:
-            raise E.not_found("no such entry")
-        self._expect(ent, op.expect_inode)
-        ino, isdir = ent
+        parent, ino, isdir = self.named(op)
         if not isdir:
             raise E.not_dir("not a directory")
         if not self.dir_empty(ino):

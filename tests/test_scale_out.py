@@ -52,15 +52,20 @@ def with_path(url: str, old: str, new: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.replace(old, new)))
 
 
-def test_cli_round_trip_moves_no_chunk_through_the_api(pg_s3_server, make_machine, tmp_path):
-    srv = pg_s3_server()
+def cli_round_trip(srv, make_machine, tmp_path, size: int) -> str:
+    """Upload and download a file with the CLI; returns the server's log."""
     m = make_machine(srv).register()
-    src = write_random(tmp_path / "big.bin", 3 * CHUNK + 77)
+    src = write_random(tmp_path / "big.bin", size)
     assert_ok(m.run("upload", str(src)))
     out = tmp_path / "back.bin"
     assert_ok(m.run("download", "/big.bin", "-o", str(out)))
     assert sha256_file(out) == sha256_file(src)
-    log = srv.log_path.read_text()
+    return srv.log_path.read_text()
+
+
+def test_cli_round_trip_moves_no_chunk_through_the_api(pg_s3_server, make_machine, tmp_path):
+    srv = pg_s3_server()
+    log = cli_round_trip(srv, make_machine, tmp_path, 3 * CHUNK + 77)
     # the 4 chunks' upload URLs in 1 to 4 requests (parallel uploads ask together)
     assert 1 <= len(re.findall(r'"POST /api/v1/blobs/upload-urls HTTP/1.1" 200', log)) <= 4, log[-3000:]
     # the download asked for the 4 chunks' URLs in one request
@@ -182,13 +187,8 @@ def test_blobs_through_the_api_when_direct_transfers_are_off(pg_s3_server, make_
     f = a.create(a.root, "f")
     r = upload_urls(a, (f, uuid.uuid4(), 10))
     assert r.status_code == 409 and r.json()["code"] == "direct_unavailable"
-    m = make_machine(srv).register()
-    src = write_random(tmp_path / "x.bin", 2 * CHUNK + 5)
-    assert_ok(m.run("upload", str(src)))
-    out = tmp_path / "x.out"
-    assert_ok(m.run("download", "/x.bin", "-o", str(out)))
-    assert sha256_file(out) == sha256_file(src)
-    assert re.search(r'"PUT /api/v1/blobs/[^ ]+ HTTP/1.1" 201', srv.log())
+    log = cli_round_trip(srv, make_machine, tmp_path, 2 * CHUNK + 5)
+    assert re.search(r'"PUT /api/v1/blobs/[^ ]+ HTTP/1.1" 201', log)
 
 
 # ---------------------------------------------------------------- a lying host, on both backends
