@@ -57,7 +57,6 @@ class InodeRecord:
     nlink: int
     meta: str
     manifest: str | None = None
-    entries_mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -284,13 +283,12 @@ class MetadataStore:
         self._write(run)
 
     # -- namespace reads
-    _INODE_COLS = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta, i.entries_mtime_ns"
+    _INODE_COLS = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta"
 
     @staticmethod
     def _inode(row, with_manifest: bool) -> InodeRecord:
         return InodeRecord(id=UUID(row[0]), is_dir=bool(row[1]), version=row[2], nlink=row[3],
-                           meta=row[4], entries_mtime_ns=row[5],
-                           manifest=row[6] if with_manifest else None)
+                           meta=row[4], manifest=row[5] if with_manifest else None)
 
     def get_inode(self, user_id: UUID, inode: UUID) -> InodeRecord | None:
         row = self.db.one(f"SELECT {self._INODE_COLS}, i.manifest FROM inodes i WHERE i.user_id = ? AND i.id = ?",
@@ -305,38 +303,40 @@ class MetadataStore:
     def _entry(cls, row) -> EntryRecord:
         return EntryRecord(name_hash=row[0], name=row[1], inode=cls._inode(row[2:], False))
 
-    def _listing(self, c: Tx, uid: str, parent: str, limit: int | None = None) -> list[EntryRecord] | None:
-        """None when ``parent`` is not one of the user's directories; at most
-        ``limit`` entries."""
-        row = c.one("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, parent))
-        if row is None or not row[0]:
+    def _listing(self, c: Tx, uid: str, parent: str, limit: int | None = None
+                 ) -> tuple[InodeRecord, list[EntryRecord]] | None:
+        """The directory's own record and its entries (at most ``limit``); None when
+        ``parent`` is not one of the user's directories."""
+        row = c.one(f"SELECT {self._INODE_COLS} FROM inodes i WHERE i.user_id = ? AND i.id = ?", (uid, parent))
+        if row is None or not row[1]:
             return None
         sql = self._ENTRY_SQL + " ORDER BY d.name_hash"
         args: tuple = (uid, parent)
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + (limit,)
-        return [self._entry(r) for r in c.all(sql, args)]
+        return self._inode(row, False), [self._entry(r) for r in c.all(sql, args)]
 
-    def list_entries(self, user_id: UUID, parent: UUID) -> list[EntryRecord] | None:
+    def list_entries(self, user_id: UUID, parent: UUID) -> tuple[InodeRecord, list[EntryRecord]] | None:
+        """The directory's own record and its entries, from one snapshot."""
         return self._read(lambda c: self._listing(c, _s(user_id), _s(parent)))
 
     def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
-                          max_entries: int) -> list[tuple[UUID, list[EntryRecord]]]:
-        """Listings of those ``parents`` that are the user's directories, in order
-        and from one snapshot, stopping before the one that would take the total
-        past ``max_entries``."""
+                          max_entries: int) -> list[tuple[InodeRecord, list[EntryRecord]]]:
+        """Listings (as ``list_entries``) of those ``parents`` that are the user's
+        directories, in order and from one snapshot, stopping before the one that
+        would take the total past ``max_entries``."""
         uid = _s(user_id)
 
         def run(c: Tx):
             found, room = [], max_entries
             for parent in dict.fromkeys(parents):
-                entries = self._listing(c, uid, _s(parent), room + 1)
-                if entries is None:
+                listing = self._listing(c, uid, _s(parent), room + 1)
+                if listing is None:
                     continue
-                if len(entries) > room:
+                if len(listing[1]) > room:
                     break
-                found.append((parent, entries))
-                room -= len(entries)
+                found.append(listing)
+                room -= len(listing[1])
             return found
         return self._read(run)
 
@@ -370,6 +370,7 @@ class MetadataStore:
                 try:
                     tx.results.append(tx.apply(op, inline_sizes))
                 except E.ApiError as e:
+                    e.op_index = index
                     if len(ops) > 1:
                         e.detail = f"op {index} ({op.op}): {e.detail}"
                     raise

@@ -95,14 +95,16 @@ CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures(key, at);
 CREATE INDEX IF NOT EXISTS login_failures_at ON login_failures(at);
 """
 
-# Version 2 (issue 15): wrapped file keys in the database (the blob store keeps only
-# chunks); usage counts metadata too and is kept by the namespace rules (the sqlite
+# Version 2 (issues 13 and 15): directories' times are the client's (sealed in their
+# attributes), so the server's entries_mtime_ns goes; wrapped file keys in the database
+# (the blob store keeps only chunks); usage counts metadata too and is kept by the namespace rules (the sqlite
 # triggers go); per-account quotas; blobs uploaded directly to an object store are
 # "unverified" until a commit checks their size; usernames unique whatever their case;
 # single-use invites (``--registration invite``), kept as hashes; devices (a login's
 # session: tokens name theirs, logout revokes one, ``logout --all`` every one, and a
 # device's credential lets its owner log in while others guess at the account).
 V2 = """
+ALTER TABLE inodes DROP COLUMN entries_mtime_ns;
 ALTER TABLE inodes ADD COLUMN wrapped_key TEXT;
 ALTER TABLE users ADD COLUMN quota_bytes BIGINT;
 ALTER TABLE blobs ADD COLUMN verified INTEGER NOT NULL DEFAULT 1;

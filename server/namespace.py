@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from . import errors as E
-from .models import (OpCommit, OpCreate, OpDeleteInode, OpLink, OpRename, OpRmdir, OpSetMeta,
-                     OpUnlink)
+from .models import (OpCommit, OpCreate, OpDeleteInode, OpExchange, OpLink, OpRename, OpRmdir,
+                     OpSetMeta, OpUnlink)
 from .sqldb import Tx
 
 # Bytes of an inode row the account is charged for (its blobs are counted apart).
@@ -111,20 +111,11 @@ class NamespaceTx:
         self.c.run("INSERT INTO dentries(user_id, parent, name_hash, inode, is_dir, name)"
                    " VALUES (?,?,?,?,?,?)", (self.uid, parent, name_hash, ino, int(is_dir), name))
         self.growth += len(name)
-        self._entries_changed(parent)
 
     def del_entry(self, parent: str, name_hash: str) -> None:
         row = self.c.one("DELETE FROM dentries WHERE user_id = ? AND parent = ? AND name_hash = ?"
                          " RETURNING length(name)", (self.uid, parent, name_hash))
         self.growth -= row[0] if row else 0
-        self._entries_changed(parent)
-
-    def _entries_changed(self, parent: str) -> None:
-        # A directory's mtime/ctime is when its entries last changed: the server
-        # sees that moment anyway, so it keeps it, and two clients creating files
-        # in one directory never race on its encrypted attributes.
-        self.c.run("UPDATE inodes SET entries_mtime_ns = ? WHERE user_id = ? AND id = ?",
-                   (time.time_ns(), self.uid, parent))
 
     def touch(self, *inos: str) -> None:
         self.touched.update(inos)
@@ -212,16 +203,20 @@ class NamespaceTx:
         self.touch(ino, parent)
         return op.inode, row[1]
 
+    def _expect(self, ent, expect: UUID | None) -> None:
+        """The client's directory digest counts on this entry naming ``expect``."""
+        if expect is not None and ent[0] != _s(expect):
+            raise E.stale("the entry no longer names the expected inode")
+
     def named(self, op: OpUnlink | OpRmdir) -> tuple[str, str, bool]:
         """(parent, inode, is_dir) of the entry an unlink or rmdir names; not_found
-        if it is gone or no longer names ``expect_inode``."""
+        if it is gone, stale if it no longer names ``expect_inode``."""
         parent = _s(op.parent)
         self.require_dir(parent)
         ent = self.entry(parent, op.name_hash)
         if ent is None:
             raise E.not_found("no such entry")
-        if op.expect_inode is not None and ent[0] != _s(op.expect_inode):
-            raise E.not_found("the entry no longer names the expected inode")
+        self._expect(ent, op.expect_inode)
         return parent, ent[0], bool(ent[1])
 
     def op_unlink(self, op: OpUnlink, _inline):
@@ -251,13 +246,17 @@ class NamespaceTx:
         if src is None:
             raise E.not_found("no such source entry")
         self.require_dir(dp)
+        self._expect(src, op.src_inode)
         ino, isdir = src[0], bool(src[1])
         if sp == dp and op.src_hash == op.dst_hash:
             return UUID(ino), self.version(ino)            # rename(a, a): no-op
         dst = self.entry(dp, op.dst_hash)
+        if dst is None and op.dst_inode is not None:
+            raise E.stale("the target no longer exists")
         if dst is not None:
             if op.noreplace:
                 raise E.exists("target exists")
+            self._expect(dst, op.dst_inode)
             if dst[0] == ino:
                 return UUID(ino), self.version(ino)        # two names of one inode: no-op
             if isdir and not dst[1]:
@@ -267,15 +266,7 @@ class NamespaceTx:
             if dst[1] and not self.dir_empty(dst[0]):
                 raise E.not_empty("target directory not empty")
         if isdir:
-            # dst_parent must not be the moved directory or one of its descendants.
-            cur, seen = dp, set()
-            while cur is not None and cur not in seen:
-                if cur == ino:
-                    raise E.invalid_move()
-                seen.add(cur)
-                row = self.c.one("SELECT parent FROM dentries WHERE user_id = ? AND inode = ? LIMIT 1",
-                                 (self.uid, cur))
-                cur = row[0] if row else None
+            self._not_under(dp, ino)
         if dst is not None:
             self.del_entry(dp, op.dst_hash)
             self.release(dst[0], bool(dst[1]), op.keep_orphan)
@@ -284,15 +275,47 @@ class NamespaceTx:
         self.touch(ino, sp, dp)
         return UUID(ino), self.version(ino)
 
+    def _not_under(self, target_parent: str, moved_dir: str) -> None:
+        """A directory cannot move into itself or one of its descendants."""
+        cur, seen = target_parent, set()
+        while cur is not None and cur not in seen:
+            if cur == moved_dir:
+                raise E.invalid_move()
+            seen.add(cur)
+            row = self.c.one("SELECT parent FROM dentries WHERE user_id = ? AND inode = ? LIMIT 1",
+                             (self.uid, cur))
+            cur = row[0] if row else None
+
+    def op_exchange(self, op: OpExchange, _inline):
+        ap, bp = _s(op.a_parent), _s(op.b_parent)
+        self.require_dir(ap)
+        self.require_dir(bp)
+        a, b = self.entry(ap, op.a_hash), self.entry(bp, op.b_hash)
+        if a is None or b is None:
+            raise E.not_found("no such entry")
+        self._expect(a, op.a_inode)
+        self._expect(b, op.b_inode)
+        if a[0] == b[0]:
+            return op.a_inode, self.version(a[0])          # one inode, two names: nothing moves
+        if a[1]:
+            self._not_under(bp, a[0])
+        if b[1]:
+            self._not_under(ap, b[0])
+        self.del_entry(ap, op.a_hash)
+        self.del_entry(bp, op.b_hash)
+        self.add_entry(ap, op.a_hash, b[0], bool(b[1]), op.a_name)
+        self.add_entry(bp, op.b_hash, a[0], bool(a[1]), op.b_name)
+        self.touch(a[0], b[0], ap, bp)
+        return op.a_inode, self.version(a[0])
+
     def op_setmeta(self, op: OpSetMeta, _inline):
         ino = _s(op.inode)
         row = self.require_inode(ino)
         if row[1] != op.base_version:
             raise E.conflict(f"version is {row[1]}, not {op.base_version}")
         before = self.inode_bytes(ino)
-        # An explicit setmeta (utimens, chmod...) makes the encrypted times authoritative again.
-        self.c.run("UPDATE inodes SET meta = ?, version = version + 1, entries_mtime_ns = NULL"
-                   " WHERE user_id = ? AND id = ?", (op.meta, self.uid, ino))
+        self.c.run("UPDATE inodes SET meta = ?, version = version + 1 WHERE user_id = ? AND id = ?",
+                   (op.meta, self.uid, ino))
         self.growth += self.inode_bytes(ino) - before
         self.touch(ino)
         return op.inode, row[1] + 1
