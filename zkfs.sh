@@ -33,8 +33,9 @@ apt_install() {
 }
 
 setup() {
-    # libfuse3 for the mount (mfusepy) and fusermount3; the rest are what the tests drive.
-    apt_install libfuse3-3 fuse3 python3-venv rsync git sqlite3 libglib2.0-bin attr
+    # libfuse3 for the mount (mfusepy) and fusermount3; the rest are what the tests drive
+    # (PostgreSQL and HAProxy: the scale-out deployment the tests start themselves).
+    apt_install libfuse3-3 fuse3 python3-venv rsync git sqlite3 libglib2.0-bin attr postgresql haproxy
     [ -e /dev/fuse ] || die "/dev/fuse is missing: this machine cannot mount FUSE filesystems"
     local stamp="$VENV/.installed" want
     want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
@@ -42,7 +43,7 @@ setup() {
         say "creating $VENV and installing zkfs with its dependencies"
         [ -x "$PY" ] || python3 -m venv "$VENV"
         "$PY" -m pip install -q --upgrade pip >/dev/null
-        "$PY" -m pip install -q -e ".[test,bench]"
+        "$PY" -m pip install -q -e ".[scale,test,bench]"
         echo "$want" > "$stamp"
     fi
 }

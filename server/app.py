@@ -15,16 +15,23 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from . import auth, errors, maintenance
-from .config import CLEANUP_INTERVAL, MAX_JSON_BYTES, Settings
-from .db import SqliteMetadataStore
+from .config import CLEANUP_INTERVAL, Settings
+from .db import MetadataStore
 from .models import HealthResponse
 from .routers import accounts, blobs, fs, keys
-from .storage import LocalBlobStore
+from .sqldb import open_database
+from .storage import open_blob_store
 
 log = logging.getLogger("zkfs.server")
 
 API_PREFIX = "/api/v1"
 SKIP_STARTUP_ENV = "ZKFS_STARTUP_DONE"
+
+# JSON bodies are refused above these sizes before anything reads them. An ops
+# batch's largest real parts: one manifest of a ~150 GiB file (8 MiB of base64),
+# small files' inline chunks (64 KiB each) and attribute changes.
+MAX_OPS_JSON_BYTES = 16 * 1024 * 1024
+MAX_JSON_BYTES = 1024 * 1024
 
 
 async def _periodic_cleanup(app: FastAPI) -> None:
@@ -47,16 +54,22 @@ async def _lifespan(app: FastAPI):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        app.state.db.close()
+
+
+def open_stores(settings: Settings) -> tuple[MetadataStore, "object"]:
+    """The metadata store (schema checked) and the blob store the settings name."""
+    from .migrations import check
+    store = open_blob_store(settings.blobs_url)
+    db = open_database(settings.database_url)
+    check(db, upgrade=db.kind == "sqlite", legacy_keys=getattr(store, "legacy_key", None))
+    return MetadataStore(db, settings.quota_bytes), store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = (settings or Settings.from_env())
-    if not settings.secret_key:
-        settings = settings.with_secret()
+    settings = (settings or Settings.from_env()).with_secret()
     auth.dummy_hash()      # computed up front so the first unknown-user login is not faster
-    db = SqliteMetadataStore(settings.db_path)
-    db.init_schema()
-    store = LocalBlobStore(settings.storage_dir)
+    db, store = open_stores(settings)
 
     # redirect_slashes off: its 307 is built from the Host header (an open redirect).
     app = FastAPI(title="zkfs", version="1", lifespan=_lifespan, redoc_url=None, redirect_slashes=False,
@@ -66,7 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = db
     app.state.store = store
     errors.install(app)
-    app.add_middleware(errors.BodyLimitMiddleware, limit=MAX_JSON_BYTES,
+    app.add_middleware(errors.BodyLimitMiddleware, default=MAX_JSON_BYTES,
+                       limits={f"{API_PREFIX}/fs/ops": MAX_OPS_JSON_BYTES},
                        exempt_prefix=f"{API_PREFIX}/blobs/")
 
     # Routers are included flat and the busiest first: a request is matched against

@@ -2,8 +2,10 @@
 
 The client never sends its password, only a key derived from it (``auth_key``);
 the server stores an argon2 hash of that. Tokens are HS256 JWTs with ``sub``
-(user id), ``iat``, ``exp`` and ``tv`` (token version: bumping it in the users
-table revokes every outstanding token of that user).
+(user id), ``iat``, ``exp``, ``did`` (the device, i.e. login session, they belong
+to: deleting its row revokes them) and ``tv`` (token version: bumping it in the
+users table revokes every outstanding token of that user). Both live in the
+database, so every API node sees a revocation at once.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from functools import lru_cache
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import Depends
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jose import ExpiredSignatureError, JWTError, jwt
 from passlib.context import CryptContext
@@ -63,27 +66,50 @@ def verify_auth_key(auth_key: str, auth_hash: str | None) -> bool:
 
 
 # ------------------------------------------------------------------ tokens
-def issue_token(settings: Settings, user_id: UUID, token_version: int) -> TokenResponse:
+def issue_token(settings: Settings, user_id: UUID, token_version: int, device: UUID,
+                credential: str | None = None) -> TokenResponse:
     now = int(time.time())
     claims = {"sub": str(user_id), "iat": now, "exp": now + settings.token_ttl_seconds,
-              "tv": token_version}
+              "tv": token_version, "did": str(device)}
     token = jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM)
-    return TokenResponse(access_token=token, expires_in=settings.token_ttl_seconds, user_id=user_id)
+    return TokenResponse(access_token=token, expires_in=settings.token_ttl_seconds, user_id=user_id,
+                         device=credential)
 
 
-def decode_token(settings: Settings, token: str) -> tuple[UUID, int]:
-    """(user id, token version) of a valid token; token_invalid / token_expired otherwise."""
-    user_id, tv, exp = _verified_claims(settings.secret_key, token)
+def new_device_credential() -> tuple[str, str]:
+    """(secret, its hash): the secret goes to the client once, the hash is kept."""
+    secret = secrets.token_urlsafe(32)
+    return secret, device_secret_hash(secret)
+
+
+def device_secret_hash(secret: str) -> str:
+    return hashlib.sha256(b"zkfs-device\0" + secret.encode()).hexdigest()
+
+
+def parse_device_credential(value: str | None) -> tuple[UUID, str] | None:
+    """``<device id>.<secret>`` from a login request, or None."""
+    if not value or "." not in value:
+        return None
+    device, _, secret = value.partition(".")
+    try:
+        return UUID(device), secret
+    except ValueError:
+        return None
+
+
+def decode_token(settings: Settings, token: str) -> tuple[UUID, int, UUID]:
+    """(user id, token version, device) of a valid token; token_invalid / token_expired otherwise."""
+    user_id, tv, device, exp = _verified_claims(settings.secret_key, token)
     if exp <= time.time():
         raise E.token_expired()
-    return user_id, tv
+    return user_id, tv, device
 
 
 @lru_cache(maxsize=4096)
-def _verified_claims(secret_key: str, token: str) -> tuple[UUID, int, float]:
+def _verified_claims(secret_key: str, token: str) -> tuple[UUID, int, UUID, float]:
     """Signature and claim checks, done once per token: a client sends the same token
     with every request, and verifying it was a tenth of a small request's server time.
-    Only successes are cached; expiry and revocation (tv) are checked per request."""
+    Only successes are cached; expiry and revocation (tv, device) are checked per request."""
     try:
         header = jwt.get_unverified_header(token)
         if header.get("alg") != ALGORITHM:
@@ -96,7 +122,7 @@ def _verified_claims(secret_key: str, token: str) -> tuple[UUID, int, float]:
         tv = claims.get("tv")
         if not isinstance(tv, int) or isinstance(tv, bool):
             raise E.token_invalid()
-        return UUID(claims["sub"]), tv, float(exp)
+        return UUID(claims["sub"]), tv, UUID(claims["did"]), float(exp)
     except ExpiredSignatureError:
         raise E.token_expired() from None
     except (JWTError, ValueError, TypeError, KeyError, AttributeError):
@@ -107,18 +133,25 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 async def current_user(
+    request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     settings: Annotated[Settings, Depends(get_settings)],
     db: Annotated[MetadataStore, Depends(get_db)],
 ) -> UserRecord:
-    """The authenticated user; 401 for missing/invalid/expired/revoked tokens.
-    Async on purpose: one indexed sqlite read costs less than a threadpool hop."""
+    """The authenticated user (its device in ``request.state.device``); 401 for
+    missing/invalid/expired/revoked tokens. Async on purpose: one indexed sqlite
+    read costs less than a threadpool hop (a database over the network, which may
+    stall while it restarts, gets the hop)."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise E.token_invalid("missing bearer token")
-    user_id, tv = decode_token(settings, creds.credentials)
-    user = db.get_user(user_id)
+    user_id, tv, device = decode_token(settings, creds.credentials)
+    if db.kind == "sqlite":
+        user = db.get_session_user(user_id, device)
+    else:
+        user = await run_in_threadpool(db.get_session_user, user_id, device)
     if user is None or user.token_version != tv:
         raise E.token_invalid()
+    request.state.device = device
     return user
 
 

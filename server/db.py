@@ -1,9 +1,9 @@
-"""Metadata store: users, master keys, inodes, directory entries, blob records.
+"""Metadata store: users, master keys, inodes (with their wrapped file keys),
+directory entries, blob records, login throttling.
 
-:class:`MetadataStore` is the narrow interface the routers use;
-:class:`SqliteMetadataStore` implements it on one sqlite file (WAL mode,
-``busy_timeout``, ``BEGIN IMMEDIATE`` for writes, one connection per thread), which
-is safe with several uvicorn worker processes.
+:class:`MetadataStore` is what the routers use. It is written once, in the SQL
+that sqlite and PostgreSQL both speak, over a :class:`~server.sqldb.Database`;
+the namespace rules themselves are :mod:`server.namespace`.
 
 Every query is scoped by ``user_id``: another user's ids simply do not exist.
 Every mutating namespace transaction bumps ``users.seq`` and stamps
@@ -15,101 +15,21 @@ nothing here decodes them.
 """
 from __future__ import annotations
 
-import abc
-import os
-import sqlite3
-import threading
+import hmac
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
-from uuid import UUID
+from dataclasses import dataclass
+from typing import Callable, Sequence
+from uuid import UUID, uuid4
 
 from . import errors as E
-from .models import (KdfParams, MasterKeyRecord, OpCommit, OpCreate, OpDeleteInode, OpExchange,
-                     OpLink, OpRename, OpRmdir, OpSetMeta, OpUnlink)
+from .models import KdfParams, MasterKeyRecord
+from .namespace import INODE_BYTES_SQL, NamespaceTx, OpsOutcome, check_quota
+from .sqldb import Database, Tx, UniqueViolation
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users(
-    id TEXT PRIMARY KEY,
-    username TEXT NOT NULL UNIQUE,
-    auth_hash TEXT NOT NULL,
-    kdf_json TEXT NOT NULL,
-    token_version INTEGER NOT NULL DEFAULT 1,
-    current_gen INTEGER NOT NULL,
-    root_inode TEXT NOT NULL,
-    seq INTEGER NOT NULL DEFAULT 0,
-    used_bytes INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS master_keys(
-    user_id TEXT NOT NULL,
-    gen INTEGER NOT NULL,
-    wrapped_master TEXT NOT NULL,
-    wrapped_namespace TEXT NOT NULL,
-    PRIMARY KEY(user_id, gen)
-);
-CREATE TABLE IF NOT EXISTS inodes(
-    user_id TEXT NOT NULL,
-    id TEXT NOT NULL,
-    is_dir INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    meta TEXT NOT NULL,
-    manifest TEXT,
-    key_gen INTEGER,
-    changed_seq INTEGER NOT NULL DEFAULT 0,
-    orphan_since REAL,
-    PRIMARY KEY(user_id, id)
-);
-CREATE INDEX IF NOT EXISTS inodes_changed ON inodes(user_id, changed_seq);
-CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes(orphan_since) WHERE orphan_since IS NOT NULL;
-CREATE INDEX IF NOT EXISTS inodes_keygen ON inodes(user_id, key_gen) WHERE key_gen IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dentries(
-    user_id TEXT NOT NULL,
-    parent TEXT NOT NULL,
-    name_hash TEXT NOT NULL,
-    inode TEXT NOT NULL,
-    is_dir INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    PRIMARY KEY(user_id, parent, name_hash)
-);
-CREATE INDEX IF NOT EXISTS dentries_inode ON dentries(user_id, inode);
-CREATE TABLE IF NOT EXISTS blobs(
-    user_id TEXT NOT NULL,
-    inode TEXT NOT NULL,
-    blob_id TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    committed INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    PRIMARY KEY(user_id, inode, blob_id)
-);
-CREATE INDEX IF NOT EXISTS blobs_staged ON blobs(created_at) WHERE committed = 0;
--- Usage for quotas kept by triggers: no code path can forget it, and a quota
--- check is one row read instead of a SUM over every blob of the user.
-CREATE TRIGGER IF NOT EXISTS blobs_usage_add AFTER INSERT ON blobs BEGIN
-    UPDATE users SET used_bytes = used_bytes + NEW.size WHERE id = NEW.user_id;
-END;
-CREATE TRIGGER IF NOT EXISTS blobs_usage_del AFTER DELETE ON blobs BEGIN
-    UPDATE users SET used_bytes = used_bytes - OLD.size WHERE id = OLD.user_id;
-END;
-CREATE TABLE IF NOT EXISTS tombstones(
-    user_id TEXT NOT NULL,
-    inode TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY(user_id, inode)
-);
-CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones(user_id, seq);
-CREATE TABLE IF NOT EXISTS login_failures(
-    key TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures(key, at);
-CREATE INDEX IF NOT EXISTS login_failures_at ON login_failures(at);
-"""
+__all__ = ["MetadataStore", "UserRecord", "InodeRecord", "EntryRecord", "BlobRecord", "OpsOutcome"]
 
 _NLINK_SQL = """
-CASE WHEN i.is_dir THEN 2 + (SELECT count(*) FROM dentries c
+CASE WHEN i.is_dir <> 0 THEN 2 + (SELECT count(*) FROM dentries c
                               WHERE c.user_id = i.user_id AND c.parent = i.id AND c.is_dir = 1)
      ELSE (SELECT count(*) FROM dentries l WHERE l.user_id = i.user_id AND l.inode = i.id) END
 """
@@ -126,6 +46,7 @@ class UserRecord:
     current_gen: int
     root_inode: UUID
     seq: int
+    quota_bytes: int | None = None     # this account's own quota (None: the server's)
 
 
 @dataclass(frozen=True)
@@ -151,374 +72,267 @@ class BlobRecord:
     committed: bool
 
 
-@dataclass
-class OpsOutcome:
-    seq: int
-    results: list[tuple[UUID | None, int | None]]
-    drop_blobs: list[tuple[UUID, UUID]] = field(default_factory=list)   # (inode, blob)
-    drop_inodes: list[UUID] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ interface
-class MetadataStore(abc.ABC):
-    # users
-    @abc.abstractmethod
-    def create_user(self, user_id: UUID, username: str, auth_hash: str, kdf: KdfParams,
-                    master_key: MasterKeyRecord, root_inode: UUID, root_meta: str) -> None: ...
-
-    @abc.abstractmethod
-    def get_user(self, user_id: UUID) -> UserRecord | None: ...
-
-    @abc.abstractmethod
-    def get_user_by_name(self, username: str) -> UserRecord | None: ...
-
-    @abc.abstractmethod
-    def decoy_template(self) -> KdfParams | None:
-        """KDF params of the oldest account (decoys for unknown names mimic it)."""
-
-    @abc.abstractmethod
-    def master_keys(self, user_id: UUID) -> list[MasterKeyRecord]: ...
-
-    @abc.abstractmethod
-    def change_password(self, user_id: UUID, auth_hash: str, kdf: KdfParams,
-                        master_keys: Sequence[MasterKeyRecord]) -> int:
-        """Returns the new token version."""
-
-    @abc.abstractmethod
-    def set_kdf(self, user_id: UUID, kdf: KdfParams) -> None: ...
-
-    @abc.abstractmethod
-    def bump_token_version(self, user_id: UUID) -> int: ...
-
-    @abc.abstractmethod
-    def add_master_key(self, user_id: UUID, mk: MasterKeyRecord) -> None: ...
-
-    @abc.abstractmethod
-    def delete_master_key(self, user_id: UUID, gen: int) -> None: ...
-
-    @abc.abstractmethod
-    def delete_user(self, user_id: UUID) -> None: ...
-
-    # login throttling
-    @abc.abstractmethod
-    def throttle_retry_after(self, limits: Sequence[tuple[str, int]], window: float) -> int | None: ...
-
-    @abc.abstractmethod
-    def record_login_failure(self, keys: Sequence[str], window: float) -> None: ...
-
-    @abc.abstractmethod
-    def clear_login_failures(self, key: str) -> None: ...
-
-    # namespace reads
-    @abc.abstractmethod
-    def get_inode(self, user_id: UUID, inode: UUID) -> InodeRecord | None: ...
-
-    @abc.abstractmethod
-    def list_entries(self, user_id: UUID, parent: UUID) -> tuple[InodeRecord, list[EntryRecord]] | None:
-        """The directory's own record and its entries, from one snapshot."""
-
-    @abc.abstractmethod
-    def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
-                          max_entries: int) -> list[tuple[InodeRecord, list[EntryRecord]]]:
-        """Listings (as ``list_entries``) of those ``parents`` that are the user's
-        directories, in order and from one snapshot, stopping before the one that
-        would take the total past ``max_entries``."""
-
-    @abc.abstractmethod
-    def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None: ...
-
-    @abc.abstractmethod
-    def changes(self, user_id: UUID, since: int) -> tuple[int, list[tuple[UUID, int]]]:
-        """The account's current seq and (inode, seq of its last change) after ``since``."""
-
-    @abc.abstractmethod
-    def used_bytes(self, user_id: UUID) -> int: ...
-
-    # namespace writes
-    @abc.abstractmethod
-    def apply_ops(self, user_id: UUID, ops: Sequence, inline_sizes: dict[tuple[UUID, UUID], int],
-                  quota: int | None, pre_commit: Callable[[], None] | None = None) -> OpsOutcome: ...
-
-    # blobs
-    @abc.abstractmethod
-    def check_blob_target(self, user_id: UUID, inode: UUID, blob: UUID) -> int:
-        """Validate an upload target; returns the user's current usage."""
-
-    @abc.abstractmethod
-    def add_blob(self, user_id: UUID, inode: UUID, blob: UUID, size: int, quota: int | None,
-                 pre_commit: Callable[[], None] | None = None) -> None: ...
-
-    @abc.abstractmethod
-    def get_blob(self, user_id: UUID, inode: UUID, blob: UUID) -> BlobRecord | None: ...
-
-    # keys
-    @abc.abstractmethod
-    def key_gen(self, user_id: UUID, inode: UUID) -> int | None:
-        """Raises not_found if the inode does not exist."""
-
-    @abc.abstractmethod
-    def key_gens(self, user_id: UUID) -> list[tuple[UUID, int]]: ...
-
-    @abc.abstractmethod
-    def set_key_gens(self, user_id: UUID, updates: Sequence[tuple[UUID, int]],
-                     pre_commit: Callable[[], None] | None = None) -> None: ...
-
-    # maintenance
-    @abc.abstractmethod
-    def expire_staged(self, older_than: float) -> list[tuple[UUID, UUID, UUID]]: ...
-
-    @abc.abstractmethod
-    def expire_orphans(self, older_than: float) -> list[tuple[UUID, UUID]]: ...
-
-
-# ------------------------------------------------------------------ sqlite
 def _s(u: UUID) -> str:
     return str(u)
 
 
-class SqliteMetadataStore(MetadataStore):
-    def __init__(self, path: Path, busy_timeout_ms: int = 30_000) -> None:
-        self.path = Path(path)
-        self.busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:    # the database holds auth hashes: keep it private
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
+class MetadataStore:
+    def __init__(self, db: Database, default_quota: int | None = None) -> None:
+        self.db = db
+        self.default_quota = default_quota
 
-    # -- connections / transactions
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA temp_store = MEMORY")
-            self._local.conn = conn
-        return conn
-
-    def init_schema(self) -> None:
-        conn = self._conn()
-        conn.execute("PRAGMA journal_mode = WAL")
-        # executescript: the trigger bodies contain ';'. One transaction, idempotent.
-        conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
-
-    @contextmanager
-    def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """A write transaction. ``durable=False`` skips the WAL fsync at commit:
-        only for records whose loss in a power cut is harmless (a staged blob
-        row: its commit would then fail cleanly and be retried)."""
-        conn = self._conn()
-        if not durable:
-            conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            if not durable:
-                conn.execute("PRAGMA synchronous = FULL")
-
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+    @property
+    def kind(self) -> str:
+        return self.db.kind
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.db.close()
+
+    def _write(self, fn: Callable[[Tx], object], durable: bool = True):
+        return self.db.transaction(fn, durable=durable)
+
+    def _read(self, fn: Callable[[Tx], object]):
+        return self.db.transaction(fn, write=False)
+
+    def quota_of(self, user: UserRecord) -> int | None:
+        return user.quota_bytes if user.quota_bytes is not None else self.default_quota
 
     # -- users
+    _USER_COLS = "id, username, auth_hash, kdf_json, token_version, current_gen, root_inode, seq, quota_bytes"
+
     @staticmethod
     def _user(row) -> UserRecord | None:
         if row is None:
             return None
         return UserRecord(id=UUID(row[0]), username=row[1], auth_hash=row[2],
                           kdf=KdfParams.model_validate_json(row[3]), token_version=row[4],
-                          current_gen=row[5], root_inode=UUID(row[6]), seq=row[7])
+                          current_gen=row[5], root_inode=UUID(row[6]), seq=row[7], quota_bytes=row[8])
 
-    _USER_COLS = "id, username, auth_hash, kdf_json, token_version, current_gen, root_inode, seq"
-
-    def create_user(self, user_id, username, auth_hash, kdf, master_key, root_inode, root_meta):
+    def create_user(self, user_id: UUID, username: str, auth_hash: str, kdf: KdfParams,
+                    master_key: MasterKeyRecord, root_inode: UUID, root_meta: str,
+                    invite_hash: str | None = None) -> None:
+        """``invite_hash``: the single-use invite this registration spends (in the
+        same transaction: a failed registration keeps it)."""
         uid = _s(user_id)
-        with self.write() as c:
-            if c.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+
+        def run(c: Tx) -> None:
+            if invite_hash is not None and c.run("DELETE FROM invites WHERE code_hash = ?", (invite_hash,)) != 1:
+                raise E.forbidden("this invite is not valid (unknown or already used)")
+            if c.one("SELECT 1 FROM users WHERE lower(username) = lower(?)", (username,)):
                 raise E.exists("username taken")
-            c.execute("INSERT INTO users(id, username, auth_hash, kdf_json, token_version, current_gen,"
-                      " root_inode, seq, created_at) VALUES (?,?,?,?,1,?,?,0,?)",
-                      (uid, username, auth_hash, kdf.model_dump_json(), master_key.gen,
-                       _s(root_inode), time.time()))
-            c.execute("INSERT INTO master_keys VALUES (?,?,?,?)",
-                      (uid, master_key.gen, master_key.wrapped_master, master_key.wrapped_namespace))
-            c.execute("INSERT INTO inodes(user_id, id, is_dir, version, meta, changed_seq)"
-                      " VALUES (?,?,1,1,?,0)", (uid, _s(root_inode), root_meta))
+            c.run("INSERT INTO users(id, username, auth_hash, kdf_json, token_version, current_gen,"
+                  " root_inode, seq, used_bytes, created_at) VALUES (?,?,?,?,1,?,?,0,?,?)",
+                  (uid, username, auth_hash, kdf.model_dump_json(), master_key.gen,
+                   _s(root_inode), len(root_meta), time.time()))
+            c.run("INSERT INTO master_keys(user_id, gen, wrapped_master, wrapped_namespace) VALUES (?,?,?,?)",
+                  (uid, master_key.gen, master_key.wrapped_master, master_key.wrapped_namespace))
+            c.run("INSERT INTO inodes(user_id, id, is_dir, version, meta, changed_seq)"
+                  " VALUES (?,?,1,1,?,0)", (uid, _s(root_inode), root_meta))
+        try:
+            self._write(run)
+        except UniqueViolation:     # the same name registered concurrently elsewhere
+            raise E.exists("username taken") from None
 
-    def get_user(self, user_id):
-        row = self._conn().execute(f"SELECT {self._USER_COLS} FROM users WHERE id = ?",
-                                   (_s(user_id),)).fetchone()
-        return self._user(row)
+    def get_user(self, user_id: UUID) -> UserRecord | None:
+        return self._user(self.db.one(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (_s(user_id),)))
 
-    def get_user_by_name(self, username):
-        row = self._conn().execute(f"SELECT {self._USER_COLS} FROM users WHERE username = ?",
-                                   (username,)).fetchone()
-        return self._user(row)
+    def get_user_by_name(self, username: str) -> UserRecord | None:
+        """Usernames are case-insensitive (unique whatever their case)."""
+        return self._user(self.db.one(f"SELECT {self._USER_COLS} FROM users WHERE lower(username) = lower(?)",
+                                      (username,)))
 
-    def decoy_template(self):
-        row = self._conn().execute(
-            "SELECT kdf_json FROM users ORDER BY created_at, id LIMIT 1").fetchone()
+    def list_users(self) -> list[tuple[UserRecord, int, float]]:
+        """Every account with its usage and creation time, oldest first."""
+        rows = self.db.all(f"SELECT {self._USER_COLS}, used_bytes, created_at FROM users ORDER BY created_at, id")
+        return [(self._user(r[:9]), r[9], r[10]) for r in rows]
+
+    def set_quota(self, user_id: UUID, quota: int | None) -> None:
+        if self._write(lambda c: c.run("UPDATE users SET quota_bytes = ? WHERE id = ?",
+                                       (quota, _s(user_id)))) != 1:
+            raise E.not_found("no such user")
+
+    def add_invite(self, code_hash: str) -> None:
+        self._write(lambda c: c.run("INSERT INTO invites(code_hash, created_at) VALUES (?, ?)",
+                                    (code_hash, time.time())))
+
+    def decoy_template(self) -> KdfParams | None:
+        """KDF params of the oldest account (decoys for unknown names mimic it)."""
+        row = self.db.one("SELECT kdf_json FROM users ORDER BY created_at, id LIMIT 1")
         return KdfParams.model_validate_json(row[0]) if row else None
 
-    def master_keys(self, user_id):
-        rows = self._conn().execute(
-            "SELECT gen, wrapped_master, wrapped_namespace FROM master_keys WHERE user_id = ?"
-            " ORDER BY gen", (_s(user_id),)).fetchall()
+    def master_keys(self, user_id: UUID) -> list[MasterKeyRecord]:
+        rows = self.db.all("SELECT gen, wrapped_master, wrapped_namespace FROM master_keys WHERE user_id = ?"
+                           " ORDER BY gen", (_s(user_id),))
         return [MasterKeyRecord(gen=g, wrapped_master=m, wrapped_namespace=n) for g, m, n in rows]
 
-    def change_password(self, user_id, auth_hash, kdf, master_keys):
+    def change_password(self, user_id: UUID, auth_hash: str, kdf: KdfParams,
+                        master_keys: Sequence[MasterKeyRecord]) -> int:
+        """Returns the new token version."""
         uid = _s(user_id)
-        with self.write() as c:
-            gens = {g for (g,) in c.execute("SELECT gen FROM master_keys WHERE user_id = ?", (uid,))}
+
+        def run(c: Tx) -> int:
+            c.lock_row("SELECT id FROM users WHERE id = ?", (uid,))
+            gens = {g for (g,) in c.all("SELECT gen FROM master_keys WHERE user_id = ?", (uid,))}
             given = [mk.gen for mk in master_keys]
             if len(set(given)) != len(given) or set(given) != gens:
                 raise E.invalid("master_keys must re-wrap exactly the stored generations "
                                 f"{sorted(gens)}")
             for mk in master_keys:
-                c.execute("UPDATE master_keys SET wrapped_master = ?, wrapped_namespace = ?"
-                          " WHERE user_id = ? AND gen = ?",
-                          (mk.wrapped_master, mk.wrapped_namespace, uid, mk.gen))
-            c.execute("UPDATE users SET auth_hash = ?, kdf_json = ?, token_version = token_version + 1"
-                      " WHERE id = ?", (auth_hash, kdf.model_dump_json(), uid))
-            return c.execute("SELECT token_version FROM users WHERE id = ?", (uid,)).fetchone()[0]
+                c.run("UPDATE master_keys SET wrapped_master = ?, wrapped_namespace = ?"
+                      " WHERE user_id = ? AND gen = ?", (mk.wrapped_master, mk.wrapped_namespace, uid, mk.gen))
+            c.run("UPDATE users SET auth_hash = ?, kdf_json = ?, token_version = token_version + 1"
+                  " WHERE id = ?", (auth_hash, kdf.model_dump_json(), uid))
+            return c.one("SELECT token_version FROM users WHERE id = ?", (uid,))[0]
+        return self._write(run)
 
-    def set_kdf(self, user_id, kdf):
-        with self.write() as c:
-            c.execute("UPDATE users SET kdf_json = ? WHERE id = ?", (kdf.model_dump_json(), _s(user_id)))
+    def set_kdf(self, user_id: UUID, kdf: KdfParams) -> None:
+        """Store an account's KDF parameters with their check (accounts from before checks)."""
+        self._write(lambda c: c.run("UPDATE users SET kdf_json = ? WHERE id = ?", (kdf.model_dump_json(), _s(user_id))))
 
-    def bump_token_version(self, user_id):
-        with self.write() as c:
-            c.execute("UPDATE users SET token_version = token_version + 1 WHERE id = ?", (_s(user_id),))
-            row = c.execute("SELECT token_version FROM users WHERE id = ?", (_s(user_id),)).fetchone()
-            if row is None:
-                raise E.not_found("no such user")
-            return row[0]
-
-    def add_master_key(self, user_id, mk):
+    def add_master_key(self, user_id: UUID, mk: MasterKeyRecord) -> None:
         uid = _s(user_id)
-        with self.write() as c:
-            row = c.execute("SELECT current_gen FROM users WHERE id = ?", (uid,)).fetchone()
+
+        def run(c: Tx) -> None:
+            row = c.lock_row("SELECT current_gen FROM users WHERE id = ?", (uid,))
             if row is None:
                 raise E.not_found("no such user")
             if mk.gen != row[0] + 1:
                 raise E.conflict(f"gen must be {row[0] + 1}")
-            c.execute("INSERT INTO master_keys VALUES (?,?,?,?)",
-                      (uid, mk.gen, mk.wrapped_master, mk.wrapped_namespace))
-            c.execute("UPDATE users SET current_gen = ? WHERE id = ?", (mk.gen, uid))
+            c.run("INSERT INTO master_keys(user_id, gen, wrapped_master, wrapped_namespace) VALUES (?,?,?,?)",
+                  (uid, mk.gen, mk.wrapped_master, mk.wrapped_namespace))
+            c.run("UPDATE users SET current_gen = ? WHERE id = ?", (mk.gen, uid))
+        self._write(run)
 
-    def delete_master_key(self, user_id, gen):
+    def delete_master_key(self, user_id: UUID, gen: int) -> None:
         uid = _s(user_id)
-        with self.write() as c:
-            if not c.execute("SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?",
-                             (uid, gen)).fetchone():
+
+        def run(c: Tx) -> None:
+            cur = c.lock_row("SELECT current_gen FROM users WHERE id = ?", (uid,))
+            if cur is None or not c.one("SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (uid, gen)):
                 raise E.not_found("no such key generation")
-            cur = c.execute("SELECT current_gen FROM users WHERE id = ?", (uid,)).fetchone()[0]
-            if gen == cur:
+            if gen == cur[0]:
                 raise E.in_use("cannot delete the current key generation")
-            if c.execute("SELECT 1 FROM inodes WHERE user_id = ? AND key_gen = ? LIMIT 1",
-                         (uid, gen)).fetchone():
+            if c.one("SELECT 1 FROM inodes WHERE user_id = ? AND key_gen = ? LIMIT 1", (uid, gen)):
                 raise E.in_use("file keys still use this generation")
-            c.execute("DELETE FROM master_keys WHERE user_id = ? AND gen = ?", (uid, gen))
+            c.run("DELETE FROM master_keys WHERE user_id = ? AND gen = ?", (uid, gen))
+        self._write(run)
 
-    def delete_user(self, user_id):
+    def delete_user(self, user_id: UUID) -> None:
         uid = _s(user_id)
-        with self.write() as c:
-            row = c.execute("SELECT username FROM users WHERE id = ?", (uid,)).fetchone()
-            for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones"):
-                c.execute(f"DELETE FROM {table} WHERE user_id = ?", (uid,))
-            c.execute("DELETE FROM users WHERE id = ?", (uid,))
-            if row:
-                c.execute("DELETE FROM login_failures WHERE key = ?", ("u:" + row[0],))
 
-    # -- throttling
-    def throttle_retry_after(self, limits, window):
+        def run(c: Tx) -> None:
+            c.lock_row("SELECT username FROM users WHERE id = ?", (uid,))
+            for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones", "devices"):
+                c.run(f"DELETE FROM {table} WHERE user_id = ?", (uid,))
+            c.run("DELETE FROM users WHERE id = ?", (uid,))
+        self._write(run)
+
+    # -- devices (sessions)
+    def add_device(self, user_id: UUID, secret_hash: str) -> UUID:
+        device = uuid4()
+        self._write(lambda c: c.run("INSERT INTO devices(id, user_id, secret_hash, created_at) VALUES (?,?,?,?)",
+                                    (_s(device), _s(user_id), secret_hash, time.time())))
+        return device
+
+    def device_of(self, user_id: UUID, device: UUID, secret_hash: str) -> bool:
+        """Whether ``device`` is one of the user's, with that credential."""
+        row = self.db.one("SELECT secret_hash FROM devices WHERE id = ? AND user_id = ?", (_s(device), _s(user_id)))
+        return row is not None and hmac.compare_digest(row[0], secret_hash)
+
+    def get_session_user(self, user_id: UUID, device: UUID) -> UserRecord | None:
+        """The user, if ``device`` is still one of its sessions (one query per request)."""
+        cols = ", ".join("u." + c.strip() for c in self._USER_COLS.split(","))
+        return self._user(self.db.one(f"SELECT {cols} FROM users u JOIN devices d ON d.user_id = u.id"
+                                      " WHERE u.id = ? AND d.id = ?", (_s(user_id), _s(device))))
+
+    def revoke_device(self, user_id: UUID, device: UUID) -> None:
+        self._write(lambda c: c.run("DELETE FROM devices WHERE id = ? AND user_id = ?", (_s(device), _s(user_id))))
+
+    def revoke_all_devices(self, user_id: UUID) -> None:
+        """Every session of the account ends (tokens and device credentials)."""
+        def run(c: Tx) -> None:
+            c.run("DELETE FROM devices WHERE user_id = ?", (_s(user_id),))
+            c.run("UPDATE users SET token_version = token_version + 1 WHERE id = ?", (_s(user_id),))
+        self._write(run)
+
+    # -- throttling (in the database: atomic, and shared by every node)
+    def reserve_attempt(self, limits: Sequence[tuple[str, int]], window: float) -> tuple[float, int | None]:
+        """Count one attempt against each (key, limit) *before* it is checked, so
+        concurrent guesses cannot all be evaluated; unless a limit is already
+        reached: then nothing is counted and the wait in seconds is returned.
+        Returns (the attempt's timestamp, wait or None)."""
         now = time.time()
-        conn = self._conn()
-        worst = None
-        for key, limit in limits:
-            rows = conn.execute("SELECT at FROM login_failures WHERE key = ? AND at > ?"
-                                " ORDER BY at DESC LIMIT ?", (key, now - window, limit)).fetchall()
-            if len(rows) >= limit:
-                # Allowed again once the limit-th most recent failure leaves the window.
-                wait = int(rows[-1][0] + window - now) + 1
-                worst = max(worst or 0, wait)
-        return worst
 
-    def record_login_failure(self, keys, window):
-        now = time.time()
-        with self.write() as c:
-            c.execute("DELETE FROM login_failures WHERE at < ?", (now - window,))
-            c.executemany("INSERT INTO login_failures VALUES (?, ?)", [(k, now) for k in keys])
+        def run(c: Tx) -> int | None:
+            for key, _limit in sorted(limits):
+                c.lock_key("throttle:" + key)
+            worst = None
+            for key, limit in limits:
+                c.run("DELETE FROM login_failures WHERE key = ? AND at <= ?", (key, now - window))
+                rows = c.all("SELECT at FROM login_failures WHERE key = ? ORDER BY at DESC LIMIT ?", (key, limit))
+                if len(rows) >= limit:
+                    # Allowed again once the limit-th most recent attempt leaves the window.
+                    worst = max(worst or 0, int(rows[-1][0] + window - now) + 1)
+            if worst is None:
+                c.many("INSERT INTO login_failures(key, at) VALUES (?, ?)", [(k, now) for k, _ in limits])
+            return worst
+        return now, self._write(run)
 
-    def clear_login_failures(self, key):
-        with self.write() as c:
-            c.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+    def release_attempt(self, keys: Sequence[str], at: float, clear: Sequence[str] = ()) -> None:
+        """An attempt reserved at ``at`` succeeded: it no longer counts, and neither
+        does anything counted under ``clear``."""
+        def run(c: Tx) -> None:
+            c.many("DELETE FROM login_failures WHERE key = ? AND at = ?", [(k, at) for k in keys])
+            c.many("DELETE FROM login_failures WHERE key = ?", [(k,) for k in clear])
+        self._write(run)
 
     # -- namespace reads
-    def _inode_row(self, c, uid: str, inode: str, with_manifest: bool):
-        cols = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta"
-        if with_manifest:
-            cols += ", i.manifest"
-        return c.execute(f"SELECT {cols} FROM inodes i WHERE i.user_id = ? AND i.id = ?",
-                         (uid, inode)).fetchone()
+    _INODE_COLS = "i.id, i.is_dir, i.version, " + _NLINK_SQL + ", i.meta"
 
     @staticmethod
     def _inode(row, with_manifest: bool) -> InodeRecord:
         return InodeRecord(id=UUID(row[0]), is_dir=bool(row[1]), version=row[2], nlink=row[3],
                            meta=row[4], manifest=row[5] if with_manifest else None)
 
-    def get_inode(self, user_id, inode):
-        with self.read() as c:
-            row = self._inode_row(c, _s(user_id), _s(inode), True)
+    def get_inode(self, user_id: UUID, inode: UUID) -> InodeRecord | None:
+        row = self.db.one(f"SELECT {self._INODE_COLS}, i.manifest FROM inodes i WHERE i.user_id = ? AND i.id = ?",
+                          (_s(user_id), _s(inode)))
         return self._inode(row, True) if row else None
 
-    _ENTRY_SQL = ("SELECT d.name_hash, d.name, i.id, i.is_dir, i.version, " + _NLINK_SQL +
-                  ", i.meta FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
+    _ENTRY_SQL = ("SELECT d.name_hash, d.name, " + _INODE_COLS +
+                  " FROM dentries d JOIN inodes i ON i.user_id = d.user_id AND i.id = d.inode"
                   " WHERE d.user_id = ? AND d.parent = ?")
 
-    @staticmethod
-    def _entry(row) -> EntryRecord:
-        return EntryRecord(name_hash=row[0], name=row[1],
-                           inode=InodeRecord(id=UUID(row[2]), is_dir=bool(row[3]), version=row[4],
-                                             nlink=row[5], meta=row[6]))
+    @classmethod
+    def _entry(cls, row) -> EntryRecord:
+        return EntryRecord(name_hash=row[0], name=row[1], inode=cls._inode(row[2:], False))
 
-    def _listing(self, c, uid: str, parent: str, limit: int = -1
+    def _listing(self, c: Tx, uid: str, parent: str, limit: int | None = None
                  ) -> tuple[InodeRecord, list[EntryRecord]] | None:
-        """None when ``parent`` is not one of the user's directories; at most
-        ``limit`` entries (-1: all)."""
-        row = self._inode_row(c, uid, parent, False)
+        """The directory's own record and its entries (at most ``limit``); None when
+        ``parent`` is not one of the user's directories."""
+        row = c.one(f"SELECT {self._INODE_COLS} FROM inodes i WHERE i.user_id = ? AND i.id = ?", (uid, parent))
         if row is None or not row[1]:
             return None
-        rows = c.execute(self._ENTRY_SQL + " ORDER BY d.name_hash LIMIT ?", (uid, parent, limit)).fetchall()
-        return self._inode(row, False), [self._entry(r) for r in rows]
+        sql = self._ENTRY_SQL + " ORDER BY d.name_hash"
+        args: tuple = (uid, parent)
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", args + (limit,)
+        return self._inode(row, False), [self._entry(r) for r in c.all(sql, args)]
 
-    def list_entries(self, user_id, parent):
-        with self.read() as c:
-            return self._listing(c, _s(user_id), _s(parent))
+    def list_entries(self, user_id: UUID, parent: UUID) -> tuple[InodeRecord, list[EntryRecord]] | None:
+        """The directory's own record and its entries, from one snapshot."""
+        return self._read(lambda c: self._listing(c, _s(user_id), _s(parent)))
 
-    def list_entries_many(self, user_id, parents, max_entries):
-        uid, found, room = _s(user_id), [], max_entries
-        with self.read() as c:
+    def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
+                          max_entries: int) -> list[tuple[InodeRecord, list[EntryRecord]]]:
+        """Listings (as ``list_entries``) of those ``parents`` that are the user's
+        directories, in order and from one snapshot, stopping before the one that
+        would take the total past ``max_entries``."""
+        uid = _s(user_id)
+
+        def run(c: Tx):
+            found, room = [], max_entries
             for parent in dict.fromkeys(parents):
                 listing = self._listing(c, uid, _s(parent), room + 1)
                 if listing is None:
@@ -527,36 +341,35 @@ class SqliteMetadataStore(MetadataStore):
                     break
                 found.append(listing)
                 room -= len(listing[1])
-        return found
+            return found
+        return self._read(run)
 
-    def lookup_entry(self, user_id, parent, name_hash):
-        with self.read() as c:
-            row = c.execute(self._ENTRY_SQL + " AND d.name_hash = ?",
-                            (_s(user_id), _s(parent), name_hash)).fetchone()
+    def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None:
+        row = self.db.one(self._ENTRY_SQL + " AND d.name_hash = ?", (_s(user_id), _s(parent), name_hash))
         return self._entry(row) if row else None
 
-    def changes(self, user_id, since):
+    def changes(self, user_id: UUID, since: int) -> tuple[int, list[tuple[UUID, int]]]:
+        """The account's current seq and (inode, seq of its last change) after ``since``."""
         uid = _s(user_id)
-        with self.read() as c:
-            row = c.execute("SELECT seq FROM users WHERE id = ?", (uid,)).fetchone()
-            seq = row[0] if row else 0
-            rows = c.execute("SELECT id, changed_seq FROM inodes WHERE user_id = ? AND changed_seq > ?"
-                             " UNION ALL SELECT inode, seq FROM tombstones WHERE user_id = ? AND seq > ?",
-                             (uid, since, uid, since)).fetchall()
-        return seq, [(UUID(r[0]), r[1]) for r in rows]
 
-    def used_bytes(self, user_id):
-        return self._used(self._conn(), _s(user_id))
+        def run(c: Tx):
+            row = c.one("SELECT seq FROM users WHERE id = ?", (uid,))
+            rows = c.all("SELECT id, changed_seq FROM inodes WHERE user_id = ? AND changed_seq > ?"
+                         " UNION ALL SELECT inode, seq FROM tombstones WHERE user_id = ? AND seq > ?",
+                         (uid, since, uid, since))
+            return (row[0] if row else 0), [(UUID(r[0]), r[1]) for r in rows]
+        return self._read(run)
 
-    @staticmethod
-    def _used(c, uid: str) -> int:
-        row = c.execute("SELECT used_bytes FROM users WHERE id = ?", (uid,)).fetchone()
+    def used_bytes(self, user_id: UUID) -> int:
+        """Everything the account makes the server keep: blobs and metadata."""
+        row = self.db.one("SELECT used_bytes FROM users WHERE id = ?", (_s(user_id),))
         return row[0] if row else 0
 
     # -- namespace writes
-    def apply_ops(self, user_id, ops, inline_sizes, quota, pre_commit=None):
-        with self.write() as c:
-            tx = _OpsTx(c, _s(user_id))
+    def apply_ops(self, user_id: UUID, ops: Sequence, inline_sizes: dict[tuple[UUID, UUID], int],
+                  pre_commit: Callable[[], None] | None = None) -> OpsOutcome:
+        def run(c: Tx) -> OpsOutcome:
+            tx = NamespaceTx(c, _s(user_id), self.default_quota)
             for index, op in enumerate(ops):
                 try:
                     tx.results.append(tx.apply(op, inline_sizes))
@@ -565,415 +378,182 @@ class SqliteMetadataStore(MetadataStore):
                     if len(ops) > 1:
                         e.detail = f"op {index} ({op.op}): {e.detail}"
                     raise
-            if quota is not None and inline_sizes and self._used(c, tx.uid) > quota:
-                raise E.no_space("quota exceeded")
             seq = tx.finish()
             if pre_commit is not None:
                 pre_commit()
-        return OpsOutcome(seq=seq, results=tx.results, drop_blobs=tx.drop_blobs,
-                          drop_inodes=tx.drop_inodes)
+            return OpsOutcome(seq=seq, results=tx.results, drop_blobs=tx.drop_blobs,
+                              drop_inodes=tx.drop_inodes)
+        return self._write(run)
 
     # -- blobs
-    def check_blob_target(self, user_id, inode, blob):
-        uid = _s(user_id)
-        with self.read() as c:
-            row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?",
-                            (uid, _s(inode))).fetchone()
-            # No row yet is fine: a new file's chunks are staged before the one
-            # request that creates it and commits them (atomic appearance).
-            if row is not None and row[0]:
-                raise E.is_dir("directories have no blobs")
-            if c.execute("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",
-                         (uid, _s(inode), _s(blob))).fetchone():
-                raise E.exists("blob already stored")
-            return self._used(c, uid)
+    def _blob_target(self, c: Tx, uid: str, inode: str, blob: str) -> None:
+        row = c.one("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, inode))
+        # No row yet is fine: a new file's chunks are staged before the one
+        # request that creates it and commits them (atomic appearance).
+        if row is not None and row[0]:
+            raise E.is_dir("directories have no blobs")
+        if c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?", (uid, inode, blob)):
+            raise E.exists("blob already stored")
 
-    def add_blob(self, user_id, inode, blob, size, quota, pre_commit=None):
-        uid = _s(user_id)
-        with self.write(durable=False) as c:
-            row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?",
-                            (uid, _s(inode))).fetchone()
-            # No row yet is fine: a new file's chunks are staged before the one
-            # request that creates it and commits them (atomic appearance).
-            if row is not None and row[0]:
-                raise E.is_dir("directories have no blobs")
-            if c.execute("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",
-                         (uid, _s(inode), _s(blob))).fetchone():
-                raise E.exists("blob already stored")
-            if quota is not None and self._used(c, uid) + size > quota:
-                raise E.no_space("quota exceeded")
-            c.execute("INSERT INTO blobs VALUES (?,?,?,?,0,?)",
-                      (uid, _s(inode), _s(blob), size, time.time()))
+    def check_blob_target(self, user: UserRecord, inode: UUID, blob: UUID) -> int:
+        """Validate an upload target; returns the account's current usage."""
+        uid = _s(user.id)
+
+        def run(c: Tx) -> int:
+            self._blob_target(c, uid, _s(inode), _s(blob))
+            return c.one("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
+        return self._read(run)
+
+    def add_blob(self, user: UserRecord, inode: UUID, blob: UUID, size: int,
+                 pre_commit: Callable[[], None] | None = None) -> None:
+        """Record a staged blob of ``size`` bytes that went through this node
+        (charged to the account now)."""
+        self.stage_blobs(user, [(inode, blob, size)], verified=True, pre_commit=pre_commit)
+
+    def stage_blobs(self, user: UserRecord, blobs: Sequence[tuple[UUID, UUID, int]], *, verified: bool,
+                    pre_commit: Callable[[], None] | None = None) -> None:
+        """Record staged blobs (inode, blob, size), all or none, charged to the account
+        now. ``verified=False``: about to be uploaded straight to the object store,
+        so a commit checks first that each arrived with its size; asking again for
+        such a blob with the same size is a retry, not a conflict."""
+        uid = _s(user.id)
+
+        def run(c: Tx) -> None:
+            used = c.lock_row("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
+            new = []
+            for inode, blob, size in blobs:
+                ino, b = _s(inode), _s(blob)
+                if not verified and c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
+                                          " AND size = ? AND committed = 0 AND verified = 0", (uid, ino, b, size)):
+                    continue
+                self._blob_target(c, uid, ino, b)
+                new.append((uid, ino, b, size, int(verified), time.time()))
+            growth = sum(row[3] for row in new)
+            check_quota(used, growth, self.quota_of(user))
+            c.many("INSERT INTO blobs(user_id, inode, blob_id, size, committed, verified, created_at)"
+                   " VALUES (?,?,?,?,0,?,?)", new)
+            c.run("UPDATE users SET used_bytes = used_bytes + ? WHERE id = ?", (growth, uid))
             if pre_commit is not None:
                 pre_commit()
+        # Not durable: a staged row lost in a power cut only makes its commit fail cleanly.
+        self._write(run, durable=False)
 
-    def get_blob(self, user_id, inode, blob):
-        row = self._conn().execute(
-            "SELECT size, committed FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",
-            (_s(user_id), _s(inode), _s(blob))).fetchone()
-        return BlobRecord(size=row[0], committed=bool(row[1])) if row else None
+    def get_blob(self, user_id: UUID, inode: UUID, blob: UUID) -> BlobRecord | None:
+        row = self.db.one("SELECT size, committed FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
+                          " AND committed >= 0", (_s(user_id), _s(inode), _s(blob)))
+        return BlobRecord(size=row[0], committed=row[1] == 1) if row else None
 
-    # -- keys
-    def key_gen(self, user_id, inode):
-        row = self._conn().execute("SELECT key_gen FROM inodes WHERE user_id = ? AND id = ?",
-                                   (_s(user_id), _s(inode))).fetchone()
+    def existing_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]]) -> list[tuple[UUID, UUID]]:
+        """Those of ``wanted`` (inode, blob) that the user has (staged or committed), in order."""
+        uid = _s(user_id)
+        inodes = list(dict.fromkeys(i for i, _ in wanted))
+
+        def run(c: Tx) -> set[tuple[UUID, UUID]]:
+            have = set()
+            for ino in inodes:
+                have.update((ino, UUID(b)) for (b,) in c.all(
+                    "SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ? AND committed >= 0", (uid, _s(ino))))
+            return have
+        have = self._read(run)
+        return [w for w in dict.fromkeys(wanted) if w in have]
+
+    def unverified_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]]) -> list[tuple[UUID, UUID, int]]:
+        """Those of ``wanted`` (inode, blob) uploaded directly and not yet checked, with
+        their declared size."""
+        uid = _s(user_id)
+        by_inode: dict[UUID, set[str]] = {}
+        for ino, blob in wanted:
+            by_inode.setdefault(ino, set()).add(_s(blob))
+
+        def run(c: Tx):
+            out = []
+            for ino, blobs in by_inode.items():
+                for b, size in c.all("SELECT blob_id, size FROM blobs WHERE user_id = ? AND inode = ?"
+                                     " AND verified = 0 AND committed = 0", (uid, _s(ino))):
+                    if b in blobs:
+                        out.append((ino, UUID(b), size))
+            return out
+        return self._read(run)
+
+    def mark_verified(self, user_id: UUID, blobs: Sequence[tuple[UUID, UUID]]) -> None:
+        uid = _s(user_id)
+        self._write(lambda c: c.many("UPDATE blobs SET verified = 1 WHERE user_id = ? AND inode = ?"
+                                     " AND blob_id = ? AND committed = 0",
+                                     [(uid, _s(i), _s(b)) for i, b in blobs]), durable=False)
+
+    # -- file keys (wrapped by the client; opaque here)
+    def get_key(self, user_id: UUID, inode: UUID) -> tuple[int, str] | None:
+        """(gen, wrapped key) of a file; None if it has none; not_found if no inode."""
+        row = self.db.one("SELECT key_gen, wrapped_key FROM inodes WHERE user_id = ? AND id = ?",
+                          (_s(user_id), _s(inode)))
         if row is None:
             raise E.not_found("no such inode")
-        return row[0]
+        return (row[0], row[1]) if row[0] is not None and row[1] is not None else None
 
-    def key_gens(self, user_id):
-        rows = self._conn().execute(
-            "SELECT id, key_gen FROM inodes WHERE user_id = ? AND key_gen IS NOT NULL ORDER BY id",
-            (_s(user_id),)).fetchall()
-        return [(UUID(i), g) for i, g in rows]
+    def list_keys(self, user_id: UUID) -> list[tuple[UUID, int, str]]:
+        rows = self.db.all("SELECT id, key_gen, wrapped_key FROM inodes WHERE user_id = ? AND key_gen IS NOT NULL"
+                           " AND wrapped_key IS NOT NULL ORDER BY id", (_s(user_id),))
+        return [(UUID(i), g, k) for i, g, k in rows]
 
-    def set_key_gens(self, user_id, updates, pre_commit=None):
-        uid = _s(user_id)
-        with self.write() as c:
-            gens = {g for (g,) in c.execute("SELECT gen FROM master_keys WHERE user_id = ?", (uid,))}
-            for inode, gen in updates:
-                row = c.execute("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?",
-                                (uid, _s(inode))).fetchone()
+    def set_keys(self, user: UserRecord, updates: Sequence[tuple[UUID, int, str]]) -> None:
+        """Replace wrapped file keys (rotate-key), all or none."""
+        uid = _s(user.id)
+
+        def run(c: Tx) -> None:
+            used = c.lock_row("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
+            gens = {g for (g,) in c.all("SELECT gen FROM master_keys WHERE user_id = ?", (uid,))}
+            growth = 0
+            for inode, gen, wrapped in updates:
+                row = c.one(f"SELECT is_dir, {INODE_BYTES_SQL} FROM inodes WHERE user_id = ? AND id = ?",
+                            (uid, _s(inode)))
                 if row is None:
                     raise E.not_found(f"no such inode {inode}")
                 if row[0]:
                     raise E.invalid("directories have no file key")
                 if gen not in gens:
                     raise E.unknown_key_gen(gen)
-                c.execute("UPDATE inodes SET key_gen = ? WHERE user_id = ? AND id = ?",
-                          (gen, uid, _s(inode)))
-            if pre_commit is not None:
-                pre_commit()
+                c.run("UPDATE inodes SET key_gen = ?, wrapped_key = ? WHERE user_id = ? AND id = ?",
+                      (gen, wrapped, uid, _s(inode)))
+                growth += c.one(f"SELECT {INODE_BYTES_SQL} FROM inodes WHERE user_id = ? AND id = ?",
+                                (uid, _s(inode)))[0] - row[1]
+            check_quota(used, growth, self.quota_of(user))
+            c.run("UPDATE users SET used_bytes = used_bytes + ? WHERE id = ?", (growth, uid))
+        self._write(run)
 
     # -- maintenance
-    def expire_staged(self, older_than):
-        with self.write() as c:
-            rows = c.execute("SELECT user_id, inode, blob_id FROM blobs WHERE committed = 0"
-                             " AND created_at < ?", (older_than,)).fetchall()
-            c.execute("DELETE FROM blobs WHERE committed = 0 AND created_at < ?", (older_than,))
+    def claim_staged(self, older_than: float) -> list[tuple[UUID, UUID, UUID]]:
+        """Staged blobs older than ``older_than``, marked as being swept (a commit
+        no longer accepts them) so their objects can be deleted. Safe from several
+        nodes at once: a blob may be claimed twice, deleting it twice is harmless."""
+        def run(c: Tx):
+            return c.all("UPDATE blobs SET committed = -1 WHERE committed <> 1 AND created_at < ?"
+                         " RETURNING user_id, inode, blob_id", (older_than,))
+        rows = self._write(run)
         return [(UUID(u), UUID(i), UUID(b)) for u, i, b in rows]
 
-    def expire_orphans(self, older_than):
-        dropped: list[tuple[UUID, UUID]] = []
-        with self.write() as c:
-            rows = c.execute("SELECT user_id, id FROM inodes WHERE orphan_since IS NOT NULL"
-                             " AND orphan_since < ?", (older_than,)).fetchall()
-            by_user: dict[str, list[str]] = {}
-            for uid, ino in rows:
-                by_user.setdefault(uid, []).append(ino)
-            for uid, inos in by_user.items():
-                tx = _OpsTx(c, uid)
-                for ino in inos:
+    def forget_swept(self, blobs: Sequence[tuple[UUID, UUID, UUID]]) -> None:
+        """Drop the rows of swept blobs whose objects are gone (uncharging their owners)."""
+        def run(c: Tx) -> None:
+            for user, inode, blob in blobs:
+                row = c.one("DELETE FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ? AND committed = -1"
+                            " RETURNING size", (_s(user), _s(inode), _s(blob)))
+                if row:
+                    c.run("UPDATE users SET used_bytes = used_bytes - ? WHERE id = ?", (row[0], _s(user)))
+        self._write(run)
+
+    def expire_orphans(self, older_than: float) -> list[tuple[UUID, UUID, list[UUID]]]:
+        """Delete orphans (no names left) older than ``older_than``: (user, inode, its blobs)."""
+        rows = self.db.all("SELECT DISTINCT user_id FROM inodes WHERE orphan_since IS NOT NULL"
+                           " AND orphan_since < ?", (older_than,))
+        dropped: list[tuple[UUID, UUID, list[UUID]]] = []
+        for (uid,) in rows:
+            def run(c: Tx, uid=uid):
+                tx = NamespaceTx(c, uid)
+                for (ino,) in c.all("SELECT id FROM inodes WHERE user_id = ? AND orphan_since IS NOT NULL"
+                                    " AND orphan_since < ?", (uid, older_than)):
                     if tx.links(ino) == 0 and ino != tx.root:
                         tx.drop_inode(ino)
-                    else:   # pragma: no cover - orphan_since is cleared on link
-                        c.execute("UPDATE inodes SET orphan_since = NULL WHERE user_id = ? AND id = ?",
-                                  (uid, ino))
                 tx.finish()
-                dropped.extend((UUID(uid), i) for i in tx.drop_inodes)
+                return [(UUID(uid), i, [b for bi, b in tx.drop_blobs if bi == i]) for i in tx.drop_inodes]
+            dropped.extend(self._write(run))
         return dropped
-
-
-class _OpsTx:
-    """Applies ops inside an open write transaction for one user."""
-
-    def __init__(self, c: sqlite3.Connection, uid: str) -> None:
-        self.c, self.uid = c, uid
-        row = c.execute("SELECT seq, root_inode FROM users WHERE id = ?", (uid,)).fetchone()
-        if row is None:
-            raise E.not_found("no such user")
-        self.seq = row[0] + 1
-        self.root = row[1]
-        self.now = time.time()
-        self.touched: set[str] = set()
-        self.dropped: set[str] = set()
-        self.results: list[tuple[UUID | None, int | None]] = []
-        self.drop_blobs: list[tuple[UUID, UUID]] = []
-        self.drop_inodes: list[UUID] = []
-
-    # -- helpers
-    def inode(self, ino: str):
-        """(is_dir, version, key_gen) or None."""
-        return self.c.execute("SELECT is_dir, version, key_gen FROM inodes WHERE user_id = ? AND id = ?",
-                              (self.uid, ino)).fetchone()
-
-    def require_inode(self, ino: str, what: str = "inode"):
-        row = self.inode(ino)
-        if row is None:
-            raise E.not_found(f"no such {what}")
-        return row
-
-    def require_dir(self, ino: str):
-        row = self.inode(ino)
-        if row is None:
-            raise E.not_found("no such directory")
-        if not row[0]:
-            raise E.not_dir("parent is not a directory")
-        return row
-
-    def entry(self, parent: str, name_hash: str):
-        """(inode, is_dir) or None."""
-        return self.c.execute("SELECT inode, is_dir FROM dentries WHERE user_id = ? AND parent = ?"
-                              " AND name_hash = ?", (self.uid, parent, name_hash)).fetchone()
-
-    def links(self, ino: str) -> int:
-        return self.c.execute("SELECT count(*) FROM dentries WHERE user_id = ? AND inode = ?",
-                              (self.uid, ino)).fetchone()[0]
-
-    def dir_empty(self, ino: str) -> bool:
-        return self.c.execute("SELECT 1 FROM dentries WHERE user_id = ? AND parent = ? LIMIT 1",
-                              (self.uid, ino)).fetchone() is None
-
-    def add_entry(self, parent: str, name_hash: str, ino: str, is_dir: bool, name: str) -> None:
-        self.c.execute("INSERT INTO dentries VALUES (?,?,?,?,?,?)",
-                       (self.uid, parent, name_hash, ino, int(is_dir), name))
-
-    def del_entry(self, parent: str, name_hash: str) -> None:
-        self.c.execute("DELETE FROM dentries WHERE user_id = ? AND parent = ? AND name_hash = ?",
-                       (self.uid, parent, name_hash))
-
-    def touch(self, *inos: str) -> None:
-        self.touched.update(inos)
-
-    def drop_inode(self, ino: str) -> None:
-        c, uid = self.c, self.uid
-        for (b,) in c.execute("SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ?", (uid, ino)):
-            self.drop_blobs.append((UUID(ino), UUID(b)))
-        c.execute("DELETE FROM blobs WHERE user_id = ? AND inode = ?", (uid, ino))
-        c.execute("DELETE FROM dentries WHERE user_id = ? AND parent = ?", (uid, ino))
-        c.execute("DELETE FROM inodes WHERE user_id = ? AND id = ?", (uid, ino))
-        c.execute("INSERT OR REPLACE INTO tombstones VALUES (?,?,?)", (uid, ino, self.seq))
-        self.drop_inodes.append(UUID(ino))
-        self.dropped.add(ino)
-
-    def release(self, ino: str, is_dir: bool, keep_orphan: bool) -> None:
-        """``ino`` lost a name: delete it (or keep it as an orphan) if it has none left."""
-        self.touch(ino)
-        if self.links(ino) > 0:
-            return
-        if is_dir or not keep_orphan:
-            self.drop_inode(ino)
-        else:
-            self.c.execute("UPDATE inodes SET orphan_since = ? WHERE user_id = ? AND id = ?",
-                           (self.now, self.uid, ino))
-
-    def version(self, ino: str) -> int | None:
-        row = self.inode(ino)
-        return row[1] if row else None
-
-    def finish(self) -> int:
-        live = [i for i in self.touched if i not in self.dropped]
-        self.c.executemany("UPDATE inodes SET changed_seq = ? WHERE user_id = ? AND id = ?",
-                           [(self.seq, self.uid, i) for i in live])
-        self.c.execute("UPDATE users SET seq = ? WHERE id = ?", (self.seq, self.uid))
-        return self.seq
-
-    # -- ops
-    def apply(self, op, inline_sizes) -> tuple[UUID | None, int | None]:
-        handler = getattr(self, "op_" + op.op)
-        return handler(op, inline_sizes)
-
-    def op_create(self, op: OpCreate, _inline):
-        ino, parent = _s(op.inode), _s(op.parent)
-        self.require_dir(parent)
-        if self.entry(parent, op.name_hash):
-            raise E.exists("name exists")
-        if self.inode(ino) is not None or ino in self.dropped:
-            raise E.exists("inode id already used")
-        if op.is_dir and op.wrapped_key is not None:
-            raise E.invalid("directories have no file key")
-        self.require_key_gen(op)
-        self.c.execute("INSERT INTO inodes(user_id, id, is_dir, version, meta, key_gen, changed_seq)"
-                       " VALUES (?,?,?,1,?,?,?)",
-                       (self.uid, ino, int(op.is_dir), op.meta, op.key_gen, self.seq))
-        self.c.execute("DELETE FROM tombstones WHERE user_id = ? AND inode = ?", (self.uid, ino))
-        self.add_entry(parent, op.name_hash, ino, op.is_dir, op.name)
-        self.touch(ino, parent)
-        return op.inode, 1
-
-    def op_link(self, op: OpLink, _inline):
-        ino, parent = _s(op.inode), _s(op.parent)
-        row = self.require_inode(ino)
-        if row[0]:
-            raise E.is_dir("cannot hard-link a directory")
-        self.require_dir(parent)
-        if self.entry(parent, op.name_hash):
-            raise E.exists("name exists")
-        self.add_entry(parent, op.name_hash, ino, False, op.name)
-        self.c.execute("UPDATE inodes SET orphan_since = NULL WHERE user_id = ? AND id = ?",
-                       (self.uid, ino))
-        self.touch(ino, parent)
-        return op.inode, row[1]
-
-    def _expect(self, ent, expect: UUID | None) -> None:
-        """The client's directory digest counts on this entry naming ``expect``."""
-        if expect is not None and ent[0] != _s(expect):
-            raise E.stale("the entry no longer names the expected inode")
-
-    def op_unlink(self, op: OpUnlink, _inline):
-        parent = _s(op.parent)
-        self.require_dir(parent)
-        ent = self.entry(parent, op.name_hash)
-        if ent is None:
-            raise E.not_found("no such entry")
-        self._expect(ent, op.expect_inode)
-        ino, isdir = ent
-        if isdir:
-            raise E.is_dir("is a directory (use rmdir)")
-        self.del_entry(parent, op.name_hash)
-        self.touch(parent)
-        self.release(ino, False, op.keep_orphan)
-        return UUID(ino), self.version(ino)
-
-    def op_rmdir(self, op: OpRmdir, _inline):
-        parent = _s(op.parent)
-        self.require_dir(parent)
-        ent = self.entry(parent, op.name_hash)
-        if ent is None:
-            raise E.not_found("no such entry")
-        self._expect(ent, op.expect_inode)
-        ino, isdir = ent
-        if not isdir:
-            raise E.not_dir("not a directory")
-        if not self.dir_empty(ino):
-            raise E.not_empty()
-        self.del_entry(parent, op.name_hash)
-        self.touch(parent)
-        self.release(ino, True, False)
-        return UUID(ino), None
-
-    def op_rename(self, op: OpRename, _inline):
-        sp, dp = _s(op.src_parent), _s(op.dst_parent)
-        self.require_dir(sp)
-        src = self.entry(sp, op.src_hash)
-        if src is None:
-            raise E.not_found("no such source entry")
-        self.require_dir(dp)
-        self._expect(src, op.src_inode)
-        ino, isdir = src[0], bool(src[1])
-        if sp == dp and op.src_hash == op.dst_hash:
-            return UUID(ino), self.version(ino)            # rename(a, a): no-op
-        dst = self.entry(dp, op.dst_hash)
-        if dst is None and op.dst_inode is not None:
-            raise E.stale("the target no longer exists")
-        if dst is not None:
-            if op.noreplace:
-                raise E.exists("target exists")
-            self._expect(dst, op.dst_inode)
-            if dst[0] == ino:
-                return UUID(ino), self.version(ino)        # two names of one inode: no-op
-            if isdir and not dst[1]:
-                raise E.not_dir("cannot replace a non-directory with a directory")
-            if not isdir and dst[1]:
-                raise E.is_dir("cannot replace a directory with a non-directory")
-            if dst[1] and not self.dir_empty(dst[0]):
-                raise E.not_empty("target directory not empty")
-        if isdir:
-            self._not_under(dp, ino)
-        if dst is not None:
-            self.del_entry(dp, op.dst_hash)
-            self.release(dst[0], bool(dst[1]), op.keep_orphan)
-        self.del_entry(sp, op.src_hash)
-        self.add_entry(dp, op.dst_hash, ino, isdir, op.dst_name)
-        self.touch(ino, sp, dp)
-        return UUID(ino), self.version(ino)
-
-    def _not_under(self, target_parent: str, moved_dir: str) -> None:
-        """A directory cannot move into itself or one of its descendants."""
-        cur, seen = target_parent, set()
-        while cur is not None and cur not in seen:
-            if cur == moved_dir:
-                raise E.invalid_move()
-            seen.add(cur)
-            row = self.c.execute("SELECT parent FROM dentries WHERE user_id = ? AND inode = ?"
-                                 " LIMIT 1", (self.uid, cur)).fetchone()
-            cur = row[0] if row else None
-
-    def op_exchange(self, op: OpExchange, _inline):
-        ap, bp = _s(op.a_parent), _s(op.b_parent)
-        self.require_dir(ap)
-        self.require_dir(bp)
-        a, b = self.entry(ap, op.a_hash), self.entry(bp, op.b_hash)
-        if a is None or b is None:
-            raise E.not_found("no such entry")
-        self._expect(a, op.a_inode)
-        self._expect(b, op.b_inode)
-        if a[0] == b[0]:
-            return op.a_inode, self.version(a[0])          # one inode, two names: nothing moves
-        if a[1]:
-            self._not_under(bp, a[0])
-        if b[1]:
-            self._not_under(ap, b[0])
-        self.del_entry(ap, op.a_hash)
-        self.del_entry(bp, op.b_hash)
-        self.add_entry(ap, op.a_hash, b[0], bool(b[1]), op.a_name)
-        self.add_entry(bp, op.b_hash, a[0], bool(a[1]), op.b_name)
-        self.touch(a[0], b[0], ap, bp)
-        return op.a_inode, self.version(a[0])
-
-    def op_setmeta(self, op: OpSetMeta, _inline):
-        ino = _s(op.inode)
-        row = self.require_inode(ino)
-        if row[1] != op.base_version:
-            raise E.conflict(f"version is {row[1]}, not {op.base_version}")
-        self.c.execute("UPDATE inodes SET meta = ?, version = version + 1"
-                       " WHERE user_id = ? AND id = ?", (op.meta, self.uid, ino))
-        self.touch(ino)
-        return op.inode, row[1] + 1
-
-    def require_key_gen(self, op) -> None:
-        """A new file key's fields go together and name one of the account's generations."""
-        if (op.wrapped_key is None) != (op.key_gen is None):
-            raise E.invalid("wrapped_key and key_gen go together")
-        if op.key_gen is not None and not self.c.execute(
-                "SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)).fetchone():
-            raise E.unknown_key_gen(op.key_gen)      # retired by a rotate-key: the client re-wraps
-
-    def op_commit(self, op: OpCommit, inline_sizes):
-        c, uid, ino = self.c, self.uid, _s(op.inode)
-        row = self.require_inode(ino)
-        if row[0]:
-            raise E.is_dir("directories have no content")
-        if row[1] != op.base_version:
-            raise E.conflict(f"version is {row[1]}, not {op.base_version}")
-        self.require_key_gen(op)
-        if op.key_gen is not None:
-            c.execute("UPDATE inodes SET key_gen = ? WHERE user_id = ? AND id = ?", (op.key_gen, uid, ino))
-        dropped = {(i, b) for i, b in self.drop_blobs}
-        for ib in op.inline:
-            if (op.inode, ib.blob_id) in dropped or c.execute("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",
-                         (uid, ino, _s(ib.blob_id))).fetchone():
-                raise E.exists(f"blob {ib.blob_id} already stored")
-            c.execute("INSERT INTO blobs VALUES (?,?,?,?,0,?)",
-                      (uid, ino, _s(ib.blob_id), inline_sizes[(op.inode, ib.blob_id)], self.now))
-        c.execute("CREATE TEMP TABLE IF NOT EXISTS commit_set(blob_id TEXT PRIMARY KEY)")
-        c.execute("DELETE FROM temp.commit_set")
-        c.executemany("INSERT OR IGNORE INTO temp.commit_set VALUES (?)", ((_s(b),) for b in op.blobs))
-        missing = c.execute("SELECT s.blob_id FROM temp.commit_set s WHERE NOT EXISTS (SELECT 1 FROM blobs b"
-                            " WHERE b.user_id = ? AND b.inode = ? AND b.blob_id = s.blob_id) LIMIT 1",
-                            (uid, ino)).fetchone()
-        if missing:
-            raise E.invalid(f"blob {missing[0]} is not stored for this inode")
-        c.execute("UPDATE blobs SET committed = 1 WHERE user_id = ? AND inode = ? AND committed = 0"
-                  " AND blob_id IN (SELECT blob_id FROM temp.commit_set)", (uid, ino))
-        stale = c.execute("SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ? AND committed = 1"
-                          " AND blob_id NOT IN (SELECT blob_id FROM temp.commit_set)", (uid, ino)).fetchall()
-        if stale:
-            c.executemany("DELETE FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?",
-                          [(uid, ino, b) for (b,) in stale])
-            self.drop_blobs.extend((op.inode, UUID(b)) for (b,) in stale)
-        c.execute("DELETE FROM temp.commit_set")
-        c.execute("UPDATE inodes SET meta = ?, manifest = ?, version = version + 1"
-                  " WHERE user_id = ? AND id = ?", (op.meta, op.manifest, uid, ino))
-        self.touch(ino)
-        return op.inode, row[1] + 1
-
-    def op_delete_inode(self, op: OpDeleteInode, _inline):
-        ino = _s(op.inode)
-        self.require_inode(ino)
-        if ino == self.root:
-            raise E.in_use("the root directory cannot be deleted")
-        if self.links(ino) > 0:
-            raise E.in_use("inode still has names")
-        self.drop_inode(ino)
-        return op.inode, None

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .sqldb import Unavailable
+
 log = logging.getLogger("zkfs.server")
 
 
@@ -44,6 +46,10 @@ def token_invalid(detail: str = "invalid token") -> ApiError:
 
 def token_expired() -> ApiError:
     return ApiError(401, "token_expired", "token expired", {"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(detail: str = "forbidden") -> ApiError:
+    return ApiError(403, "forbidden", detail)
 
 
 def not_found(detail: str = "not found") -> ApiError:
@@ -86,12 +92,20 @@ def unknown_key_gen(gen: int) -> ApiError:
     return ApiError(409, "unknown_key_gen", f"unknown key generation {gen}")
 
 
+def direct_unavailable() -> ApiError:
+    return ApiError(409, "direct_unavailable", "this server's blob store moves chunks through the API only")
+
+
+def unavailable(detail: str = "the database is unavailable, try again") -> ApiError:
+    return ApiError(503, "unavailable", detail, {"Retry-After": "1"})
+
+
 def too_large(detail: str = "body too large") -> ApiError:
     return ApiError(413, "too_large", detail)
 
 
-def throttled(retry_after: int) -> ApiError:
-    return ApiError(429, "throttled", "too many failed logins",
+def throttled(retry_after: int, detail: str = "too many failed logins") -> ApiError:
+    return ApiError(429, "throttled", detail,
                     {"Retry-After": str(max(1, int(retry_after)))})
 
 
@@ -128,22 +142,24 @@ def _one_line_validation(exc: RequestValidationError) -> str:
 
 
 class BodyLimitMiddleware:
-    """Caps request bodies (except under ``exempt_prefix``, whose routes stream and
-    enforce their own limit) with a ``too_large`` error in the usual shape."""
+    """Caps request bodies (``limits`` by path, else ``default``; not under
+    ``exempt_prefix``, whose routes stream and enforce their own limit) with a
+    ``too_large`` error in the usual shape, before anything reads or parses them."""
 
-    def __init__(self, app, limit: int, exempt_prefix: str) -> None:
-        self.app, self.limit, self.exempt_prefix = app, limit, exempt_prefix
+    def __init__(self, app, default: int, limits: dict[str, int], exempt_prefix: str) -> None:
+        self.app, self.default, self.limits, self.exempt_prefix = app, default, limits, exempt_prefix
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefix):
             return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.limit:
+                if declared > limit:
                     response = _body(413, "too_large", "request body too large")
                     return await response(scope, receive, send)
         received = 0
@@ -153,7 +169,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     # Re-raised by FastAPI's body reader, then mapped by _http below.
                     raise StarletteHTTPException(413, "request body too large")
             return message
@@ -175,6 +191,12 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         return _body(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_req: Request, exc: Unavailable):
+        log.warning("%s", exc)
+        e = unavailable()
+        return _body(e.status, e.code, e.detail, e.headers)
 
     @app.exception_handler(OverflowError)
     async def _overflow(_req: Request, _exc: OverflowError):

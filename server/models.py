@@ -79,14 +79,19 @@ class NewKdfParams(KdfParams):
 class MasterKeyRecord(Strict):
     """One generation of the master key: wrapped by the password KEK, plus the
     namespace key wrapped by this master key."""
-    gen: int = Field(ge=1)
+    gen: int = Field(ge=1, le=2**31)
     wrapped_master: Annotated[B64, Field(max_length=MAX_KEY_B64)]
     wrapped_namespace: Annotated[B64, Field(max_length=MAX_KEY_B64)]
 
 
+AuthKey = Annotated[B64, Field(min_length=40, max_length=128)]
+DeviceCredential = Annotated[str, Field(max_length=128, pattern=r"^[0-9a-f-]{36}\.[A-Za-z0-9_-]+$")]
+
+
 class RegisterRequest(Strict):
     username: Username
-    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    auth_key: AuthKey
+    invite: Annotated[str, Field(max_length=64)] | None = None   # --registration invite
     kdf: NewKdfParams
     master_key: MasterKeyRecord
     root_inode: UUID
@@ -105,7 +110,10 @@ class KdfLookupResponse(BaseModel):
 
 class LoginRequest(Strict):
     username: Username
-    auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    auth_key: AuthKey
+    # From an earlier login on this device: exempts it from the per-account throttles
+    # (others guessing at the account never lock its own devices out).
+    device: DeviceCredential | None = None
 
 
 class TokenResponse(BaseModel):
@@ -113,6 +121,13 @@ class TokenResponse(BaseModel):
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
     user_id: UUID
+    device: str | None = None       # a new device's credential: keep it, send it with logins
+
+
+class ReauthRequest(Strict):
+    """A fresh proof of the password-derived key, for destructive operations
+    (a bearer token alone does not delete an account)."""
+    auth_key: AuthKey
 
 
 class AccountResponse(BaseModel):
@@ -125,8 +140,8 @@ class AccountResponse(BaseModel):
 
 
 class PasswordChangeRequest(Strict):
-    current_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
-    new_auth_key: Annotated[B64, Field(min_length=40, max_length=128)]
+    current_auth_key: AuthKey
+    new_auth_key: AuthKey
     new_kdf: NewKdfParams
     # Every generation re-wrapped under the new KEK (same gens as stored).
     master_keys: list[MasterKeyRecord] = Field(max_length=64)
@@ -138,11 +153,12 @@ class KdfCheckRequest(Strict):
 
 class NewMasterKeyRequest(Strict):
     master_key: MasterKeyRecord   # gen must be current_gen + 1; becomes current
+    auth_key: AuthKey             # fresh proof of the password-derived key
 
 
 class KeyUpdate(Strict):
     inode: UUID
-    gen: int = Field(ge=1)
+    gen: int = Field(ge=1, le=2**31)
     wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)]
 
 
@@ -221,7 +237,7 @@ class OpCreate(Strict):
     parent: UUID
     name_hash: NameHash
     name: Annotated[B64, Field(max_length=MAX_NAME_B64)]
-    key_gen: int | None = Field(default=None, ge=1)
+    key_gen: int | None = Field(default=None, ge=1, le=2**31)
     wrapped_key: Annotated[B64, Field(max_length=MAX_KEY_B64)] | None = None
 
 
@@ -318,6 +334,38 @@ class OpResult(BaseModel):
 class OpsResponse(BaseModel):
     seq: int
     results: list[OpResult]
+
+
+# ---------------------------------------------------------------- blobs
+class BlobRef(Strict):
+    inode: UUID
+    blob_id: UUID
+
+
+class BlobUpload(BlobRef):
+    size: int = Field(ge=0, le=2**40)
+
+
+class UploadUrlsRequest(Strict):
+    blobs: list[BlobUpload] = Field(min_length=1, max_length=MAX_LISTINGS)
+
+
+class DownloadUrlsRequest(Strict):
+    blobs: list[BlobRef] = Field(min_length=1, max_length=MAX_LISTINGS)
+
+
+class BlobUrl(BaseModel):
+    inode: UUID
+    blob_id: UUID
+    url: str
+
+
+class BlobUrlsResponse(BaseModel):
+    """Upload: PUT exactly the blob's declared size to its URL (no other header
+    needed). Download: GET (a ``Range`` is honoured); blobs the user does not have
+    are left out. Valid ``expires_in`` seconds."""
+    urls: list[BlobUrl]
+    expires_in: int
 
 
 # ---------------------------------------------------------------- misc

@@ -1,9 +1,11 @@
-"""Blob storage: opaque, immutable objects addressed by (user, inode, blob) UUIDs.
+"""Blob storage: opaque, immutable chunk objects addressed by (user, inode, blob)
+UUIDs. Only chunks: wrapped file keys live in the metadata database. What a store
+does is a streamed put, a ranged get, delete and list; an object store can also
+hand out short-lived URLs so chunk bytes skip the API nodes (:mod:`server.s3store`).
 
 Layout of :class:`LocalBlobStore`::
 
     <root>/<user_uuid>/<inode_uuid>/<blob_uuid>   chunk objects
-    <root>/<user_uuid>/<inode_uuid>/key           the inode's wrapped file key
 
 Paths are only ever built from :class:`uuid.UUID` objects. Every write goes to a
 ``*.tmp`` file in the target directory, is fsynced, then renamed into place.
@@ -21,6 +23,7 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import anyio
@@ -29,7 +32,7 @@ from .errors import ApiError, no_space, not_found, too_large
 
 log = logging.getLogger("zkfs.server")
 
-KEY_OBJECT = "key"
+LEGACY_KEY_OBJECT = "key"       # where schema version 1 kept an inode's wrapped file key
 _WRITE_BUFFER = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 
@@ -45,15 +48,15 @@ class Staged(abc.ABC):
 
     @abc.abstractmethod
     def discard(self) -> None:
-        """Undo it, whether or not it was committed (a replaced object is restored).
-        Never raises."""
-
-    def done(self) -> None:
-        """Call once the metadata that references it is committed."""
+        """Undo it, whether or not it was committed. Never raises."""
 
 
 class BlobStore(abc.ABC):
-    """Narrow interface so another backend (e.g. S3) can be plugged in."""
+    """Narrow interface: a local folder or an S3 bucket."""
+
+    # Whether clients may move chunk bytes with URLs from presign_* (no bytes
+    # through the API nodes).
+    direct = False
 
     # -- writes
     @abc.abstractmethod
@@ -63,31 +66,8 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def stage_bytes(self, user: UUID, inode: UUID, blob: UUID, data: bytes) -> Staged: ...
 
-    @abc.abstractmethod
     def sync_inode(self, user: UUID, inode: UUID) -> None:
         """Make every streamed blob of this inode durable under its final name."""
-
-    @abc.abstractmethod
-    def stage_key(self, user: UUID, inode: UUID, data: bytes) -> Staged: ...
-
-    async def put_stream(self, user: UUID, inode: UUID, blob: UUID,
-                         chunks: AsyncIterator[bytes], max_bytes: int) -> int:
-        staged = await self.stage_stream(user, inode, blob, chunks, max_bytes)
-        try:
-            staged.commit()
-        except BaseException:
-            staged.discard()
-            raise
-        return staged.size
-
-    def put_bytes(self, user: UUID, inode: UUID, blob: UUID, data: bytes) -> int:
-        staged = self.stage_bytes(user, inode, blob, data)
-        try:
-            staged.commit()
-        except BaseException:
-            staged.discard()
-            raise
-        return staged.size
 
     # -- reads
     @abc.abstractmethod
@@ -96,10 +76,19 @@ class BlobStore(abc.ABC):
         """Bytes ``[start, end)``. Opens eagerly: raises not_found if missing."""
 
     @abc.abstractmethod
-    def size(self, user: UUID, inode: UUID, blob: UUID) -> int | None: ...
+    def sizes(self, user: UUID, inode: UUID) -> dict[UUID, int]:
+        """Every stored chunk of one inode with its size (one listing)."""
 
     @abc.abstractmethod
-    def get_key(self, user: UUID, inode: UUID) -> bytes | None: ...
+    def list_blobs(self, user: UUID | None = None) -> Iterator[tuple[UUID, UUID, UUID]]:
+        """(user, inode, blob) of every stored chunk (of one user)."""
+
+    # -- direct transfers
+    def presign_put(self, user: UUID, inode: UUID, blob: UUID, size: int, ttl: int) -> str:
+        raise NotImplementedError
+
+    def presign_get(self, user: UUID, inode: UUID, blob: UUID, ttl: int) -> str:
+        raise NotImplementedError
 
     # -- deletes
     @abc.abstractmethod
@@ -112,12 +101,16 @@ class BlobStore(abc.ABC):
     def delete_user(self, user: UUID) -> None: ...
 
     # -- maintenance
-    @abc.abstractmethod
-    def free_bytes(self) -> int: ...
+    def free_bytes(self) -> int | None:
+        """Space left (None: the store does not say)."""
+        return None
 
-    @abc.abstractmethod
     def cleanup_temp(self) -> int:
         """Remove every leftover temp file (call at start only). Returns count."""
+        return 0
+
+    def describe(self) -> str:
+        return type(self).__name__
 
 
 def _u(value: UUID) -> str:
@@ -152,12 +145,9 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 class _LocalStaged(Staged):
-    def __init__(self, tmp: Path, final: Path, size: int, keep_backup: bool = False,
-                 sync_dir: bool = True) -> None:
+    def __init__(self, tmp: Path, final: Path, size: int, sync_dir: bool = True) -> None:
         self.tmp, self.final, self.size = tmp, final, size
-        self.keep_backup = keep_backup
         self.sync_dir = sync_dir
-        self.backup: Path | None = None
         self.committed = False
         self.discarded = False
 
@@ -165,13 +155,6 @@ class _LocalStaged(Staged):
         if self.committed:
             return
         try:
-            if self.keep_backup:
-                backup = self.tmp.with_name(self.tmp.name[:-4] + ".bak.tmp")
-                try:
-                    os.link(self.final, backup)
-                    self.backup = backup
-                except FileNotFoundError:
-                    pass
             os.replace(self.tmp, self.final)
             if self.sync_dir:
                 _fsync_dir(self.final.parent)
@@ -179,25 +162,11 @@ class _LocalStaged(Staged):
             raise _as_no_space(e) from None
         self.committed = True
 
-    def done(self) -> None:
-        if self.backup is not None:
-            _unlink(self.backup)
-            self.backup = None
-
     def discard(self) -> None:
         if self.discarded:
             return
         self.discarded = True
-        if self.committed and self.backup is not None:
-            try:
-                os.replace(self.backup, self.final)
-                self.backup = None
-                return
-            except OSError:   # pragma: no cover
-                pass
         _unlink(self.final if self.committed else self.tmp)
-        if self.backup is not None:
-            _unlink(self.backup)
         _rmdir_if_empty(self.final.parent)
 
 
@@ -212,6 +181,9 @@ class LocalBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.root)
 
     # -- paths
     def _inode_dir(self, user: UUID, inode: UUID) -> Path:
@@ -266,7 +238,8 @@ class LocalBlobStore(BlobStore):
         # one directory fsync per committed file instead of one per chunk.
         return _LocalStaged(tmp, final, size, sync_dir=False)
 
-    def _stage(self, final: Path, data: bytes, keep_backup: bool = False) -> Staged:
+    def stage_bytes(self, user, inode, blob, data) -> Staged:
+        final = self._path(user, inode, blob)
         try:
             tmp, fd = self._open_tmp(final)
         except OSError as e:
@@ -283,20 +256,13 @@ class LocalBlobStore(BlobStore):
             if isinstance(e, OSError):
                 raise _as_no_space(e) from None
             raise
-        return _LocalStaged(tmp, final, len(data), keep_backup)
-
-    def stage_bytes(self, user, inode, blob, data) -> Staged:
-        return self._stage(self._path(user, inode, blob), data)
+        return _LocalStaged(tmp, final, len(data))
 
     def sync_inode(self, user, inode) -> None:
         try:
             _fsync_dir(self._inode_dir(user, inode))
         except FileNotFoundError:
             pass
-
-    def stage_key(self, user, inode, data) -> Staged:
-        # A key may replace an older one: keep a backup until done()/discard().
-        return self._stage(self._inode_dir(user, inode) / KEY_OBJECT, data, keep_backup=True)
 
     # -- reads
     def open_range(self, user, inode, blob, start, end) -> Iterator[bytes]:
@@ -306,17 +272,44 @@ class LocalBlobStore(BlobStore):
             raise not_found("blob not found") from None
         return _RangeReader(f, start, end)
 
-    def size(self, user, inode, blob) -> int | None:
+    def sizes(self, user, inode) -> dict[UUID, int]:
+        out = {}
         try:
-            return self._path(user, inode, blob).stat().st_size
+            entries = list(os.scandir(self._inode_dir(user, inode)))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            try:
+                out[UUID(e.name)] = e.stat().st_size
+            except (ValueError, FileNotFoundError):   # temp files, or gone meanwhile
+                continue
+        return out
+
+    def list_blobs(self, user=None):
+        users = [self.root / _u(user)] if user is not None else sorted(self.root.iterdir())
+        for udir in users:
+            for idir in sorted(udir.iterdir()) if udir.is_dir() else ():
+                for f in sorted(idir.iterdir()) if idir.is_dir() else ():
+                    try:
+                        yield UUID(udir.name), UUID(idir.name), UUID(f.name)
+                    except ValueError:      # temp files, legacy key objects
+                        continue
+
+    def legacy_key(self, user: UUID, inode: UUID) -> bytes | None:
+        """The wrapped file key schema version 1 kept next to the chunks."""
+        try:
+            return (self._inode_dir(user, inode) / LEGACY_KEY_OBJECT).read_bytes()
         except FileNotFoundError:
             return None
 
-    def get_key(self, user, inode) -> bytes | None:
-        try:
-            return (self._inode_dir(user, inode) / KEY_OBJECT).read_bytes()
-        except FileNotFoundError:
-            return None
+    def remove_legacy_keys(self) -> int:
+        """Delete the key objects a migration copied into the database."""
+        n = 0
+        for p in self.root.glob(f"*/*/{LEGACY_KEY_OBJECT}"):
+            _unlink(p)
+            _rmdir_if_empty(p.parent)
+            n += 1
+        return n
 
     # -- deletes
     def delete_blobs(self, user, inode, blobs) -> None:
@@ -373,3 +366,18 @@ class _RangeReader:
 
     def close(self) -> None:
         self.f.close()
+
+
+def open_blob_store(url: str) -> BlobStore:
+    """A folder (a path or ``file:///path``) or a bucket
+    (``s3://bucket/prefix?endpoint=https://...&region=...``)."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        from .s3store import S3BlobStore
+        return S3BlobStore.from_url(url)
+    if parts.scheme == "file":
+        return LocalBlobStore(Path(unquote(parts.path)))
+    if parts.scheme == "":
+        return LocalBlobStore(Path(url))
+    raise ValueError(f"unsupported blob store URL scheme {parts.scheme!r} (a folder, file:///PATH "
+                     "or s3://BUCKET/PREFIX)")

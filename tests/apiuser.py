@@ -39,7 +39,10 @@ def fresh_addr() -> str:
 
 def client(srv, addr: str | None = None, **kw) -> httpx.Client:
     transport = httpx.HTTPTransport(local_address=addr) if addr else None
-    return httpx.Client(base_url=srv.api, timeout=kw.pop("timeout", 30), transport=transport, **kw)
+    # Redirects followed: a server on an object store answers blob GETs with a 307 to a
+    # presigned URL (httpx drops the Authorization header on the way to another host).
+    return httpx.Client(base_url=srv.api, timeout=kw.pop("timeout", 30), transport=transport,
+                        follow_redirects=True, **kw)
 
 
 def register_body(username: str, auth_key: str, root: uuid.UUID) -> dict:

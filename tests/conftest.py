@@ -5,6 +5,10 @@
 * ``shared_server``     - one server per test module, for tests that do not care
                           about server-wide state (use unique usernames).
 
+Servers run on sqlite + a local folder unless the test is marked
+``@pytest.mark.backends``: then it runs twice, also on PostgreSQL + S3
+(``backend`` is "sqlite" or "postgres"; see backends.py for the real processes).
+
 Every process started here is terminated by its PID (its whole process group,
 so ``--workers`` children go too) at teardown, even when the test fails.
 """
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -43,7 +48,8 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, *, quota_bytes: int | None = None, workers: int = 1,
                  env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, database_url: str | None = None,
+                 blobs_url: str | None = None, repo: Path = REPO) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -54,6 +60,9 @@ class ServerProcess:
         self.workers = workers
         self.env = dict(env or {})
         self.extra_args = list(extra_args or [])
+        self.database_url = database_url          # None: sqlite in data_dir
+        self.blobs_url = blobs_url                # None: data_dir/storage
+        self.repo = Path(repo)                    # whose server code runs (benchmarks compare)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -66,14 +75,20 @@ class ServerProcess:
              "--log-level", "info"]
         if self.quota_bytes is not None:
             a += ["--quota-bytes", str(self.quota_bytes)]
+        if self.database_url:
+            a += ["--database", self.database_url]
+        if self.blobs_url:
+            a += ["--blobs", self.blobs_url]
         return a + self.extra_args
 
     def start(self, timeout: float = 20.0) -> "ServerProcess":
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        # Tests register many accounts from 127.0.0.1: the per-address registration
+        # throttle is tested on its own (a test sets a small value in ``env``).
+        env = {**os.environ, "ZKFS_REGISTRATIONS_PER_HOUR": "1000000", **self.env}
+        env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args(), cwd=REPO, env=env, stdout=log,
+            self.proc = subprocess.Popen(self.args(), cwd=self.repo, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -128,18 +143,123 @@ class ServerProcess:
         except FileNotFoundError:
             return ""
 
+    def metadata(self):
+        """The server's metadata store, opened directly (out of band)."""
+        from server.db import MetadataStore
+        from server.sqldb import open_database
+        return MetadataStore(open_database(self.database_url or str(self.data_dir / "app.db")))
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        """Run one SQL statement (``?`` placeholders) on the server's database, out of band."""
+        from server.sqldb import open_database
+        db = open_database(self.database_url or str(self.data_dir / "app.db"))
+        try:
+            return db.transaction(lambda tx: tx.all(sql, args) if sql.lstrip().upper().startswith(
+                ("SELECT", "WITH")) or " RETURNING " in sql.upper() else tx.run(sql, args) and [])
+        finally:
+            db.close()
+
+    def blob_store(self):
+        from server.storage import open_blob_store
+        return open_blob_store(self.blobs_url or str(self.data_dir / "storage"))
+
+    def stored_objects(self, user=None) -> set[str]:
+        """Every object the blob store holds (of one user): ``user/inode/blob`` paths,
+        temp files included for a local folder (nothing partial may stay behind)."""
+        if self.blobs_url:
+            return {f"{u}/{i}/{b}" for u, i, b in self.blob_store().list_blobs(user)}
+        root = self.data_dir / "storage"
+        base = root / str(user) if user else root
+        return {p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file()}
+
+    def read_object(self, user, inode, blob) -> bytes:
+        return b"".join(self.blob_store().open_range(user, inode, blob, 0, 1 << 40))
+
+    def write_object(self, user, inode, blob, data: bytes) -> None:
+        """Put bytes under a blob's name behind the server's back (a tampering host)."""
+        store = self.blob_store()
+        staged = store.stage_bytes(user, inode, blob, data)
+        staged.commit()
+
+    def secret(self) -> str:
+        """The token-signing secret this server was given or made."""
+        configured = {**os.environ, **self.env}.get("ZKFS_SECRET_KEY")
+        return configured or (self.data_dir / ".env").read_text().split("=", 1)[1].strip()
+
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.api, timeout=kw.pop("timeout", 30), **kw)
 
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backends: run on sqlite + folder and on PostgreSQL + S3")
+    config.addinivalue_line("markers", "sqlite_only: in a `backends` module, about sqlite + folder only")
+
+
+def pytest_generate_tests(metafunc):
+    d = metafunc.definition
+    if "backend" in metafunc.fixturenames and d.get_closest_marker("backends") \
+            and not d.get_closest_marker("sqlite_only"):
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from backends import PostgresCluster
+    cluster = PostgresCluster().init().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from backends import S3Endpoint
+    endpoint = S3Endpoint().start()
+    saved = {k: os.environ.get(k) for k in endpoint.env()}
+    os.environ.update(endpoint.env())          # for the out-of-band looks of tests (blob_store())
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        endpoint.destroy()
+
+
+@pytest.fixture(scope="module")
+def backend(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+TEST_SECRET = "5eed" * 16      # the signing secret nodes sharing a PostgreSQL database are given
+
+
+def backend_kwargs(request, backend: str) -> dict:
+    """``ServerProcess`` arguments putting a fresh server on ``backend``."""
+    if backend == "sqlite":
+        return {}
+    pg, s3 = request.getfixturevalue("pg_cluster"), request.getfixturevalue("s3_endpoint")
+    return {"database_url": pg.new_database(), "blobs_url": s3.blobs_url("t" + uuid.uuid4().hex[:10]),
+            "env": {**s3.env(), "ZKFS_SECRET_KEY": TEST_SECRET}}
+
+
 @pytest.fixture
-def make_server(tmp_path_factory):
+def make_server(request, tmp_path_factory, backend):
     """Factory: ``make_server(quota_bytes=None, workers=1, env={...}, extra_args=[...])``
-    starts a server with a fresh data dir and returns the running ServerProcess."""
+    starts a server with a fresh data dir (and fresh database and bucket prefix on
+    the PostgreSQL backend) and returns the running ServerProcess."""
     started: list[ServerProcess] = []
 
     def factory(**kw) -> ServerProcess:
-        srv = ServerProcess(tmp_path_factory.mktemp("zkfs-server"), **kw)
+        more = backend_kwargs(request, backend)
+        kw["env"] = {**more.pop("env", {}), **kw.get("env", {})}
+        srv = ServerProcess(tmp_path_factory.mktemp("zkfs-server"), **more, **kw)
         started.append(srv)
         return srv.start()
 
@@ -157,10 +277,11 @@ def server(request, make_server) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
+def shared_server(request, tmp_path_factory, backend):
     """One server shared by a test module (tests must use unique usernames and must
     not depend on server-wide state such as login throttling per address)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-shared"))
+    more = backend_kwargs(request, backend)
+    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-shared"), **more)
     try:
         yield srv.start()
     finally:

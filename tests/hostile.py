@@ -4,10 +4,10 @@ tampered with underneath it, as a compromised host would do.
 The server keeps everything it knows in two places (docs/THREAT_MODEL.md):
 
 * ``DATA/app.db`` (sqlite, WAL): ``inodes`` (is_dir, version, meta, manifest,
-  key_gen), ``dentries`` (parent, name_hash, inode, is_dir, name), ``blobs``
-  (size, committed), ``users`` (root_inode, current_gen, ...), ``master_keys``.
-* ``DATA/storage/<user>/<inode>/<blob>`` (chunk tokens) and ``.../<inode>/key``
-  (the wrapped file key).
+  key_gen, wrapped_key), ``dentries`` (parent, name_hash, inode, is_dir, name),
+  ``blobs`` (size, committed), ``users`` (root_inode, current_gen, ...),
+  ``master_keys``.
+* ``DATA/storage/<user>/<inode>/<blob>`` (chunk tokens).
 
 :class:`HostileServer` edits both while the server runs. Edits keep the server
 self-consistent (a blob's ``size`` row follows its file), because a malicious
@@ -30,8 +30,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID, uuid4
-
-KEY_OBJECT = "key"
 
 
 # ---------------------------------------------------------------- byte edits
@@ -126,8 +124,12 @@ class HostileServer:
     def inode_dir(self, inode: UUID) -> Path:
         return self.data_dir / "storage" / self.user_id / str(inode)
 
-    def key_path(self, inode: UUID) -> Path:
-        return self.inode_dir(inode) / KEY_OBJECT
+    def key(self, inode: UUID) -> bytes:
+        """The inode's wrapped file key as stored."""
+        return base64.b64decode(self.inode(inode)["wrapped_key"])
+
+    def set_key(self, inode: UUID, wrapped: bytes) -> None:
+        self.set_inode(inode, wrapped_key=base64.b64encode(wrapped).decode())
 
     def blobs(self, inode: UUID) -> list[Blob]:
         """The committed blobs of ``inode``, largest first (the server does not know
@@ -147,7 +149,8 @@ class HostileServer:
         """Store an extra, committed blob that no manifest references."""
         blob = blob or uuid4()
         (self.inode_dir(inode) / str(blob)).write_bytes(data)
-        self.db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?, 1, strftime('%s','now'))",
+        self.db.execute("INSERT INTO blobs(user_id, inode, blob_id, size, committed, created_at)"
+                        " VALUES (?, ?, ?, ?, 1, strftime('%s','now'))",
                         (self.user_id, str(inode), str(blob), len(data)))
         return blob
 
@@ -162,12 +165,12 @@ class HostileServer:
             "SELECT * FROM blobs WHERE user_id = ? AND inode = ? AND committed = 1",
             (self.user_id, str(inode))).fetchall()]
         d = self.inode_dir(inode)
-        key = self.key_path(inode)
-        return Snapshot(inode, self.inode(inode), rows,
+        row = self.inode(inode)
+        return Snapshot(inode, row, rows,
                         {r["blob_id"]: (d / r["blob_id"]).read_bytes() for r in rows},
-                        key.read_bytes() if key.exists() else None)
+                        base64.b64decode(row["wrapped_key"]) if row["wrapped_key"] else None)
 
-    def restore(self, snap: Snapshot, cols=("version", "meta", "manifest", "key_gen"), *,
+    def restore(self, snap: Snapshot, cols=("version", "meta", "manifest", "key_gen", "wrapped_key"), *,
                 blobs: bool = True) -> None:
         """Put back ``cols`` of an inode's row as they were in ``snap`` and, with
         ``blobs``, exactly the blobs it had then (a rollback of that file)."""
@@ -180,7 +183,8 @@ class HostileServer:
                 self.delete_blob(snap.inode, b.id)
         for r in snap.blob_rows:
             (d / r["blob_id"]).write_bytes(snap.blob_data[r["blob_id"]])
-            self.db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT OR REPLACE INTO blobs(user_id, inode, blob_id, size, committed,"
+                            " created_at) VALUES (?, ?, ?, ?, ?, ?)",
                             (r["user_id"], r["inode"], r["blob_id"], r["size"], r["committed"],
                              r["created_at"]))
 

@@ -6,9 +6,11 @@ throttle and account deletion):
 * every GET route with an id, called with another user's token: 404 (generated
   from the OpenAPI spec, so new routes are covered automatically);
 * a deleted account's other sessions die, also after the username is re-registered;
-* brute force spread over many source addresses is throttled per user, and one
-  address trying many users is throttled per address, without revealing whether
-  a user exists; password-change guessing is throttled too;
+* brute force spread over many source addresses is throttled per user (never for
+  a device the account already uses), and one address trying many users is
+  throttled per address, without revealing whether a user exists; guesses are
+  counted before they are checked (concurrent ones too); X-Forwarded-For counts
+  only from a configured proxy; password-change guessing is throttled too;
 * no secret (password, auth key, KEK, tokens, the server's signing secret) in any
   server, mount or CLI log line after a session that exercises everything;
   secrets at rest keep their modes.
@@ -16,6 +18,7 @@ throttle and account deletion):
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import re
 import statistics
@@ -29,6 +32,7 @@ from jose import jwt
 
 from apiuser import ApiUser, assert_error_shape, b64, client, fresh_addr, nh, register_body
 from faultkit import make_pattern_file
+from server.config import LOGIN_MAX_PER_USER
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -48,7 +52,8 @@ def test_forged_and_malformed_tokens_are_a_clean_401(server):
     a = ApiUser(server)
     secret = _secret(server)
     now = int(time.time())
-    good = {"sub": str(a.user_id), "iat": now, "exp": now + 600, "tv": 1}
+    good = {"sub": str(a.user_id), "iat": now, "exp": now + 600, "tv": 1,
+            "did": jwt.get_unverified_claims(a.token)["did"]}
     assert server.client().get("/account", headers={"Authorization": "Bearer " + jwt.encode(good, secret)}).status_code == 200
 
     hmac_sig = jwt.encode(good, secret).split(".")[2]
@@ -143,7 +148,8 @@ def test_deleted_account_sessions_die_and_stay_dead_after_reregistration(server)
     t2 = a.login()                               # a second session (another device)
     f = a.create(a.root, "f", key=True)
     a.put_blob(f, b"x" * 1000)
-    r = a.c.delete("/account", headers={"Authorization": f"Bearer {t1}"})
+    r = a.c.request("DELETE", "/account", headers={"Authorization": f"Bearer {t1}"},
+                    json={"auth_key": a.auth_key})
     assert r.status_code == 204, r.text
     probes = [("GET", "/account"), ("GET", f"/fs/inodes/{a.root}"), ("GET", "/keys"),
               ("PUT", f"/blobs/{f}/{uuid.uuid4()}"), ("POST", "/auth/logout"), ("DELETE", "/account")]
@@ -162,24 +168,36 @@ def test_deleted_account_sessions_die_and_stay_dead_after_reregistration(server)
 
 
 # ------------------------------------------------------------------ brute force
-def _login(srv, username: str, key: str, addr: str) -> httpx.Response:
-    with client(srv, addr) as c:
-        return c.post("/auth/login", json={"username": username, "auth_key": key})
+def _login(srv, username: str, key: str, addr: str, device: str | None = None,
+           headers: dict | None = None) -> httpx.Response:
+    with client(srv, addr, headers=headers) as c:
+        return c.post("/auth/login", json={"username": username, "auth_key": key}
+                      | ({"device": device} if device else {}))
 
 
 def test_brute_force_is_throttled_per_user_and_per_address(server):
     victim, bystander, other = (ApiUser(server, login=False) for _ in range(3))
     ghost = "ghost" + uuid.uuid4().hex[:8]
+    r = _login(server, victim.username, victim.auth_key, fresh_addr())     # the victim's own laptop
+    assert r.status_code == 200
+    laptop = r.json()["device"]
+    assert laptop
     # 1. a distributed guess at one account: every try from a new address
     for name in (victim.username, ghost):
-        for _ in range(5):
+        for _ in range(LOGIN_MAX_PER_USER):
             assert_error_shape(_login(server, name, b64(32), fresh_addr()), 401, "bad_credentials")
-    r_victim = _login(server, victim.username, victim.auth_key, fresh_addr())   # even the right key
+    r_victim = _login(server, victim.username, victim.auth_key, fresh_addr())   # a new device: must wait
     r_ghost = _login(server, ghost, b64(32), fresh_addr())
     for r in (r_victim, r_ghost):
         assert_error_shape(r, 429, "throttled")
         assert 1 <= int(r.headers["Retry-After"]) <= 15 * 60, r.headers
     assert r_victim.json() == r_ghost.json(), "throttling reveals whether the user exists"
+    # ... but the guessing never locks out a device the account already uses (a mount
+    # renewing its token), nor does a stolen-looking credential of another account help
+    r = _login(server, victim.username, victim.auth_key, fresh_addr(), device=laptop)
+    assert r.status_code == 200, r.text
+    assert r.json()["device"] is None                      # the same device, no new credential
+    assert_error_shape(_login(server, ghost, b64(32), fresh_addr(), device=laptop), 429, "throttled")
     # ... and it does not spill over to other accounts
     assert _login(server, bystander.username, bystander.auth_key, fresh_addr()).status_code == 200
     # 2. one address trying many accounts: cut off per address, other addresses unaffected
@@ -203,6 +221,32 @@ def test_brute_force_is_throttled_per_user_and_per_address(server):
             codes.append(c.put("/account/password", json=body).status_code)
     assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}, codes
     assert "Traceback" not in server.log()
+
+
+def test_concurrent_guesses_are_counted_before_they_are_checked(server):
+    """40 guesses at once from one address: only the 5 the limit allows are even
+    checked (each attempt is counted atomically before its key is verified)."""
+    victim = ApiUser(server, login=False)
+    addr = fresh_addr()
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(lambda _: _login(server, victim.username, b64(32), addr).status_code, range(40)))
+    assert sorted(codes) == [401] * 5 + [429] * 35, sorted(codes)
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(make_server):
+    """A caller picks no address of its own with X-Forwarded-For: 25 failures from
+    one address with 25 different headers are throttled as one address (uvicorn's
+    default believed the header from any caller on 127.0.0.1)."""
+    srv = make_server()
+    addr = "127.0.0.1"
+    codes = [_login(srv, f"guess{i}-{uuid.uuid4().hex[:6]}", b64(32), addr,
+                    headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(25)]
+    assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}, codes
+    # Behind a configured proxy the header names the client: its addresses count apart.
+    proxied = make_server(extra_args=["--trusted-proxy", addr])
+    codes = [_login(proxied, f"guess{i}-{uuid.uuid4().hex[:6]}", b64(32), addr,
+                    headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(25)]
+    assert codes == [401] * 25, codes
 
 
 def test_login_and_registration_errors_do_not_reveal_existence(server):

@@ -18,7 +18,6 @@ import errno
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -252,7 +251,7 @@ def test_flipped_bit(world, mount, target):
         hs.set_inode(a, manifest=flip_b64(hs.inode(a)["manifest"]))
         why = f"manifest of inode {a} does not match its attributes"
     elif target == "key":
-        hs.key_path(a).write_bytes(flip_bit(hs.key_path(a).read_bytes()))
+        hs.set_key(a, flip_bit(hs.key(a)))
         why = f"the key of file {a} was tampered with or swapped"
     elif target == "meta":
         hs.set_inode(a, meta=flip_b64(hs.inode(a)["meta"]))
@@ -364,8 +363,7 @@ def test_file_key_swapped(world, mount, how):
     if how == "from_other_file":
         rel = "keyswap/a.txt"
         a, b = world.id(rel), world.id("keyswap/b.txt")
-        shutil.copyfile(hs.key_path(b), hs.key_path(a))
-        hs.set_inode(a, key_gen=hs.inode(b)["key_gen"])
+        hs.set_inode(a, key_gen=hs.inode(b)["key_gen"], wrapped_key=hs.inode(b)["wrapped_key"])
         why = f"the key of file {a} was tampered with or swapped"
     else:
         rel = "keygen/a.txt"
@@ -394,8 +392,7 @@ def test_content_replaced_by_other_file(world, mount, how):
         why = f"manifest of inode {a} does not match its attributes"
     else:
         hs.set_inode(a, manifest=donor["manifest"], meta=donor["meta"], version=donor["version"],
-                     key_gen=donor["key_gen"])
-        shutil.copyfile(hs.key_path(b), hs.key_path(a))
+                     key_gen=donor["key_gen"], wrapped_key=donor["wrapped_key"])
         why = f"attributes of inode {a} failed verification: attributes belong to another inode"
     world.refused(rel, why)
     m = mount()
@@ -721,14 +718,13 @@ def test_deleted_file_brought_back_is_detected(world, mount):
     entry = hs.entry_of(a)
     world.machine.run("rm", "/h/" + rel)
     world.refused(rel, "no such file or directory on the server")
-    hs.db.execute("INSERT INTO inodes (user_id, id, is_dir, version, meta, manifest, key_gen, changed_seq)"
-                  " VALUES (?, ?, 0, ?, ?, ?, ?, 0)",
+    hs.db.execute("INSERT INTO inodes (user_id, id, is_dir, version, meta, manifest, key_gen, wrapped_key,"
+                  " changed_seq) VALUES (?, ?, 0, ?, ?, ?, ?, ?, 0)",
                   (hs.user_id, str(a), snap.row["version"], snap.row["meta"], snap.row["manifest"],
-                   snap.row["key_gen"]))
-    hs.db.execute("INSERT INTO dentries VALUES (?, ?, ?, ?, 0, ?)",
+                   snap.row["key_gen"], snap.row["wrapped_key"]))
+    hs.db.execute("INSERT INTO dentries(user_id, parent, name_hash, inode, is_dir, name) VALUES (?, ?, ?, ?, 0, ?)",
                   (hs.user_id, entry["parent"], entry["name_hash"], str(a), entry["name"]))
     hs.inode_dir(a).mkdir(parents=True, exist_ok=True)
-    hs.key_path(a).write_bytes(snap.key)
     hs.restore(snap)
     world.refused(rel, HIDDEN)
     mount_eio(mount(), rel, HIDDEN)

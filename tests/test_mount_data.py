@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, backend_kwargs
 from mount_helpers import Mounts, blob_files, drop_caches, run, sha256_file, wait_until
 
 MiB = 1 << 20
@@ -57,8 +57,10 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-data-server"), env={"PYTHONUNBUFFERED": "1"})
+def ctx(tmp_path_factory, request, backend):
+    more = backend_kwargs(request, backend)
+    env = {"PYTHONUNBUFFERED": "1", **more.pop("env", {})}
+    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-data-server"), env=env, **more)
     mounts = Mounts(tmp_path_factory)
     try:
         srv.start()
@@ -278,6 +280,7 @@ def test_small_edit_in_the_middle_uploads_only_the_chunks_touched(ctx):
 SIZES = [0, 1, 4095, 64 * 1024, 64 * 1024 + 1, CS - 1, CS, CS + 1, 3 * CS + 17, 5 * CS]
 
 
+@pytest.mark.backends
 def test_unmount_remount_every_byte(ctx):
     m = ctx.m
     base = m.path / "persist"

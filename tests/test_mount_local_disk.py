@@ -122,6 +122,38 @@ def test_descriptors_of_one_file_share_one_state(d, ctx):
     assert (other.path / d.name / "shared.bin").read_bytes() == b"A" * 10 + b"B" * 5
 
 
+def test_attribute_changes_during_commits_keep_every_version_readable(d, ctx):
+    """chmod racing with the commits of a file's content (found by the syscall storm):
+    an attribute change that landed while a commit was in flight was kept on top of
+    the attributes of the version before it, manifest digest included, so the next
+    setmeta sealed the old digest over the new content: EIO ever after."""
+    import threading
+    f = d / "f"
+    f.write_bytes(b"start")
+    stop = threading.Event()
+
+    def chmods():
+        while not stop.is_set():
+            for mode in (0o600, 0o644):
+                os.chmod(f, mode)
+
+    t = threading.Thread(target=chmods)
+    t.start()
+    try:
+        for i in range(150):
+            with open(f, "ab") as fh:
+                fh.write(b"%d\n" % i)
+    finally:
+        stop.set()
+        t.join()
+    want = b"start" + b"".join(b"%d\n" % i for i in range(150))
+    assert f.read_bytes() == want
+    time.sleep(0.7)
+    other = ctx.mounts.mount(ctx.machine)
+    assert (other.path / d.name / "f").read_bytes() == want
+    assert "integrity check failed" not in ctx.m.log()
+
+
 # ---------------------------------------------------------------- order of changes
 def test_a_write_after_a_recent_touch_updates_mtime(d):
     """Finding 2: touch -d (written back later) then an append: the append's mtime wins,

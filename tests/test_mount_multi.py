@@ -35,6 +35,7 @@ def listing(path) -> list[str]:
     return sorted(os.listdir(path))
 
 
+@pytest.mark.backends
 def test_two_mounts_see_each_others_changes(shared_server, mounts):
     a_machine = mounts.machine(shared_server)
     b_machine = second_machine(mounts, a_machine, shared_server)
@@ -138,6 +139,7 @@ def test_written_back_rename_refused_by_the_server(shared_server, mounts):
     assert listing(b.path) == ["kept.txt"]
 
 
+@pytest.mark.backends
 def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
     a_machine = mounts.machine(shared_server)
     b_machine = second_machine(mounts, a_machine, shared_server)

@@ -1,7 +1,8 @@
 """POSIX semantics of the FUSE mount: renames, hard links, attributes, symlinks,
 FIFOs, xattrs, name limits, unlinked-but-open files.
 
-One server, one account and one mount for the module; each test uses its own folder."""
+One server, one account and one mount for the module; each test uses its own folder.
+Those marked ``backends`` run again on PostgreSQL + S3 (one more server and mount)."""
 from __future__ import annotations
 
 import errno
@@ -33,6 +34,7 @@ def errno_of(fn, *args) -> int:
 
 
 # ---------------------------------------------------------------- renames
+@pytest.mark.backends
 def test_rename_over_existing_file(d):
     (d / "a").write_bytes(b"new content")
     (d / "b").write_bytes(b"old content that is longer")
@@ -56,6 +58,7 @@ def test_rename_over_an_open_file_keeps_the_old_one_readable(d):
     assert (d / "b").read_bytes() == b"replacement"
 
 
+@pytest.mark.backends
 def test_rename_directory_with_contents_and_across_directories(d):
     src = d / "src"
     (src / "sub" / "deep").mkdir(parents=True)
@@ -137,6 +140,7 @@ def test_rm_r_and_rmdir_nonempty(d):
 
 
 # ---------------------------------------------------------------- hard links
+@pytest.mark.backends
 def test_hard_links_nlink(d):
     (d / "f").write_bytes(b"linked data")
     os.link(d / "f", d / "g")

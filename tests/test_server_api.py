@@ -9,7 +9,6 @@ import base64
 import concurrent.futures
 import json
 import os
-import sqlite3
 import stat
 import time
 import uuid
@@ -20,9 +19,8 @@ import pytest
 from jose import jwt
 
 from apiuser import ApiUser as Account, b64, kdf, nh
-from server.db import SqliteMetadataStore
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends]
 
 
 # ------------------------------------------------------------------ helpers
@@ -43,15 +41,14 @@ def unlink(parent, name: str, **kw) -> dict:
     return {"op": "unlink", "parent": str(parent), "name_hash": nh(name), **kw}
 
 
-def files_under(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()]
-
-
-def sql(srv, query: str, *args) -> None:
-    conn = sqlite3.connect(srv.data_dir / "app.db")
-    with conn:
-        conn.execute(query, args)
-    conn.close()
+def metadata_bytes(srv, user_id) -> int:
+    """Bytes of encrypted attributes, manifests, wrapped keys and names the server
+    keeps for an account (they count toward its quota), read out of band."""
+    uid = str(user_id)
+    inodes = srv.query("SELECT coalesce(sum(length(meta) + coalesce(length(manifest), 0)"
+                       " + coalesce(length(wrapped_key), 0)), 0) FROM inodes WHERE user_id = ?", uid)[0][0]
+    names = srv.query("SELECT coalesce(sum(length(name)), 0) FROM dentries WHERE user_id = ?", uid)[0][0]
+    return inodes + names
 
 
 # ------------------------------------------------------------------ accounts
@@ -112,10 +109,12 @@ def test_login_failures_look_identical_and_throttle(server):
     assert wrong.json() == unknown.json()
     for _ in range(4):
         assert c.post("/auth/login", json={"username": a.username, "auth_key": b64(32)}).status_code == 401
-    # 5 failures for this username: even the right key is refused now.
+    # 5 failures for this username from this address: this address may not try again...
     r = c.post("/auth/login", json={"username": a.username, "auth_key": a.auth_key})
     assert_error(r, 429, "throttled")
     assert int(r.headers["Retry-After"]) > 0
+    # ... but the guessing does not lock the owner out: the right key from elsewhere works
+    assert a.login() and a.c.get("/account").status_code == 200
     # per-address limit: 20 failures from this address across usernames
     for i in range(14):
         c.post("/auth/login", json={"username": f"n{i}" + a.username, "auth_key": b64(32)})
@@ -128,9 +127,10 @@ def test_tokens(make_server):
     srv = make_server(env={"ZKFS_TOKEN_TTL_SECONDS": "2"})
     a = Account(srv)
     assert a.c.get("/account").status_code == 200
-    secret = (srv.data_dir / ".env").read_text().split("=", 1)[1].strip()
+    secret = srv.secret()
     now = int(time.time())
-    claims = {"sub": str(a.user_id), "iat": now, "exp": now + 600, "tv": 1}
+    claims = {"sub": str(a.user_id), "iat": now, "exp": now + 600, "tv": 1,
+              "did": jwt.get_unverified_claims(a.token)["did"]}
 
     def status_with(token: str | None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
@@ -151,6 +151,10 @@ def test_tokens(make_server):
     assert_error(status_with(jwt.encode({**claims, "sub": str(uuid.uuid4())}, secret)), 401, "token_invalid")
     no_tv = {k: v for k, v in claims.items() if k != "tv"}
     assert_error(status_with(jwt.encode(no_tv, secret)), 401, "token_invalid")
+    # a device (session) that is not the user's, or no device at all
+    assert_error(status_with(jwt.encode({**claims, "did": str(uuid.uuid4())}, secret)), 401, "token_invalid")
+    no_did = {k: v for k, v in claims.items() if k != "did"}
+    assert_error(status_with(jwt.encode(no_did, secret)), 401, "token_invalid")
     # expired (TTL is 2 s for this server)
     old = a.token
     time.sleep(2.2)
@@ -179,17 +183,27 @@ def test_password_change_logout_and_delete_account(server):
     assert a.c.post("/auth/login", json={"username": a.username, "auth_key": a.auth_key}).status_code == 401
     a.auth_key = new_key
     a.login()
-    # logout kills the token
+    # logout ends this device's session only; ?all=true ends every device's
+    other = a.token
+    a.login()
     assert a.c.post("/auth/logout").status_code == 204
     assert_error(a.c.get("/account"), 401, "token_invalid")
+    assert a.c.get("/account", headers={"Authorization": f"Bearer {other}"}).status_code == 200
     a.login()
-    # delete the account: data and storage gone, token dead, username free again
+    assert a.c.post("/auth/logout", params={"all": "true"}).status_code == 204
+    assert_error(a.c.get("/account"), 401, "token_invalid")
+    assert_error(a.c.get("/account", headers={"Authorization": f"Bearer {other}"}), 401, "token_invalid")
+    a.login()
+    # delete the account (a token alone is not enough: a fresh proof of the key is):
+    # data and storage gone, token dead, username free again
     f = a.create(a.root, "f", key=True)
     a.put_blob(f, b"x" * 100)
-    user_dir = server.data_dir / "storage" / str(a.user_id)
-    assert user_dir.exists()
-    assert a.c.delete("/account").status_code == 204
-    assert not user_dir.exists()
+    assert server.stored_objects(a.user_id)
+    assert_error(a.c.request("DELETE", "/account"), 422, "validation")
+    assert_error(a.c.request("DELETE", "/account", json={"auth_key": b64(32)}), 401, "bad_credentials")
+    assert server.stored_objects(a.user_id) and a.c.get("/account").status_code == 200
+    assert a.c.request("DELETE", "/account", json={"auth_key": new_key}).status_code == 204
+    assert not server.stored_objects(a.user_id)
     assert_error(a.c.get("/account"), 401, "token_invalid")
     assert_error(a.c.post("/auth/login", json={"username": a.username, "auth_key": new_key}),
                  401, "bad_credentials")
@@ -198,19 +212,25 @@ def test_password_change_logout_and_delete_account(server):
 
 def test_master_keys(shared_server):
     a = Account(shared_server)
-    mk = lambda g: {"master_key": {"gen": g, "wrapped_master": b64(40), "wrapped_namespace": b64(40)}}  # noqa: E731
+    mk = lambda g: {"master_key": {"gen": g, "wrapped_master": b64(40), "wrapped_namespace": b64(40)},  # noqa: E731
+                    "auth_key": a.auth_key}
+    proof = {"auth_key": a.auth_key}
+    # replacing master keys needs a fresh proof of the password-derived key
+    assert_error(a.c.post("/account/master-keys", json={**mk(2), "auth_key": b64(32)}), 401, "bad_credentials")
+    assert_error(a.c.request("DELETE", "/account/master-keys/1", json={"auth_key": b64(32)}),
+                 401, "bad_credentials")
     assert_error(a.c.post("/account/master-keys", json=mk(3)), 409, "conflict")
     assert a.c.post("/account/master-keys", json=mk(2)).status_code == 204
     acct = a.c.get("/account").json()
     assert acct["current_gen"] == 2 and [m["gen"] for m in acct["master_keys"]] == [1, 2]
     f = a.create(a.root, "f", key=True)            # key gen 1
-    assert_error(a.c.delete("/account/master-keys/2"), 409, "in_use")   # current
-    assert_error(a.c.delete("/account/master-keys/1"), 409, "in_use")   # f uses it
-    assert_error(a.c.delete("/account/master-keys/9"), 404, "not_found")
+    assert_error(a.c.request("DELETE", "/account/master-keys/2", json=proof), 409, "in_use")   # current
+    assert_error(a.c.request("DELETE", "/account/master-keys/1", json=proof), 409, "in_use")   # f uses it
+    assert_error(a.c.request("DELETE", "/account/master-keys/9", json=proof), 404, "not_found")
     # re-wrap f's key under gen 2, then gen 1 can go
     r = a.c.put("/keys", json={"keys": [{"inode": str(f), "gen": 2, "wrapped_key": b64(40)}]})
     assert r.status_code == 204, r.text
-    assert a.c.delete("/account/master-keys/1").status_code == 204
+    assert a.c.request("DELETE", "/account/master-keys/1", json=proof).status_code == 204
     assert [m["gen"] for m in a.c.get("/account").json()["master_keys"]] == [2]
 
 
@@ -307,7 +327,7 @@ def test_listings_of_several_dirs(shared_server):
     assert_error(a.c.post("/fs/listings", json={"dirs": ["nope"]}), 422, "validation")
 
     # The answer is bounded: whole listings, in order, up to the first that would not fit.
-    db = SqliteMetadataStore(shared_server.data_dir / "app.db")
+    db = shared_server.metadata()
     sizes = lambda found: [(d.id, len(entries)) for d, entries in found]    # noqa: E731
     order = [dirs[2], dirs[0], dirs[1]]                                   # 3, 1 and 2 entries
     assert sizes(db.list_entries_many(a.user_id, order, 6)) == [(dirs[2], 3), (dirs[0], 1), (dirs[1], 2)]
@@ -327,12 +347,11 @@ def test_unlink_rmdir(shared_server):
     assert_error(a.ops({"op": "rmdir", "parent": str(d), "name_hash": nh("f")}), 409, "not_dir")
     assert_error(a.ops(unlink(d, "nope")), 404, "not_found")
     assert_error(a.ops(unlink(d, "f", expect_inode=str(uuid.uuid4()))), 409, "stale")
-    fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
-    assert (fdir / str(blob)).exists() and (fdir / "key").exists()
+    assert shared_server.stored_objects(a.user_id) == {f"{a.user_id}/{f}/{blob}"}
     res = a.ok(unlink(d, "f", expect_inode=str(f)))
     assert res["results"][0]["inode"] == str(f)
     assert_error(a.c.get(f"/fs/inodes/{f}"), 404, "not_found")
-    assert not fdir.exists()                                   # blobs and key deleted
+    assert not shared_server.stored_objects(a.user_id)               # blobs deleted
     a.ok({"op": "rmdir", "parent": str(a.root), "name_hash": nh("d")})
     assert_error(a.c.get(f"/fs/inodes/{d}"), 404, "not_found")
     assert a.names(a.root) == {}
@@ -435,7 +454,7 @@ def test_rename_keep_orphan_and_delete_inode(shared_server):
     assert_error(a.ops({"op": "delete_inode", "inode": str(R)}), 409, "in_use")
     a.ok({"op": "delete_inode", "inode": str(g)})
     assert_error(a.c.get(f"/fs/inodes/{g}"), 404, "not_found")
-    assert not (shared_server.data_dir / "storage" / str(a.user_id) / str(g)).exists()
+    assert not any(o.split("/")[1] == str(g) for o in shared_server.stored_objects(a.user_id))
     # unlink with keep_orphan, then re-link (orphan revived)
     a.ok(unlink(R, "g", keep_orphan=True))
     assert a.inode(f)["nlink"] == 0
@@ -462,7 +481,6 @@ def test_setmeta_cas_and_versions(shared_server):
 def test_commit_blobs_and_gc(shared_server):
     a = Account(shared_server)
     f = a.create(a.root, "f", key=True)
-    fdir = shared_server.data_dir / "storage" / str(a.user_id) / str(f)
     b1 = a.put_blob(f, b"one" * 1000)
     b2 = a.put_blob(f, b"two" * 1000)
     assert_error(a.c.put(f"/blobs/{f}/{b1}", content=b"again"), 409, "exists")   # immutable
@@ -485,10 +503,8 @@ def test_commit_blobs_and_gc(shared_server):
     assert a.commit(f, [b2, b4]).status_code == 200
     for gone in (b1, b3):
         assert_error(a.c.get(f"/blobs/{f}/{gone}"), 404, "not_found")
-        assert not (fdir / str(gone)).exists()
-    assert (fdir / str(b2)).exists() and (fdir / str(b4)).exists()
-    assert (fdir / str(staged)).exists()                  # staged blobs are left to the cleaner
-    assert not list(fdir.glob("*.tmp"))
+    # b1 and b3 deleted; staged blobs are left to the cleaner; no temp file left
+    assert shared_server.stored_objects(a.user_id) == {f"{a.user_id}/{f}/{b}" for b in (b2, b4, staged)}
     # inline blob with invalid base64 -> invalid; inline id already stored -> exists
     r = a.ops({"op": "commit", "inode": str(f), "base_version": 3, "meta": b64(8), "manifest": b64(8),
                "blobs": [], "inline": [{"blob_id": str(uuid.uuid4()), "data": "abc"}]})
@@ -509,7 +525,8 @@ def test_commit_blobs_and_gc(shared_server):
     # statfs counts committed and staged bytes
     st = a.c.get("/fs/statfs").json()
     assert st["quota_bytes"] is None
-    assert st["used_bytes"] == 3000 + 4 + len(b"staged, not referenced") + len(b"early")
+    blob_bytes = 3000 + 4 + len(b"staged, not referenced") + len(b"early")
+    assert st["used_bytes"] == blob_bytes + metadata_bytes(shared_server, a.user_id)
     assert st["free_bytes"] > 0
 
 
@@ -532,7 +549,7 @@ def test_ops_atomicity(shared_server):
     assert nh("new") not in a.names(a.root)
     assert_error(a.c.get(f"/fs/inodes/{new_inode}"), 404, "not_found")
     assert a.inode(f)["version"] == 1
-    assert files_under(shared_server.data_dir / "storage" / str(a.user_id)) == []
+    assert shared_server.stored_objects(a.user_id) == set()
     # results of a successful batch
     res = a.ok(rename(a.root, "f", a.root, "g"), {"op": "setmeta", "inode": str(f), "base_version": 1,
                                                  "meta": b64(8)})
@@ -604,7 +621,7 @@ def test_oversized_blob(shared_server):
     r = a.c.put(f"/blobs/{f}/{blob}", content=gen())
     assert_error(r, 413, "too_large")
     assert_error(a.c.get(f"/blobs/{f}/{blob}"), 404, "not_found")
-    assert files_under(shared_server.data_dir / "storage" / str(a.user_id)) == []
+    assert shared_server.stored_objects(a.user_id) == set()
 
 
 def test_quota(make_server):
@@ -613,7 +630,7 @@ def test_quota(make_server):
     f = a.create(a.root, "f")
     b1 = a.put_blob(f, os.urandom(6000))
     assert a.commit(f, [b1]).status_code == 200
-    before = sorted(files_under(srv.data_dir / "storage"))
+    before = srv.stored_objects()
     # declared length over the quota
     assert_error(a.c.put(f"/blobs/{f}/{uuid.uuid4()}", content=os.urandom(6000)), 507, "no_space")
 
@@ -629,12 +646,35 @@ def test_quota(make_server):
     b2 = uuid.uuid4()
     assert_error(a.commit(f, [b1, b2], inline=[(b2, os.urandom(6000))]), 507, "no_space")
     assert a.inode(f)["version"] == 2
-    assert sorted(files_under(srv.data_dir / "storage")) == before      # nothing partial left
+    assert srv.stored_objects() == before                       # nothing partial left
     st = a.c.get("/fs/statfs").json()
-    assert st == {"quota_bytes": 10_000, "used_bytes": 6000, "free_bytes": 4000}
+    used = 6000 + metadata_bytes(srv, a.user_id)
+    assert st == {"quota_bytes": 10_000, "used_bytes": used, "free_bytes": 10_000 - used}
     # a rewrite that frees the old blob fits
     assert a.commit(f, [b2], inline=[(b2, os.urandom(6000))]).status_code == 200
-    assert a.c.get("/fs/statfs").json()["used_bytes"] == 6000
+    assert a.c.get("/fs/statfs").json()["used_bytes"] == 6000 + metadata_bytes(srv, a.user_id)
+
+
+def test_metadata_counts_toward_quota(make_server):
+    """Attributes, manifests and names are stored bytes too: 400 creates with
+    261 KB of attributes each once grew app.db by 105 MB with 0 bytes used."""
+    srv = make_server(quota_bytes=1_000_000)
+    a = Account(srv)
+    big = base64.b64encode(os.urandom(190_000)).decode()           # 253 KB of attributes
+    created = 0
+    for i in range(8):
+        r = a.ops({"op": "create", "inode": str(uuid.uuid4()), "is_dir": False, "meta": big,
+                   "parent": str(a.root), "name_hash": nh(f"big{i}"), "name": b64(200)})
+        if r.status_code != 200:
+            assert_error(r, 507, "no_space")
+            break
+        created += 1
+    assert created == 3                     # the fourth would pass 1,000,000 bytes
+    st = a.c.get("/fs/statfs").json()
+    assert 3 * len(big) < st["used_bytes"] == metadata_bytes(srv, a.user_id) <= 1_000_000
+    # a manifest grows the account too, and an over-quota account can still shrink
+    assert a.ops(unlink(a.root, "big0")).status_code == 200
+    assert a.c.get("/fs/statfs").json()["used_bytes"] < st["used_bytes"] - len(big)
 
 
 # ------------------------------------------------------------------ isolation & junk
@@ -675,7 +715,7 @@ def test_isolation(shared_server):
     assert b.c.get(f"/blobs/{f}/{blob}").content == b"evil"
     assert a.c.get(f"/blobs/{f}/{blob}").content == b"secret"
     assert a.inode(f)["version"] == 2
-    assert (shared_server.data_dir / "storage" / str(a.user_id) / str(f) / str(blob)).read_bytes() == b"secret"
+    assert shared_server.read_object(a.user_id, f, blob) == b"secret"
 
 
 def test_junk_ids_never_500(shared_server):
@@ -705,11 +745,12 @@ def test_junk_ids_never_500(shared_server):
                "wrapped_key": b64(40)})
     assert r.status_code in (400, 422), r.text
     assert_error(a.c.get("/fs/changes", params={"since": huge}), 422, "validation")
-    assert not any(p.name in ("passwd", "etc") for p in (shared_server.data_dir / "storage").rglob("*"))
+    assert not any(part in ("passwd", "etc") for o in shared_server.stored_objects() for part in o.split("/"))
     assert "Traceback" not in shared_server.log()
 
 
 # ------------------------------------------------------------------ server lifecycle
+@pytest.mark.sqlite_only            # .env and temp files; the S3 sweeper: test_scale_out.py
 def test_env_file_and_startup_cleanup(server):
     env = server.data_dir / ".env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
@@ -728,8 +769,8 @@ def test_env_file_and_startup_cleanup(server):
     fdir = server.data_dir / "storage" / str(a.user_id) / str(f)
     tmp = fdir / f".{uuid.uuid4()}.abc.tmp"
     tmp.write_bytes(b"partial upload")
-    sql(server, "UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id = ?", str(staged_old))
-    sql(server, "UPDATE inodes SET orphan_since = orphan_since - 90000 WHERE id = ?", str(g))
+    server.query("UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id = ?", str(staged_old))
+    server.query("UPDATE inodes SET orphan_since = orphan_since - 90000 WHERE id = ?", str(g))
     server.start()
     assert (server.data_dir / ".env").read_text() == secret        # secret kept
     a.login()                                                      # (tokens survive restarts too)
@@ -796,7 +837,7 @@ def test_two_workers_concurrent(make_server):
         results = list(pool.map(work, range(48)))
     assert all(r == (200, 201, 200) for r in results), results
     assert len(a.names(d)) == 48
-    assert a.c.get("/fs/statfs").json()["used_bytes"] == 48 * 2000
+    assert a.c.get("/fs/statfs").json()["used_bytes"] == 48 * 2000 + metadata_bytes(srv, a.user_id)
     # concurrent CAS on one inode: exactly one of N setmeta with the same base wins
     def cas(_):
         with srv.client(headers={"Authorization": f"Bearer {a.token}"}) as c:

@@ -1,6 +1,7 @@
 """Zero knowledge: after a realistic session (register, upload files and folders,
 rename, passwd, rotate-key) no plaintext and no client secret appears anywhere
-the server keeps bytes: storage/, app.db (+ -wal/-shm), .env, and its log."""
+the server keeps bytes: storage/, app.db (+ -wal/-shm), .env, and its log; on
+PostgreSQL + S3, a pg_dump of its database and every object of its bucket."""
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,7 @@ import pytest
 from clitools import assert_ok, config, keys_file, uploads
 from zkfs.account import Keyring
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.backends]
 
 
 def b64_forms(data: bytes) -> set[bytes]:
@@ -45,14 +46,25 @@ def server_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.rglob("*") if p.is_file())
 
 
-def scan(data_dir: Path, needles: dict[str, set[bytes]]) -> list[str]:
+def kept_bytes(server, pg=None) -> dict[str, bytes]:
+    """Everything the server keeps: its data dir's files; with PostgreSQL + S3 also a
+    dump of its database and every object under its bucket prefix."""
+    out = {p.relative_to(server.data_dir).as_posix(): p.read_bytes() for p in server_files(server.data_dir)}
+    if server.database_url:
+        out["pg_dump"] = pg.dump(server.database_url)
+        for key in server.stored_objects():
+            user, inode, blob = (UUID(part) for part in key.split("/"))
+            out["bucket:" + key] = server.read_object(user, inode, blob)
+    return out
+
+
+def scan(kept: dict[str, bytes], needles: dict[str, set[bytes]]) -> list[str]:
     hits = []
-    for path in server_files(data_dir):
-        blob = path.read_bytes()
+    for where, blob in kept.items():
         for label, variants in needles.items():
             for v in variants:
                 if v in blob:
-                    hits.append(f"{label} found in {path.relative_to(data_dir)} (as {v[:40]!r})")
+                    hits.append(f"{label} found in {where} (as {v[:40]!r})")
                     break
     return hits
 
@@ -71,7 +83,8 @@ def file_keys(server, machine, ring: Keyring) -> list[bytes]:
             for k in keys]
 
 
-def test_server_learns_nothing(server, make_machine, tmp_path):
+def test_server_learns_nothing(server, make_machine, tmp_path, backend, request):
+    pg = request.getfixturevalue("pg_cluster") if backend == "postgres" else None
     tag = os.urandom(4).hex()
     password = f"Zk-Pass-{tag}-horse"
     new_password = f"Zk-NewPass-{tag}-staple"
@@ -148,19 +161,22 @@ def test_server_learns_nothing(server, make_machine, tmp_path):
     for label, key in secrets.items():
         needles[label] = forms(key)
 
-    files = server_files(server.data_dir)
-    names = {p.relative_to(server.data_dir).as_posix() for p in files}
-    assert {"app.db", ".env", "server.log"} <= names, names
-    assert any(n.startswith("storage/") for n in names)
+    kept = kept_bytes(server, pg)
+    if backend == "sqlite":
+        assert {"app.db", ".env", "server.log"} <= set(kept), sorted(kept)
+        assert any(n.startswith("storage/") for n in kept)
+    else:
+        assert "pg_dump" in kept and "server.log" in kept and not any(n.startswith("storage/") for n in kept)
+        assert sum(n.startswith("bucket:") for n in kept) >= 4, sorted(kept)
 
     # positive control: the scanner does see what the server legitimately stores
-    control = scan(server.data_dir, {"username": {m.username.encode()}})
+    control = scan(kept, {"username": {m.username.encode()}})
     assert control, "username not found anywhere: the scan is not reading the database"
 
-    hits = scan(server.data_dir, needles)
+    hits = scan(kept, needles)
     assert not hits, "\n".join(hits)
 
     # once more after a clean shutdown (WAL checkpointed into app.db, log flushed)
     server.stop()
-    hits = scan(server.data_dir, needles)
+    hits = scan(kept_bytes(server, pg), needles)
     assert not hits, "\n".join(hits)

@@ -74,11 +74,11 @@ def derive(api: ApiClient, username: str, password: str) -> Derived:
     return derived
 
 
-def sign_in(api: ApiClient, username: str, password: str) -> tuple[Derived, dict]:
+def sign_in(api: ApiClient, username: str, password: str, device: str | None = None) -> tuple[Derived, dict]:
     """derive + login; an account without a kdf check gets one now. Returns the
-    keys and the token response (``api.token`` is set)."""
+    keys and the token response (``api.token`` is set). ``device``: see ``login``."""
     derived = derive(api, username, password)
-    token = login(api, username, derived.keys)
+    token = login(api, username, derived.keys, device)
     api.token = token["access_token"]
     if not derived.checked:
         api.set_kdf(kdf_to_wire(derived.params, derived.check))
@@ -178,10 +178,12 @@ def register(api: ApiClient, username: str, password: str) -> UUID:
         raise
 
 
-def login(api: ApiClient, username: str, keys: PasswordKeys) -> dict:
-    """Exchange the auth key for a token. Returns the token response."""
+def login(api: ApiClient, username: str, keys: PasswordKeys, device: str | None = None) -> dict:
+    """Exchange the auth key for a token. Returns the token response. ``device``:
+    this machine's credential from an earlier login (others guessing at the
+    account do not lock it out); a response to a login without one carries a new one."""
     try:
-        return api.login(username, b64encode(keys.auth_key))
+        return api.login(username, b64encode(keys.auth_key), device)
     except ServerError as exc:
         if exc.code == "bad_credentials":
             raise ZkfsError("login failed: wrong username or password", errno=exc.errno) from None
@@ -220,7 +222,7 @@ def change_password(api: ApiClient, username: str, current: PasswordKeys, new_pa
 _ROTATE_ROUNDS = 5      # re-wrap passes before giving up on keys that keep arriving
 
 
-def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
+def rotate_master_key(api: ApiClient, keys: PasswordKeys, progress=None) -> dict:
     """New master key generation; every file key re-wrapped, no content touched.
 
     Resumable: the new generation becomes current first, so a crash leaves every
@@ -229,6 +231,7 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     generation until it notices the new one: the old generations are dropped only
     once no key uses them, re-wrapping such late keys first.
     """
+    kek, proof = keys.kek, b64encode(keys.auth_key)
     account = api.account()
     keyring = Keyring.unlock(account, kek)
     if len(keyring.readers) > 1:
@@ -236,14 +239,14 @@ def rotate_master_key(api: ApiClient, kek: bytes, progress=None) -> dict:
     old_gens = sorted(keyring.masters)
     new_gen = keyring.current_gen + 1
     master = crypto.random_key()
-    api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])))
+    api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])), proof)
     keyring.masters[new_gen] = master
     keyring.current_gen = new_gen
     rewrapped = _rewrap_file_keys(api, keyring, progress, 0)
     for attempt in range(_ROTATE_ROUNDS):
         try:
             while old_gens:
-                api.delete_master_key(old_gens[0])
+                api.delete_master_key(old_gens[0], proof)
                 old_gens.pop(0)
             break
         except ServerError as exc:

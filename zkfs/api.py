@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -23,8 +24,15 @@ from .transport import TlsError, Urllib3Transport
 
 log = logging.getLogger(__name__)
 
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+class _Unavailable(httpx.TransportError):
+    """A 503 ``unavailable`` from the server (its database away: nothing was
+    applied), or a gateway error from a load balancer in front of it for an
+    idempotent request (the node behind it died): tried again like a lost connection."""
+
+
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _Unavailable)
 _TRANSPORT = (httpx.TransportError,)
+_GATEWAY = (502, 503, 504)
 
 
 def check_server_url(url: str, *, insecure_http: bool = False) -> str:
@@ -64,20 +72,29 @@ class ApiClient:
         self._transport = Urllib3Transport(max_connections=32, connect_timeout=5.0, read_timeout=timeout)
         self._reauth_lock = threading.Lock()
         self._down_since: float | None = None
+        self._direct: bool | None = None    # whether the server offers direct blob URLs
+        # (inode, blob) -> (GET URL, monotonic deadline) handed out ahead by download-urls
+        self._read_urls: OrderedDict[tuple[UUID, UUID], tuple[str, float]] = OrderedDict()
+        self._urls_lock = threading.Lock()
+        self._urls_fetch = threading.Lock()
+        self._upload_urls = _Coalescer(self._fetch_upload_urls)
 
     def close(self) -> None:
         self._transport.close()
 
     # ------------------------------------------------------------ plumbing
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict | None = None,
-              **kw) -> httpx.Response:
-        headers = self._headers() | (headers or {})
+              url: str | None = None, **kw) -> httpx.Response:
+        """``url``: an absolute URL the server handed out (an object store's), sent
+        without this client's credentials; otherwise ``path`` under the API."""
+        headers = (self._headers() if url is None else {}) | (headers or {})
+        kw["url"] = url or f"{self.base_url}/api/v1{path}"
         retryable = _TRANSPORT if idempotent else _NEVER_SENT
         try:
             if self._down_since is None:
                 # The usual case: one attempt, no retry machinery set up for it.
                 try:
-                    return self._attempt(method, path, headers, kw)
+                    return self._attempt(method, path, headers, kw, idempotent)
                 except retryable:
                     pass
             # One retry budget per outage, not per request: requests that start while
@@ -90,15 +107,20 @@ class ApiClient:
                     wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
                     stop=tenacity.stop_after_delay(window), reraise=True):
                 with attempt:
-                    return self._attempt(method, path, headers, kw)
+                    return self._attempt(method, path, headers, kw, idempotent)
         except _TRANSPORT as exc:
-            why = f"TLS: {exc}" if isinstance(exc, TlsError) else exc.__class__.__name__
-            raise Unreachable(f"cannot reach the server at {self.base_url} ({why})") from None
+            why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
+                   else exc.__class__.__name__)
+            where = (f"the server at {self.base_url}" if url is None
+                     else f"the object store at {urlsplit(url).netloc}")
+            raise Unreachable(f"cannot reach {where} ({why})") from None
         raise AssertionError("unreachable")
 
-    def _attempt(self, method: str, path: str, headers: dict, kw: dict) -> httpx.Response:
+    def _attempt(self, method: str, path: str, headers: dict, kw: dict, idempotent: bool) -> httpx.Response:
         try:
             resp = self._exchange(method, path, headers, **kw)
+            if resp.status_code in _GATEWAY and (idempotent or self._error(resp).code == "unavailable"):
+                raise _Unavailable(f"HTTP {resp.status_code}", request=resp.request)
         except _TRANSPORT:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -106,8 +128,8 @@ class ApiClient:
         self._down_since = None
         return resp
 
-    def _exchange(self, method: str, path: str, headers: dict, **kw) -> httpx.Response:
-        req = httpx.Request(method, f"{self.base_url}/api/v1{path}", headers=headers, **kw)
+    def _exchange(self, method: str, path: str, headers: dict, *, url: str, **kw) -> httpx.Response:
+        req = httpx.Request(method, url, headers=headers, **kw)
         return self._transport.handle_request(req)     # the body is read in full
 
     def _headers(self) -> dict[str, str]:
@@ -159,11 +181,13 @@ class ApiClient:
     def register(self, body: dict) -> dict:
         return self._json("POST", "/users", json=body)
 
-    def login(self, username: str, auth_key_b64: str) -> dict:
-        return self._json("POST", "/auth/login", json={"username": username, "auth_key": auth_key_b64})
+    def login(self, username: str, auth_key_b64: str, device: str | None = None) -> dict:
+        body = {"username": username, "auth_key": auth_key_b64}
+        return self._json("POST", "/auth/login", json=body | ({"device": device} if device else {}))
 
-    def logout(self) -> None:
-        self.request("POST", "/auth/logout", idempotent=True)
+    def logout(self, all_devices: bool = False) -> None:
+        self.request("POST", "/auth/logout", idempotent=True,
+                     params={"all": "true"} if all_devices else None)
 
     def account(self) -> dict:
         return self._json("GET", "/account")
@@ -175,14 +199,15 @@ class ApiClient:
     def change_password(self, body: dict) -> dict:
         return self._json("PUT", "/account/password", json=body, idempotent=False)
 
-    def add_master_key(self, record: dict) -> None:
-        self.request("POST", "/account/master-keys", json={"master_key": record})
+    # Destructive account operations carry a fresh proof of the password-derived key.
+    def add_master_key(self, record: dict, auth_key_b64: str) -> None:
+        self.request("POST", "/account/master-keys", json={"master_key": record, "auth_key": auth_key_b64})
 
-    def delete_master_key(self, gen: int) -> None:
-        self.request("DELETE", f"/account/master-keys/{gen}")
+    def delete_master_key(self, gen: int, auth_key_b64: str) -> None:
+        self.request("DELETE", f"/account/master-keys/{gen}", json={"auth_key": auth_key_b64})
 
-    def delete_account(self) -> None:
-        self.request("DELETE", "/account")
+    def delete_account(self, auth_key_b64: str) -> None:
+        self.request("DELETE", "/account", json={"auth_key": auth_key_b64})
 
     # ------------------------------------------------------------ keys
     def get_key(self, inode: UUID) -> dict:
@@ -222,7 +247,22 @@ class ApiClient:
         return self._json("POST", "/fs/ops", json={"ops": ops})
 
     # ------------------------------------------------------------ blobs
+    # A server on an object store offers short-lived URLs so chunk bytes skip its API
+    # nodes: ``upload-urls`` before PUTs, ``download-urls`` (or a 307) before GETs. What
+    # comes back from them is no more trusted than the server's own answers (chunks
+    # are verified by the vault).
     def put_blob(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+        if self._direct is not False:
+            try:
+                self._put_direct(inode, blob_id, data)
+                self._direct = True
+                return
+            except ServerError as exc:
+                if exc.code != "direct_unavailable":
+                    if exc.code == "exists":      # a retry whose first attempt landed
+                        return
+                    raise
+                self._direct = False
         try:
             self.request("PUT", f"/blobs/{inode}/{blob_id}", content=data,
                          headers={"Content-Type": "application/octet-stream"})
@@ -231,8 +271,150 @@ class ApiClient:
             if exc.code != "exists":
                 raise
 
+    def _put_direct(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+        for attempt in range(2):
+            url = self._upload_urls.get((inode, blob_id, len(data)))
+            resp = self._send("PUT", "", url=url, idempotent=True, content=data)
+            if resp.status_code < 300:
+                return
+            if resp.status_code != 403 or attempt:
+                raise _store_error(resp, "upload")
+            # 403: the URL expired while this client retried: ask for a fresh one
+
+    def _fetch_upload_urls(self, wanted: list[tuple[UUID, UUID, int]]) -> dict:
+        """Upload URLs of several blobs in one request (idempotent: staging the same
+        blob with the same size again is a retry)."""
+        body = self._json("POST", "/blobs/upload-urls", idempotent=True, json={"blobs": [
+            {"inode": str(i), "blob_id": str(b), "size": n} for i, b, n in wanted]})
+        urls = {(UUID(u["inode"]), UUID(u["blob_id"])): _checked_url(u["url"]) for u in body["urls"]}
+        if any((i, b) not in urls for i, b, _n in wanted):
+            raise ServerError(502, "bad_answer", "the server left out upload URLs it was asked for")
+        return urls
+
+    def blob_urls_ahead(self, inode: UUID, blob_ids: list[UUID]) -> None:
+        """Fetch read URLs of several blobs in one request (a file's next chunks),
+        unless the first is known already or the server has no object store."""
+        if self._direct is False or not blob_ids or self._read_url(inode, blob_ids[0]):
+            return
+        with self._urls_fetch:      # parallel readers of one file wait for one batch
+            if self._read_url(inode, blob_ids[0]):
+                return
+            refs = [{"inode": str(inode), "blob_id": str(b)} for b in blob_ids[:_URLS_PER_REQUEST]]
+            try:
+                body = self._json("POST", "/blobs/download-urls", json={"blobs": refs}, idempotent=True)
+            except ServerError as exc:
+                if exc.code != "direct_unavailable":
+                    raise
+                self._direct = False
+                return
+            self._keep_urls(body)
+
+    def _keep_urls(self, body: dict) -> None:
+        # used until well before they expire: a retried read must not get a 403
+        deadline = time.monotonic() + body["expires_in"] / 2
+        with self._urls_lock:
+            for u in body["urls"]:
+                self._read_urls[(UUID(u["inode"]), UUID(u["blob_id"]))] = (_checked_url(u["url"]), deadline)
+            while len(self._read_urls) > _URLS_KEPT:
+                self._read_urls.popitem(last=False)
+
+    def _read_url(self, inode: UUID, blob_id: UUID) -> str | None:
+        with self._urls_lock:
+            found = self._read_urls.get((inode, blob_id))
+            if found and found[1] > time.monotonic():
+                return found[0]
+            self._read_urls.pop((inode, blob_id), None)
+            return None
+
     def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None) -> bytes:
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        return self.request("GET", f"/blobs/{inode}/{blob_id}", headers=headers).content
+        url = self._read_url(inode, blob_id)
+        if url is not None:
+            resp = self._send("GET", "", url=url, idempotent=True, headers=headers)
+            if resp.status_code < 300:
+                return resp.content
+            with self._urls_lock:     # expired, or gone: the API knows which
+                self._read_urls.pop((inode, blob_id), None)
+        path = f"/blobs/{inode}/{blob_id}"
+        for attempt in range(2):
+            resp = self.request("GET", path, headers=headers)
+            if resp.status_code != 307:
+                return resp.content
+            resp = self._send("GET", "", url=_checked_url(resp.headers.get("location", "")), idempotent=True,
+                              headers=headers)
+            if resp.status_code < 300:
+                return resp.content
+            if resp.status_code == 404:
+                raise ServerError(404, "not_found", "the object store has no such blob")
+            if resp.status_code != 403 or attempt:
+                raise _store_error(resp, "download")
+        raise AssertionError("unreachable")
+
+
+class _Coalescer:
+    """Parallel uploaders ask for their upload URLs together, the way a database
+    groups commits: while one request is out, the callers that arrive wait and
+    then go as the next batch. Exact ids and sizes, so nothing is reserved ahead;
+    a refused batch is retried one blob at a time (one bad blob fails alone)."""
+
+    def __init__(self, fetch) -> None:
+        self.fetch = fetch
+        self.cond = threading.Condition()
+        self.pending: list[list] = []        # [key, result or None]
+        self.busy = False
+
+    def get(self, key: tuple[UUID, UUID, int]) -> str:
+        entry = [key, None]
+        with self.cond:
+            self.pending.append(entry)
+            while entry[1] is None:
+                if self.busy:
+                    self.cond.wait()
+                    continue
+                self.busy = True
+                batch, self.pending = self.pending[:_URLS_PER_REQUEST], self.pending[_URLS_PER_REQUEST:]
+                self.cond.release()
+                try:
+                    self._serve(batch)
+                finally:
+                    self.cond.acquire()
+                    self.busy = False
+                    self.cond.notify_all()
+        kind, value = entry[1]
+        if kind == "error":
+            raise value
+        return value
+
+    def _serve(self, batch: list[list]) -> None:
+        try:
+            urls = self.fetch([e[0] for e in batch])
+        except ServerError as exc:          # refused: find which blob, if several
+            if len(batch) == 1:
+                batch[0][1] = ("error", exc)
+            for e in batch if len(batch) > 1 else ():
+                self._serve([e])
+            return
+        except BaseException as exc:        # unreachable: every caller hears it
+            for e in batch:
+                e[1] = ("error", exc)
+            return
+        for e in batch:
+            e[1] = ("url", urls[e[0][:2]])
+
+
+_URLS_PER_REQUEST = 64       # URLs asked for at once (a reader's next 64 MiB)
+_URLS_KEPT = 8192
+
+
+def _checked_url(url: str) -> str:
+    """A URL from the server, if it is one this client will follow (http or https)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ServerError(502, "bad_url", "the server offered a transfer URL that is not http(s)")
+    return url
+
+
+def _store_error(resp: httpx.Response, what: str) -> ServerError:
+    return ServerError(resp.status_code, "object_store",
+                       f"the object store refused the {what} (HTTP {resp.status_code})")

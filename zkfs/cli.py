@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 
 from . import account, rotation
 from .api import ApiClient
+from .crypto import PasswordKeys
 from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
 from .session import open_vault
@@ -111,7 +112,7 @@ def _login(api: ApiClient, state: LocalState, username: str, password: str, inse
     """Saves the server with the login, and whether plain http to it was allowed
     (--insecure-http): later commands and mounts follow that choice."""
     try:
-        derived, token = account.sign_in(api, username, password)
+        derived, token = account.sign_in(api, username, password, _saved_device(state, api.base_url, username))
     except ServerError as exc:
         raise _not_a_server(api, exc) from None
     keys = derived.keys
@@ -125,9 +126,19 @@ def _login(api: ApiClient, state: LocalState, username: str, password: str, inse
     finally:
         ledger.close()
     state.save_config(server=api.base_url, username=username, token=token["access_token"],
-                      insecure_http=insecure_http)
+                      insecure_http=insecure_http, **({"device": token["device"]} if token.get("device") else {}))
     state.save_keys(user_id=token["user_id"], username=username, auth_key=keys.auth_key, kek=keys.kek)
     print(f"logged in as {username}")
+
+
+def _saved_device(state: LocalState, server: str, username: str) -> str | None:
+    """This machine's device credential for that account, if it has one."""
+    try:
+        cfg = state.config()
+    except CorruptState:
+        return None
+    same = cfg.get("server") == server and str(cfg.get("username", "")).lower() == username.lower()
+    return cfg.get("device") if same else None
 
 
 def cmd_logout(args, state: LocalState) -> None:
@@ -138,7 +149,7 @@ def cmd_logout(args, state: LocalState) -> None:
     if cfg.get("token"):
         try:
             ApiClient(cfg["server"], cfg["token"], retry_seconds=1, timeout=5,
-                      insecure_http=args.insecure_http or bool(cfg.get("insecure_http"))).logout()
+                      insecure_http=args.insecure_http or bool(cfg.get("insecure_http"))).logout(args.all)
         except ServerError:
             pass        # refused: the token was no longer valid anyway
         except ZkfsError as exc:
@@ -183,24 +194,24 @@ def cmd_rotate_key(args, state: LocalState) -> None:
         raise ZkfsError("wrong password") from None
     start = time.perf_counter()
     if args.full:
-        result = _rotate_full(vault, keys.kek)
+        result = _rotate_full(vault, keys)
         vault.ledger.check_key_gen(vault.root, result.generation)
         print(f"all keys rotated (generation {result.generation}): {result.resealed} names and attribute "
               f"sets re-sealed, {result.files} files ({result.bytes} bytes) re-encrypted "
               f"in {time.perf_counter() - start:.2f} s")
         return
-    result = account.rotate_master_key(vault.api, keys.kek)
+    result = account.rotate_master_key(vault.api, keys)
     vault.ledger.check_key_gen(vault.root, result["generation"])
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
 
 
-def _rotate_full(vault: Vault, kek: bytes):
+def _rotate_full(vault: Vault, keys: PasswordKeys):
     from tqdm import tqdm
     kw = dict(disable=None, leave=False, file=sys.stderr)
     with tqdm(desc="names and attributes", unit=" items", **kw) as names, \
             tqdm(desc="files re-encrypted", unit="B", unit_scale=True, unit_divisor=1024, **kw) as data:
-        return rotation.rotate_full(vault, kek, rotation.Progress(
+        return rotation.rotate_full(vault, keys, rotation.Progress(
             entries=names.update, files=lambda n, nbytes: data.update(nbytes)))
 
 
@@ -496,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_login)
 
     sp = sub.add_parser("logout", parents=[common], help="forget the token and keys on this machine")
+    sp.add_argument("--all", action="store_true",
+                    help="also end every other device's session (their mounts must log in again)")
     sp.set_defaults(func=cmd_logout)
 
     sp = sub.add_parser("upload", parents=[common], help="encrypt and upload a file (or a folder with -r)")

@@ -23,9 +23,9 @@ from uuid import UUID
 
 from . import crypto
 from .account import master_record
-from .crypto import BinaryFernet, NamespaceKey
+from .crypto import BinaryFernet, NamespaceKey, PasswordKeys
 from .errors import ServerError, ZkfsError
-from .format import HOLE_REF, Manifest
+from .format import HOLE_REF, Manifest, b64encode
 from .ops import Op
 from .transfer import IN_FLIGHT, ordered
 from .vault import Vault
@@ -54,23 +54,25 @@ def unfinished(vault: Vault) -> bool:
     return len(vault.keyring.readers) > 1
 
 
-def rotate_full(vault: Vault, kek: bytes, progress: Progress | None = None) -> Result:
+def rotate_full(vault: Vault, keys: PasswordKeys, progress: Progress | None = None) -> Result:
+    """``keys``: the KEK wraps the new master key; the auth key is the fresh proof
+    the server asks for before it adds or deletes a generation."""
     progress = progress or Progress()
     vault.refresh_keyring()
     if not unfinished(vault):
-        _new_generation(vault, kek)
+        _new_generation(vault, keys)
     result = Result(vault.keyring.current_gen)
     for _ in range(_PASSES):
-        if _one_pass(vault, result, progress) == 0 and _drop_old_generations(vault):
+        if _one_pass(vault, result, progress) == 0 and _drop_old_generations(vault, keys):
             return result
     raise ZkfsError("the account kept changing under rotate-key --full: run it again to finish")
 
 
-def _new_generation(vault: Vault, kek: bytes) -> None:
+def _new_generation(vault: Vault, keys: PasswordKeys) -> None:
     account = vault.api.account()
     gen = vault.keyring.current_gen + 1
-    vault.api.add_master_key(master_record(kek, gen, crypto.random_key(), NamespaceKey.generate(),
-                                           UUID(account["root_inode"])))
+    vault.api.add_master_key(master_record(keys.kek, gen, crypto.random_key(), NamespaceKey.generate(),
+                                           UUID(account["root_inode"])), b64encode(keys.auth_key))
     vault.refresh_keyring()
 
 
@@ -180,13 +182,13 @@ def _reencrypt(vault: Vault, pool: ThreadPoolExecutor, inode: UUID) -> int | Non
 
 
 # ---------------------------------------------------------------- the end
-def _drop_old_generations(vault: Vault) -> bool:
+def _drop_old_generations(vault: Vault, keys: PasswordKeys) -> bool:
     """Delete every generation but the current one (their master keys, and the old
     namespace key with them). False if a file key still uses one: another client
     wrapped one meanwhile, so another pass is needed."""
     for gen in sorted(g for g in vault.keyring.masters if g != vault.keyring.current_gen):
         try:
-            vault.api.delete_master_key(gen)
+            vault.api.delete_master_key(gen, b64encode(keys.auth_key))
         except ServerError as exc:
             if exc.code == "in_use":
                 return False

@@ -32,15 +32,17 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
         keys = PasswordKeys(auth_key=saved["auth_key"], kek=saved["kek"])
 
     def relogin() -> str:
+        device = state.config().get("device") if password is None else None
         try:
-            token = account.login(api, username, keys)["access_token"]
+            answer = account.login(api, username, keys, device)
+            token = answer["access_token"]
         except ZkfsError as exc:
             if password is None and exc.errno == errno.EACCES:
                 raise ZkfsError("the saved login is no longer valid (password changed elsewhere?): "
                                 "run `client.py login` again", errno=errno.EACCES) from None
             raise
         if password is None:
-            state.save_config(token=token)
+            state.save_config(token=token, **({"device": answer["device"]} if answer.get("device") else {}))
         return token
 
     api.reauth = relogin

@@ -146,6 +146,7 @@ class LocalState:
         except CorruptState:
             cfg = {}        # nothing in it can be trusted; logout must still work
         cfg.pop("token", None)
+        cfg.pop("device", None)
         _write_json(self.config_path, cfg)
 
     def reset_corrupt(self) -> list[Path]:

@@ -7,14 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from .. import errors as E
-from ..auth import CurrentUser, decoy_kdf, hash_auth_key, issue_token, verify_auth_key
-from ..config import LOGIN_MAX_PER_ADDR, LOGIN_MAX_PER_USER, LOGIN_WINDOW, Settings
-from ..db import MetadataStore
+from .. import throttle
+from ..admin import invite_hash
+from ..auth import (CurrentUser, decoy_kdf, device_secret_hash, hash_auth_key, issue_token,
+                    new_device_credential, parse_device_credential, verify_auth_key)
+from ..config import Settings
+from ..db import MetadataStore, UserRecord
 from ..deps import get_db, get_settings, get_store
 from ..models import (AccountResponse, Error, KdfCheckRequest, KdfLookupResponse, LoginRequest,
-                      NewMasterKeyRequest,
-                      PasswordChangeRequest, RegisterRequest, RegisterResponse, TokenResponse,
-                      Username)
+                      NewMasterKeyRequest, PasswordChangeRequest, ReauthRequest, RegisterRequest,
+                      RegisterResponse, TokenResponse, Username)
 from ..storage import BlobStore
 
 router = APIRouter(tags=["accounts"], responses={422: {"model": Error}})
@@ -29,45 +31,72 @@ def kdf_lookup(username: Annotated[Username, Query()], db: DbDep, settings: Sett
     user = db.get_user_by_name(username)
     if user is not None:
         return KdfLookupResponse(kdf=user.kdf)
-    return KdfLookupResponse(kdf=decoy_kdf(settings, username, db.decoy_template()))
-
-
-@router.post("/users", status_code=201, response_model=RegisterResponse,
-             responses={409: {"model": Error}})
-def register(body: RegisterRequest, db: DbDep):
-    if body.master_key.gen != 1:
-        raise E.invalid("the first master key generation must be 1")
-    user_id = uuid.uuid4()
-    db.create_user(user_id, body.username, hash_auth_key(body.auth_key), body.kdf,
-                   body.master_key, body.root_inode, body.root_meta)
-    return RegisterResponse(user_id=user_id)
+    return KdfLookupResponse(kdf=decoy_kdf(settings, username.lower(), db.decoy_template()))
 
 
 def _client_addr(request: Request) -> str:
+    # The peer's address; X-Forwarded-For replaces it only from a configured proxy
+    # (uvicorn's forwarded_allow_ips, set from --trusted-proxy).
     return request.client.host if request.client else "unknown"
+
+
+@router.post("/users", status_code=201, response_model=RegisterResponse,
+             responses={403: {"model": Error}, 409: {"model": Error}, 429: {"model": Error}})
+def register(body: RegisterRequest, request: Request, db: DbDep, settings: SettingsDep):
+    """Open to anyone, to holders of an invite (``python -m server users add-invite``)
+    or closed, as the server is configured; throttled per address either way."""
+    if settings.registration == "closed":
+        raise E.forbidden("registration is closed on this server")
+    if settings.registration == "invite" and not body.invite:
+        raise E.forbidden("registration needs an invite on this server")
+    if body.master_key.gen != 1:
+        raise E.invalid("the first master key generation must be 1")
+    throttle.registration(db, _client_addr(request), settings.registrations_per_hour)
+    user_id = uuid.uuid4()
+    db.create_user(user_id, body.username, hash_auth_key(body.auth_key), body.kdf,
+                   body.master_key, body.root_inode, body.root_meta,
+                   invite_hash=invite_hash(body.invite) if settings.registration == "invite" else None)
+    return RegisterResponse(user_id=user_id)
 
 
 @router.post("/auth/login", response_model=TokenResponse,
              responses={401: {"model": Error}, 429: {"model": Error}})
 def login(body: LoginRequest, request: Request, db: DbDep, settings: SettingsDep):
-    user_key, addr_key = "u:" + body.username, "a:" + _client_addr(request)
-    retry = db.throttle_retry_after([(user_key, LOGIN_MAX_PER_USER), (addr_key, LOGIN_MAX_PER_ADDR)],
-                                    LOGIN_WINDOW)
-    if retry is not None:
-        raise E.throttled(retry)
+    """A token for a new device (its credential in ``device``), or for the device
+    whose credential the request carries."""
     user = db.get_user_by_name(body.username)
+    device = parse_device_credential(body.device)
+    if device is not None and (user is None or not db.device_of(user.id, device[0], device_secret_hash(device[1]))):
+        device = None
+    attempt = throttle.attempt(db, body.username, _client_addr(request), device[0] if device else None)
     ok = verify_auth_key(body.auth_key, user.auth_hash if user else None)
     if not ok or user is None:
-        db.record_login_failure([user_key, addr_key], LOGIN_WINDOW)
         raise E.bad_credentials()
-    db.clear_login_failures(user_key)
-    return issue_token(settings, user.id, user.token_version)
+    attempt.succeeded()
+    if device is not None:
+        return issue_token(settings, user.id, user.token_version, device[0])
+    secret, secret_hash = new_device_credential()
+    did = db.add_device(user.id, secret_hash)
+    return issue_token(settings, user.id, user.token_version, did, f"{did}.{secret}")
 
 
 @router.post("/auth/logout", status_code=204, responses={401: {"model": Error}})
-def logout(user: CurrentUser, db: DbDep):
-    db.bump_token_version(user.id)
+def logout(user: CurrentUser, request: Request, db: DbDep,
+           all_devices: Annotated[bool, Query(alias="all")] = False):
+    """Ends this device's session; ``?all=true`` ends every device's."""
+    if all_devices:
+        db.revoke_all_devices(user.id)
+    else:
+        db.revoke_device(user.id, request.state.device)
     return Response(status_code=204)
+
+
+def _prove(user: UserRecord, auth_key: str, request: Request, db: MetadataStore) -> None:
+    """A fresh proof of the password-derived key (throttled like a login)."""
+    attempt = throttle.attempt(db, user.username, _client_addr(request), request.state.device)
+    if not verify_auth_key(auth_key, user.auth_hash):
+        raise E.bad_credentials()
+    attempt.succeeded()
 
 
 @router.get("/account", response_model=AccountResponse, responses={401: {"model": Error}})
@@ -82,16 +111,9 @@ def account(user: CurrentUser, db: DbDep):
 def change_password(body: PasswordChangeRequest, request: Request, user: CurrentUser,
                     db: DbDep, settings: SettingsDep):
     """Returns 200 with a fresh token (the old ones stop working)."""
-    user_key, addr_key = "u:" + user.username, "a:" + _client_addr(request)
-    retry = db.throttle_retry_after([(user_key, LOGIN_MAX_PER_USER), (addr_key, LOGIN_MAX_PER_ADDR)],
-                                    LOGIN_WINDOW)
-    if retry is not None:
-        raise E.throttled(retry)
-    if not verify_auth_key(body.current_auth_key, user.auth_hash):
-        db.record_login_failure([user_key, addr_key], LOGIN_WINDOW)
-        raise E.bad_credentials()
+    _prove(user, body.current_auth_key, request, db)
     tv = db.change_password(user.id, hash_auth_key(body.new_auth_key), body.new_kdf, body.master_keys)
-    return issue_token(settings, user.id, tv)
+    return issue_token(settings, user.id, tv, request.state.device)
 
 
 @router.put("/account/kdf", status_code=204,
@@ -106,21 +128,26 @@ def add_kdf_check(body: KdfCheckRequest, user: CurrentUser, db: DbDep):
 
 
 @router.post("/account/master-keys", status_code=204,
-             responses={401: {"model": Error}, 409: {"model": Error}})
-def new_master_key(body: NewMasterKeyRequest, user: CurrentUser, db: DbDep):
+             responses={401: {"model": Error}, 409: {"model": Error}, 429: {"model": Error}})
+def new_master_key(body: NewMasterKeyRequest, request: Request, user: CurrentUser, db: DbDep):
+    _prove(user, body.auth_key, request, db)
     db.add_master_key(user.id, body.master_key)
     return Response(status_code=204)
 
 
 @router.delete("/account/master-keys/{gen}", status_code=204,
-               responses={401: {"model": Error}, 404: {"model": Error}, 409: {"model": Error}})
-def delete_master_key(gen: Annotated[int, Path(ge=1, le=2**31)], user: CurrentUser, db: DbDep):
+               responses={401: {"model": Error}, 404: {"model": Error}, 409: {"model": Error},
+                          429: {"model": Error}})
+def delete_master_key(gen: Annotated[int, Path(ge=1, le=2**31)], body: ReauthRequest, request: Request,
+                      user: CurrentUser, db: DbDep):
+    _prove(user, body.auth_key, request, db)
     db.delete_master_key(user.id, gen)
     return Response(status_code=204)
 
 
-@router.delete("/account", status_code=204, responses={401: {"model": Error}})
-def delete_account(user: CurrentUser, db: DbDep, store: StoreDep):
+@router.delete("/account", status_code=204, responses={401: {"model": Error}, 429: {"model": Error}})
+def delete_account(body: ReauthRequest, request: Request, user: CurrentUser, db: DbDep, store: StoreDep):
+    _prove(user, body.auth_key, request, db)
     db.delete_user(user.id)
     store.delete_user(user.id)
     return Response(status_code=204)

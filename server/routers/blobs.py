@@ -13,7 +13,8 @@ from starlette.requests import ClientDisconnect
 
 from .. import errors as E
 from ..auth import CurrentUser
-from ..models import Error
+from ..models import BlobUrl, BlobUrlsResponse, DownloadUrlsRequest, Error, UploadUrlsRequest
+from ..namespace import check_quota, quota_room
 from .common import DbDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/blobs", tags=["blobs"],
@@ -68,12 +69,12 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
             raise E.invalid("bad Content-Length") from None
         if declared > limit:
             raise E.too_large(f"blob larger than {limit} bytes")
-    used = await run_in_threadpool(db.check_blob_target, user.id, inode, blob_id)
-    quota_left = None if settings.quota_bytes is None else settings.quota_bytes - used
+    used = await run_in_threadpool(db.check_blob_target, user, inode, blob_id)
+    room = quota_room(used, db.quota_of(user))
     if declared is not None:
-        if quota_left is not None and declared > quota_left:
-            raise E.no_space("quota exceeded")
-        if declared > store.free_bytes():
+        check_quota(used, declared, db.quota_of(user))
+        free = store.free_bytes()
+        if free is not None and declared > free:
             raise E.no_space("server storage is full")
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -84,7 +85,7 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
             received += len(chunk)
             if received > limit:
                 raise E.too_large(f"blob larger than {limit} bytes")
-            if quota_left is not None and received > quota_left:
+            if room is not None and received > room:     # refused early; add_blob decides
                 raise E.no_space("quota exceeded")
             yield chunk
 
@@ -93,13 +94,45 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
     except ClientDisconnect:
         raise E.invalid("client disconnected during upload") from None
     try:
-        await run_in_threadpool(db.add_blob, user.id, inode, blob_id, staged.size,
-                                settings.quota_bytes, staged.commit)
+        await run_in_threadpool(db.add_blob, user, inode, blob_id, staged.size, pre_commit=staged.commit)
     except BaseException:
         staged.discard()
         raise
-    staged.done()
     return Response(status_code=201)
+
+
+@router.post("/upload-urls", response_model=BlobUrlsResponse,
+             responses={409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}})
+def upload_urls(body: UploadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep):
+    """Short-lived URLs to PUT exactly ``size`` bytes of each blob straight into the
+    object store (409 ``direct_unavailable`` when the store cannot: then PUT here).
+    The blobs are staged from now on, all or none, charged at their declared
+    sizes; a commit checks each arrived with its size."""
+    if not store.direct:
+        raise E.direct_unavailable()
+    if any(b.size > settings.max_blob_bytes for b in body.blobs):
+        raise E.too_large(f"blob larger than {settings.max_blob_bytes} bytes")
+    wanted = {(b.inode, b.blob_id): b.size for b in body.blobs}
+    if len(wanted) != len(body.blobs):
+        raise E.invalid("a blob is listed twice")
+    db.stage_blobs(user, [(i, b, n) for (i, b), n in wanted.items()], verified=False)
+    ttl = settings.direct_url_ttl
+    return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_put(user.id, i, b, n, ttl))
+                                  for (i, b), n in wanted.items()], expires_in=ttl)
+
+
+@router.post("/download-urls", response_model=BlobUrlsResponse, responses={409: {"model": Error}})
+def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
+                  settings: SettingsDep):
+    """Short-lived GET URLs for up to 256 blobs at once (a reader asks for the next
+    chunks of a file in one request instead of one 307 each); blobs the user does
+    not have are left out. 409 ``direct_unavailable`` without an object store."""
+    if not store.direct:
+        raise E.direct_unavailable()
+    ttl = settings.direct_url_ttl
+    found = db.existing_blobs(user.id, [(b.inode, b.blob_id) for b in body.blobs])
+    return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_get(user.id, i, b, ttl))
+                                  for i, b in found], expires_in=ttl)
 
 
 # A range up to this size is read in the same worker-thread call that looks the
@@ -111,14 +144,18 @@ _BUFFERED_MAX = 4 * 1024 * 1024
 @router.get("/{inode}/{blob_id}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}},
                        206: {"content": {"application/octet-stream": {}}},
+                       307: {"description": "fetch the blob from the Location URL (object stores)"},
                        416: {"model": Error}})
 async def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, store: StoreDep,
-                   range_: Annotated[str | None, Header(alias="range")] = None):
-    def locate() -> tuple[int, tuple[int, int] | None, bytes | Iterator[bytes]]:
+                   settings: SettingsDep, range_: Annotated[str | None, Header(alias="range")] = None):
+    """The blob's bytes, or (object stores) a 307 to a short-lived URL of it."""
+    def locate() -> tuple[int, tuple[int, int] | None, bytes | Iterator[bytes] | str]:
         rec = db.get_blob(user.id, inode, blob_id)
         if rec is None:
             raise E.not_found("no such blob")
-        rng = parse_range(range_, rec.size)
+        rng = parse_range(range_, rec.size)      # unsatisfiable: 416 here, not from the store
+        if store.direct:
+            return rec.size, None, store.presign_get(user.id, inode, blob_id, settings.direct_url_ttl)
         start, end = rng if rng is not None else (0, rec.size)
         body = store.open_range(user.id, inode, blob_id, start, end)
         return rec.size, rng, (b"".join(body) if end - start <= _BUFFERED_MAX else body)
@@ -128,6 +165,8 @@ async def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, sto
     except _Unsatisfiable as exc:
         return JSONResponse({"detail": "range not satisfiable", "code": "invalid_range"},
                             status_code=416, headers={"Content-Range": f"bytes */{exc.size}"})
+    if isinstance(body, str):
+        return Response(status_code=307, headers={"Location": body, "Cache-Control": "no-store"})
     start, end = rng if rng is not None else (0, size)
     headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes",
                "Cache-Control": "private, max-age=31536000, immutable"}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Iterable, Sequence
 from uuid import UUID
 
 from fastapi import Depends
@@ -38,11 +39,6 @@ def discard_all(staged: Iterable[Staged]) -> None:
         s.discard()
 
 
-def done_all(staged: Iterable[Staged]) -> None:
-    for s in staged:
-        s.done()
-
-
 def drop_objects(store: BlobStore, user: UUID, blobs: list[tuple[UUID, UUID]],
                  inodes: list[UUID]) -> None:
     """Remove storage objects whose metadata is already gone (after a commit)."""
@@ -55,3 +51,24 @@ def drop_objects(store: BlobStore, user: UUID, blobs: list[tuple[UUID, UUID]],
         store.delete_blobs(user, ino, ids)
     for ino in inodes:
         store.delete_inode(user, ino)
+
+
+def verify_direct_uploads(db: MetadataStore, store: BlobStore, user: UUID,
+                          wanted: Sequence[tuple[UUID, UUID]]) -> None:
+    """Blobs a client put straight into the object store are believed only once
+    they are there with the size declared for their URL (before a commit may
+    reference them)."""
+    pending = db.unverified_blobs(user, wanted)
+    if not pending:
+        return
+    # One listing per inode (1,000 objects a request) instead of one HEAD per chunk.
+    inodes = list(dict.fromkeys(i for i, _b, _n in pending))
+    with ThreadPoolExecutor(min(8, len(inodes))) as pool:
+        listed = dict(zip(inodes, pool.map(lambda ino: store.sizes(user, ino), inodes)))
+    for ino, blob, declared in pending:
+        actual = listed[ino].get(blob)
+        if actual is None:
+            raise E.invalid(f"blob {blob} was never uploaded")
+        if actual != declared:
+            raise E.invalid(f"blob {blob} has {actual} bytes, not the {declared} declared")
+    db.mark_verified(user, [(i, b) for i, b, _ in pending])

@@ -12,9 +12,10 @@ from ..auth import CurrentUser
 from ..db import EntryRecord, InodeRecord
 from ..models import (ChangesResponse, DirListing, EntryList, EntryOut, Error, InodeOut, ListingsRequest,
                       ListingsResponse, NameHash, OpResult, OpsRequest, OpsResponse, StatfsResponse)
+from ..namespace import quota_room
 from ..storage import Staged
-from .common import (DbDep, SettingsDep, StoreDep, b64decode, commit_all, discard_all, done_all,
-                     drop_objects)
+from .common import (DbDep, StoreDep, b64decode, commit_all, discard_all, drop_objects,
+                     verify_direct_uploads)
 
 log = logging.getLogger("zkfs.server")
 
@@ -48,6 +49,9 @@ def list_entries(inode: UUID, user: CurrentUser, db: DbDep):
     return EntryList(dir=_inode_out(directory), entries=[_entry_out(e) for e in entries])
 
 
+# What statfs reports free when neither a quota nor the store bounds it (1 PiB).
+UNBOUNDED_FREE = 1 << 50
+
 # Bounds one response (~0.5 KB of JSON per entry) while a batch of typical
 # folders still fits.
 MAX_LISTED_ENTRIES = 10_000
@@ -72,12 +76,15 @@ def lookup_entry(inode: UUID, name_hash: Annotated[NameHash, Path()], user: Curr
 
 
 @router.get("/statfs", response_model=StatfsResponse)
-def statfs(user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep):
+def statfs(user: CurrentUser, db: DbDep, store: StoreDep):
     used = db.used_bytes(user.id)
+    quota = db.quota_of(user)
     free = store.free_bytes()
-    if settings.quota_bytes is not None:
-        free = max(0, min(free, settings.quota_bytes - used))
-    return StatfsResponse(quota_bytes=settings.quota_bytes, used_bytes=used, free_bytes=free)
+    room = quota_room(used, quota)
+    if room is not None:
+        free = room if free is None else min(free, room)
+    return StatfsResponse(quota_bytes=quota, used_bytes=used,
+                          free_bytes=free if free is not None else UNBOUNDED_FREE)
 
 
 @router.get("/changes", response_model=ChangesResponse)
@@ -89,12 +96,10 @@ def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2
 
 @router.post("/ops", response_model=OpsResponse,
              responses={400: {"model": Error}, 409: {"model": Error}, 507: {"model": Error}})
-def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
-              settings: SettingsDep):
+def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep):
     """All ops in one transaction: all or nothing (see docs/API.md)."""
     # Decode everything first so a bad request touches nothing.
     inline: list[tuple[UUID, UUID, bytes]] = []
-    keys: list[tuple[UUID, bytes]] = []
     inline_sizes: dict[tuple[UUID, UUID], int] = {}
     for i, op in enumerate(body.ops):
         if op.op == "commit":
@@ -105,28 +110,25 @@ def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
                 inline_sizes[(op.inode, ib.blob_id)] = len(data)
                 inline.append((op.inode, ib.blob_id, data))
         if op.op in ("create", "commit") and op.wrapped_key is not None:
-            keys.append((op.inode, b64decode(op.wrapped_key, f"op {i}: wrapped_key")))
+            b64decode(op.wrapped_key, f"op {i}: wrapped_key")
     total = sum(inline_sizes.values())
-    if total and total > store.free_bytes():
+    free = store.free_bytes()
+    if total and free is not None and total > free:
         raise E.no_space("server storage is full")
-    if total and settings.quota_bytes is not None and total > settings.quota_bytes:
-        raise E.no_space("quota exceeded")
-
-    for op in body.ops:
-        if op.op == "commit" and op.blobs:
-            store.sync_inode(user.id, op.inode)
+    commits = [op for op in body.ops if op.op == "commit" and op.blobs]
+    if commits and store.direct:
+        verify_direct_uploads(db, store, user.id, [(op.inode, b) for op in commits for b in op.blobs])
+    for op in commits:
+        store.sync_inode(user.id, op.inode)
     staged: list[Staged] = []
     try:
         for ino, blob, data in inline:
             staged.append(store.stage_bytes(user.id, ino, blob, data))
-        for ino, data in keys:
-            staged.append(store.stage_key(user.id, ino, data))
-        outcome = db.apply_ops(user.id, body.ops, inline_sizes, settings.quota_bytes,
+        outcome = db.apply_ops(user.id, body.ops, inline_sizes,
                                pre_commit=commit_all(staged) if staged else None)
     except BaseException:
         discard_all(staged)
         raise
-    done_all(staged)
     try:
         drop_objects(store, user.id, outcome.drop_blobs, outcome.drop_inodes)
     except OSError:   # pragma: no cover - garbage only, metadata is already consistent

@@ -89,6 +89,7 @@ class BlockStore:
         token = self.tokens.get(ref.blob_id)
         fetched = token is None
         if fetched:
+            self.vault.urls_ahead(inode, manifest, index)
             token = self.vault.fetch_chunk_token(inode, ref)
         data = self.vault.open_chunk(inode, manifest, index, token)   # verifies before caching
         if fetched and keep_token:

@@ -422,8 +422,12 @@ class OpenFile:
                 self.attrs = node.attrs.evolve()
                 self.meta_dirty = False
                 self.attr_changes = []
-            else:                      # attributes changed while we committed: keep them
-                self.attrs = current
+            else:
+                # Attributes changed while we committed: keep them, on the version just
+                # committed (its content's digest, size, key and number), or the next
+                # setmeta would seal the previous content's digest over this one.
+                self.attrs = current.evolve(size=attrs.size, manifest_digest=attrs.manifest_digest,
+                                            key_id=attrs.key_id, version=version)
             return node
 
     def _build_manifest(self) -> tuple[Manifest, list[tuple[UUID, bytes]]]:
