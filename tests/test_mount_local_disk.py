@@ -171,6 +171,23 @@ def test_a_write_after_a_recent_touch_updates_mtime(d):
     assert sorted(os.listdir(d)) == ["f"]
 
 
+def test_a_file_renamed_over_takes_its_unsent_attributes_along(d, ctx):
+    """pjdfstest rename/09: chown a file, then rename another over it before the
+    chown is written back: the chown goes with the replaced file (it used to be
+    sent after the rename that deleted its inode, and logged as lost)."""
+    (d / "src").write_text("src")
+    (d / "dst").write_text("dst")
+    time.sleep(0.6)                     # both on the server
+    os.chown(d / "dst", 65534, 65534)
+    os.chown(d / "src", 65533, 65533)
+    os.rename(d / "src", d / "dst")
+    time.sleep(0.7)
+    other = ctx.mounts.mount(ctx.machine)
+    st = os.stat(other.path / d.name / "dst")
+    assert (st.st_uid, (other.path / d.name / "dst").read_text()) == (65533, "src")
+    assert "lost" not in ctx.m.log()
+
+
 def test_touch_after_a_write_wins(d, ctx):
     """The other order: a write, then touch -d before the close: the touch's time stays,
     also on a fresh mount."""

@@ -108,6 +108,8 @@ class NamespaceOps:
             else:
                 if node.nlink > 1:
                     self._change_attrs(node, _no_change)   # ctime: a name less, others left
+                elif of is None:
+                    self.writeback.take_attrs(node.id)     # it goes: so do its unsent changes
                 self.writeback.apply([self.vault.op_unlink(parent.id, name, node.id,
                                                            keep_orphan=of is not None, at_ns=at)])
             self.meta.set_entry(parent.id, name, None)
@@ -160,6 +162,8 @@ class NamespaceOps:
             self._change_attrs(node, _no_change)           # ctime of the renamed inode
             if target is not None and not target.is_dir and target.nlink > 1:
                 self._change_attrs(target, _no_change)     # ctime: renamed over, other names left
+            elif target is not None and not target_open:
+                self.writeback.take_attrs(target.id)       # it goes with this rename: so do they
             if node.is_dir or self.table.get(node.id) is not None or target_open or \
                     (target is not None and target.is_dir):
                 self.writeback.apply([op])
