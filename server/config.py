@@ -33,7 +33,10 @@ REPO_DIR = PACKAGE_DIR.parent
 
 DEFAULT_TOKEN_TTL = 12 * 3600
 MAX_BLOB_BYTES = 64 * 1024 * 1024
-STAGED_MAX_AGE = 3600                 # staged blobs never committed are dropped after 1 h
+# Staged blobs never committed are dropped after a week: a mount's write-back journal may
+# hold the commit of a file's staged chunks that long (offline, or stopped with changes).
+STAGED_MAX_AGE = 7 * 24 * 3600
+BATCH_RESULT_MAX_AGE = 7 * 24 * 3600  # answers kept for batches sent again (POST /fs/ops batch_id)
 ORPHAN_MAX_AGE = 24 * 3600            # kept orphans are dropped after 24 h
 CLEANUP_INTERVAL = 3600
 DIRECT_URL_TTL = 300                  # presigned blob URLs (at most): well under STAGED_MAX_AGE

@@ -16,6 +16,7 @@ nothing here decodes them.
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -222,7 +223,8 @@ class MetadataStore:
 
         def run(c: Tx) -> None:
             c.lock_row("SELECT username FROM users WHERE id = ?", (uid,))
-            for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones", "devices"):
+            for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones", "devices",
+                          "applied_batches"):
                 c.run(f"DELETE FROM {table} WHERE user_id = ?", (uid,))
             c.run("DELETE FROM users WHERE id = ?", (uid,))
         self._write(run)
@@ -366,8 +368,16 @@ class MetadataStore:
         return row[0] if row else 0
 
     # -- namespace writes
+    def batch_answer(self, user_id: UUID, batch_id: UUID) -> dict | None:
+        """The answer a batch sent before got (POST /fs/ops with a batch_id), if applied."""
+        row = self.db.one("SELECT answer FROM applied_batches WHERE user_id = ? AND batch_id = ?",
+                          (_s(user_id), _s(batch_id)))
+        return json.loads(row[0]) if row else None
+
     def apply_ops(self, user_id: UUID, ops: Sequence, inline_sizes: dict[tuple[UUID, UUID], int],
-                  pre_commit: Callable[[], None] | None = None) -> OpsOutcome:
+                  pre_commit: Callable[[], None] | None = None, batch_id: UUID | None = None) -> OpsOutcome:
+        """All ops in one transaction. ``batch_id``: its answer is kept with it, and a
+        second batch with that id fails (UniqueViolation) instead of applying twice."""
         def run(c: Tx) -> OpsOutcome:
             tx = NamespaceTx(c, _s(user_id), self.default_quota)
             for index, op in enumerate(ops):
@@ -379,11 +389,20 @@ class MetadataStore:
                         e.detail = f"op {index} ({op.op}): {e.detail}"
                     raise
             seq = tx.finish()
+            if batch_id is not None:
+                answer = {"seq": seq, "results": [{"inode": None if i is None else str(i), "version": v}
+                                                  for i, v in tx.results]}
+                c.run("INSERT INTO applied_batches(user_id, batch_id, answer, at) VALUES (?,?,?,?)",
+                      (_s(user_id), _s(batch_id), json.dumps(answer), time.time()))
             if pre_commit is not None:
                 pre_commit()
             return OpsOutcome(seq=seq, results=tx.results, drop_blobs=tx.drop_blobs,
                               drop_inodes=tx.drop_inodes)
         return self._write(run)
+
+    def forget_batches(self, older_than: float) -> int:
+        """Forget the answers of batches applied before ``older_than``."""
+        return self._write(lambda c: c.run("DELETE FROM applied_batches WHERE at < ?", (older_than,)))
 
     # -- blobs
     def _blob_target(self, c: Tx, uid: str, inode: str, blob: str) -> None:

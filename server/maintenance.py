@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .config import DIRECT_URL_TTL, ORPHAN_MAX_AGE, STAGED_MAX_AGE
+from .config import BATCH_RESULT_MAX_AGE, DIRECT_URL_TTL, ORPHAN_MAX_AGE, STAGED_MAX_AGE
 from .db import MetadataStore
 from .storage import BlobStore
 
@@ -21,8 +21,9 @@ assert DIRECT_URL_TTL * 4 < STAGED_MAX_AGE
 
 
 def expire(db: MetadataStore, store: BlobStore, now: float | None = None) -> tuple[int, int]:
-    """Drop staged blobs older than 1 h and orphans older than 24 h (metadata first,
-    then the objects). Returns (blobs, inodes) removed."""
+    """Drop staged blobs older than STAGED_MAX_AGE and orphans older than ORPHAN_MAX_AGE
+    (metadata first, then the objects), and old batch answers. Returns (blobs, inodes)
+    removed."""
     now = time.time() if now is None else now
     staged = db.claim_staged(now - STAGED_MAX_AGE)
     for user, inode, blob in staged:
@@ -30,6 +31,7 @@ def expire(db: MetadataStore, store: BlobStore, now: float | None = None) -> tup
     if staged:
         db.forget_swept(staged)
     orphans = db.expire_orphans(now - ORPHAN_MAX_AGE)
+    db.forget_batches(now - BATCH_RESULT_MAX_AGE)
     for user, inode, blobs in orphans:
         store.delete_blobs(user, inode, blobs)
         store.delete_inode(user, inode)

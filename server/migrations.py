@@ -158,9 +158,24 @@ def _v2(tx: Tx, kind: str, legacy_keys: LegacyKeys | None) -> None:
       + (SELECT coalesce(sum(length(name)), 0) FROM dentries d WHERE d.user_id = users.id)""")
 
 
+# Version 3 (issue 14): a batch of ops sent with a batch id is applied once; its answer
+# is kept, so a client that lost the answer (a cut connection, a crash) sends it again
+# and gets the same answer instead of applying it twice.
+V3 = """
+CREATE TABLE IF NOT EXISTS applied_batches(
+    user_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY(user_id, batch_id)
+);
+CREATE INDEX IF NOT EXISTS applied_batches_at ON applied_batches(at);
+"""
+
 MIGRATIONS: list[Callable[[Tx, str, LegacyKeys | None], None]] = [
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V1)],
     _v2,
+    lambda tx, kind, _keys: [tx.run(s) for s in _statements(V3)],
 ]
 LATEST = len(MIGRATIONS)
 

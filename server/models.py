@@ -324,6 +324,8 @@ Op = Annotated[
 
 class OpsRequest(Strict):
     ops: list[Op] = Field(min_length=1, max_length=MAX_OPS)
+    # Applied once: the same batch_id again gets the first answer, nothing re-applied.
+    batch_id: UUID | None = None
 
 
 class OpResult(BaseModel):

@@ -557,6 +557,38 @@ def test_ops_atomicity(shared_server):
     assert_error(a.c.post("/fs/ops", json={"ops": []}), 422, "validation")
 
 
+def test_a_batch_sent_again_is_applied_once(shared_server):
+    """A client that lost the answer to a batch (cut connection, crash) sends it again
+    with the same batch_id: it gets the first answer, and nothing is applied twice."""
+    a = Account(shared_server)
+    f = a.create(a.root, "f")
+    ino, blob, batch = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    body = {"batch_id": batch, "ops": [
+        {"op": "create", "inode": str(ino), "is_dir": False, "meta": b64(8), "parent": str(a.root),
+         "name_hash": nh("new"), "name": b64(8), "key_gen": 1, "wrapped_key": b64(40)},
+        {"op": "commit", "inode": str(ino), "base_version": 1, "meta": b64(8), "manifest": b64(8),
+         "blobs": [str(blob)], "inline": [{"blob_id": str(blob), "data": b64(100)}]},
+        {"op": "setmeta", "inode": str(f), "base_version": 1, "meta": b64(8)}]}
+    first = a.c.post("/fs/ops", json=body)
+    assert first.status_code == 200, first.text
+    seq = first.json()["seq"]
+    again = a.c.post("/fs/ops", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    assert a.inode(f)["version"] == 2 and a.inode(ino)["version"] == 2
+    assert a.c.get("/fs/changes", params={"since": seq}).json()["inodes"] == []
+    # the same ops under a new id are a new batch: refused as stale (setmeta's base moved)
+    r = a.c.post("/fs/ops", json=body | {"batch_id": str(uuid.uuid4())})
+    assert r.status_code == 409, r.text
+    # another account's batch with that id is its own
+    b = Account(shared_server)
+    r = b.c.post("/fs/ops", json={"batch_id": batch, "ops": [
+        {"op": "setmeta", "inode": str(b.root), "base_version": 1, "meta": b64(8)}]})
+    assert r.status_code == 200 and r.json()["results"] == [{"inode": str(b.root), "version": 2}], r.text
+    assert a.inode(f)["version"] == 2
+    assert_error(a.c.post("/fs/ops", json=body | {"batch_id": "nope"}), 422, "validation")
+
+
 def test_changes_feed(shared_server):
     a = Account(shared_server)
     seq0 = a.c.get("/fs/changes", params={"since": 0}).json()["seq"]

@@ -242,9 +242,12 @@ class ApiClient:
     def changes(self, since: int) -> dict:
         return self._json("GET", "/fs/changes", params={"since": since})
 
-    def ops(self, ops: list[dict]) -> dict:
-        """One transaction; a failure names the op (``ServerError.op_index``)."""
-        return self._json("POST", "/fs/ops", json={"ops": ops})
+    def ops(self, ops: list[dict], batch_id: UUID | None = None) -> dict:
+        """One transaction; a failure names the op (``ServerError.op_index``). With a
+        ``batch_id`` the server applies it once, so it is safe to send again (a lost
+        answer is retried like a read)."""
+        body = {"ops": ops} | ({"batch_id": str(batch_id)} if batch_id is not None else {})
+        return self._json("POST", "/fs/ops", json=body, idempotent=batch_id is not None)
 
     # ------------------------------------------------------------ blobs
     # A server on an object store offers short-lived URLs so chunk bytes skip its API

@@ -176,9 +176,10 @@ class Attrs:
     def evolve(self, **changes) -> "Attrs":
         return replace(self, xattrs=dict(self.xattrs), **changes)
 
-    def encrypt(self, ns: NamespaceKey, inode: UUID) -> bytes:
+    def to_doc(self) -> dict:
+        """The JSON form (what is sealed, without the inode id)."""
         doc = {
-            "id": str(inode), "v": self.version, "mode": self.mode, "uid": self.uid,
+            "v": self.version, "mode": self.mode, "uid": self.uid,
             "gid": self.gid, "rdev": self.rdev, "size": self.size, "atime": self.atime_ns,
             "mtime": self.mtime_ns, "ctime": self.ctime_ns,
             "target": b64encode(self.target),
@@ -189,6 +190,24 @@ class Attrs:
             doc["key"] = self.key_id.hex()
         if self.entries is not None:
             doc["es"] = self.entries.to_json()
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "Attrs":
+        """Raises KeyError, TypeError or ValueError for a malformed document."""
+        return cls(
+            mode=doc["mode"], uid=doc["uid"], gid=doc["gid"], rdev=doc["rdev"],
+            size=doc["size"], atime_ns=doc["atime"], mtime_ns=doc["mtime"],
+            ctime_ns=doc["ctime"], target=b64decode(doc["target"]),
+            xattrs={k: b64decode(v) for k, v in doc["xattr"].items()},
+            manifest_digest=bytes.fromhex(doc["manifest"]) if doc["manifest"] else None,
+            version=doc["v"],
+            key_id=bytes.fromhex(doc["key"]) if doc.get("key") else None,
+            entries=EntrySet.from_json(doc["es"]) if "es" in doc else None,
+        )
+
+    def encrypt(self, ns: NamespaceKey, inode: UUID) -> bytes:
+        doc = {"id": str(inode)} | self.to_doc()
         return ns.cipher.encrypt(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -199,16 +218,7 @@ class Attrs:
                 raise IntegrityError("attributes belong to another inode")
             if doc["v"] != version:
                 raise IntegrityError("attribute version does not match the server's")
-            return cls(
-                mode=doc["mode"], uid=doc["uid"], gid=doc["gid"], rdev=doc["rdev"],
-                size=doc["size"], atime_ns=doc["atime"], mtime_ns=doc["mtime"],
-                ctime_ns=doc["ctime"], target=b64decode(doc["target"]),
-                xattrs={k: b64decode(v) for k, v in doc["xattr"].items()},
-                manifest_digest=bytes.fromhex(doc["manifest"]) if doc["manifest"] else None,
-                version=doc["v"],
-                key_id=bytes.fromhex(doc["key"]) if doc.get("key") else None,
-                entries=EntrySet.from_json(doc["es"]) if "es" in doc else None,
-            )
+            return cls.from_doc(doc)
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed attributes ({exc.__class__.__name__})") from None
 

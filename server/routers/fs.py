@@ -13,6 +13,7 @@ from ..db import EntryRecord, InodeRecord
 from ..models import (ChangesResponse, DirListing, EntryList, EntryOut, Error, InodeOut, ListingsRequest,
                       ListingsResponse, NameHash, OpResult, OpsRequest, OpsResponse, StatfsResponse)
 from ..namespace import quota_room
+from ..sqldb import UniqueViolation
 from ..storage import Staged
 from .common import (DbDep, StoreDep, b64decode, commit_all, discard_all, drop_objects,
                      verify_direct_uploads)
@@ -98,6 +99,10 @@ def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2
              responses={400: {"model": Error}, 409: {"model": Error}, 507: {"model": Error}})
 def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep):
     """All ops in one transaction: all or nothing (see docs/API.md)."""
+    if body.batch_id is not None:
+        answer = db.batch_answer(user.id, body.batch_id)
+        if answer is not None:                 # sent again: applied once already
+            return OpsResponse(**answer)
     # Decode everything first so a bad request touches nothing.
     inline: list[tuple[UUID, UUID, bytes]] = []
     inline_sizes: dict[tuple[UUID, UUID], int] = {}
@@ -125,7 +130,14 @@ def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep):
         for ino, blob, data in inline:
             staged.append(store.stage_bytes(user.id, ino, blob, data))
         outcome = db.apply_ops(user.id, body.ops, inline_sizes,
-                               pre_commit=commit_all(staged) if staged else None)
+                               pre_commit=commit_all(staged) if staged else None, batch_id=body.batch_id)
+    except UniqueViolation:
+        discard_all(staged)
+        # The same batch_id applied meanwhile (a concurrent retry): its answer stands.
+        answer = db.batch_answer(user.id, body.batch_id) if body.batch_id else None
+        if answer is None:
+            raise
+        return OpsResponse(**answer)
     except BaseException:
         discard_all(staged)
         raise
