@@ -83,3 +83,23 @@ def test_a_removed_folder_is_not_sealed():
     batch = plan([rmdir], NS, state.__getitem__)
     assert batch.appended == [parent]
     assert json.dumps(batch.wires).count('"setmeta"') == 1
+
+
+def test_two_attribute_changes_of_one_folder_in_a_batch_make_two_versions():
+    """The journal sends a folder's chmod and its touch, made one after the other,
+    in one batch: each is a version of its own, on the one before (the first
+    used to go with no base version at all and the server refused the batch)."""
+    d, f = uuid4(), uuid4()
+    chmod = Op({"op": "setmeta", "inode": str(d), "base_version": None}, d, folder(mtime=1000).evolve(mode=stat.S_IFDIR | 0o700),
+               at_ns=2000)
+    touch = Op({"op": "setmeta", "inode": str(d), "base_version": None}, d, folder(mtime=3000).evolve(mode=stat.S_IFDIR | 0o700),
+               at_ns=3000)
+    batch = plan([chmod, add(d, f, at=2500), touch], NS, {d: (4, folder())}.__getitem__)
+    assert [w.get("base_version") for w in batch.wires] == [4, None, 5]
+    first, last = sealed(batch.wires[0], d, 5), sealed(batch.wires[2], d, 6)
+    assert stat.S_IMODE(first.mode) == 0o700      # (no one sees this version: one transaction)
+    assert last.entries == EntrySet().add(NS, d, "a.txt", f, False) and last.mtime_ns == 3000
+    # changed, then removed in the same batch: still on the version it was
+    rmdir = Op({"op": "rmdir"}, removes_dir=d, at_ns=4000)
+    batch = plan([chmod, rmdir], NS, {d: (4, folder())}.__getitem__)
+    assert batch.wires[0]["base_version"] == 4 and batch.appended == []

@@ -58,9 +58,14 @@ class _Dir:
 
 @dataclass
 class Plan:
-    wires: list[dict]
+    wires: list[dict]                               # the ops' (one each, in order), then the folders'
     appended: list[UUID]                            # directories of the setmetas after the ops
     sealed: list[tuple[UUID, int, Attrs]] = field(default_factory=list)   # (dir, version, attrs)
+
+    @property
+    def count(self) -> int:
+        """How many of the wires are the ops asked for."""
+        return len(self.wires) - len(self.appended)
 
 
 DirState = Callable[[UUID], tuple[int, Attrs]]      # a directory's current (version, attrs)
@@ -76,13 +81,23 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
             w = dirs[d] = _Dir(version, attrs.evolve())
         return w
 
+    earlier: dict[int, tuple[int, Attrs]] = {}       # op index -> (base version, sealed attrs)
     for index, op in enumerate(ops):
         if op.kind == "create" and op.attrs.is_dir:
             dirs[op.inode] = _Dir(0, op.attrs.evolve(entries=EntrySet()), sealed_by=index)
         elif op.kind == "setmeta" and op.attrs.is_dir:
+            # A folder's own attribute change, on the version its entry set is at (a
+            # base_version of None: whatever that is now, as the journal sends it).
             w = work(op.inode)
+            if w.sealed_by is not None:
+                # An earlier op of this batch (its create, or another change of its
+                # attributes) makes a version of its own: sealed as the folder is then.
+                sealed = w.attrs.evolve(version=w.version + 1)
+                earlier[w.sealed_by] = (w.version, sealed)
+                w.version += 1
             w.attrs = op.attrs.evolve(entries=w.attrs.entries)
-            w.version = op.wire["base_version"]
+            if op.wire.get("base_version") is not None:
+                w.version = op.wire["base_version"]
             w.sealed_by, w.explicit_ns = index, max(w.explicit_ns, op.at_ns)
         for ch in op.entries:
             w = work(ch.parent)
@@ -93,10 +108,16 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
             work(op.removes_dir).gone = True
 
     wires = [dict(op.wire) for op in ops]
+    for index, (base, a) in earlier.items():
+        wires[index]["meta"] = b64encode(a.encrypt(ns, ops[index].inode))
+        if wires[index]["op"] == "setmeta":
+            wires[index]["base_version"] = base
     appended: list[UUID] = []
     sealed: list[tuple[UUID, int, Attrs]] = []
     for d, w in dirs.items():
         if w.gone:
+            if w.sealed_by is not None and wires[w.sealed_by]["op"] == "setmeta":
+                wires[w.sealed_by]["base_version"] = w.version      # then removed in this batch
             continue
         a = w.attrs
         if w.changed:
@@ -112,6 +133,8 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
             wires[-1]["meta"] = b64encode(a.encrypt(ns, d))
         else:
             wires[w.sealed_by]["meta"] = b64encode(a.encrypt(ns, d))
+            if wires[w.sealed_by]["op"] == "setmeta":
+                wires[w.sealed_by]["base_version"] = w.version
         sealed.append((d, a.version, a))
     for index, op in enumerate(ops):
         if op.attrs is not None and "meta" not in wires[index]:
