@@ -191,11 +191,27 @@ class S3Endpoint:
         config.write_text(json.dumps({"identities": [{
             "name": "zkfs", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {name: free_port() for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-            "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
-            "s3.port.iceberg")}
-        ports["s3.port"] = self.port
+        # Ports are picked free, then bound by weed a moment later: another process on
+        # this machine may take one in between. Then weed says so and exits: try again.
+        for attempt in range(4):
+            try:
+                self._launch(weed, config)
+                return self
+            except RuntimeError as exc:
+                if "Port allocation failed" not in str(exc) or attempt == 3:
+                    raise
+                self.port = free_port()
+        return self
+
+    def _launch(self, weed: str, config: Path) -> None:
+        names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+                 "s3.port.iceberg")
+        ports: dict[str, int] = {"s3.port": self.port}
+        while len(ports) < len(names) + 1:            # distinct ones
+            port = free_port()
+            if port not in ports.values():
+                ports[names[len(ports) - 1]] = port
         args = [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={config}", "-webdav=false", "-admin.ui=false", f"-bucket={self.BUCKET}",
                 *(f"-{k}={v}" for k, v in ports.items())]
@@ -209,7 +225,6 @@ class S3Endpoint:
         client = self.client()
         _wait(lambda: client.head_bucket(Bucket=self.BUCKET) is not None, "SeaweedFS", 60, self.proc,
               self.log_path)
-        return self
 
     def client(self):
         import boto3
