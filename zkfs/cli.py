@@ -22,7 +22,8 @@ from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
 from .session import open_vault
 from .state import LocalState, VersionLedger
-from .transfer import check_download_target, download_file, file_sha256, kind_of, upload_file
+from .transfer import (BatchPublisher, check_download_target, download_file, file_sha256, kind_of,
+                       prepare_upload, upload_file)
 from .vault import Node, Vault, new_attrs, split_path
 
 
@@ -273,17 +274,28 @@ def cmd_upload(args, state: LocalState) -> None:
     uploader = _Uploader(vault, state)
     try:
         if src.is_dir():
-            for path in _tree_files(src):
-                rel = path.relative_to(src).parent.as_posix()
-                try:
-                    uploader.upload(path, _join(to, src.name, rel))
-                except NotRegularFile as exc:       # swapped for a FIFO or device since the walk
-                    _warn(f"skipped {exc}")
+            files = _tree_files(src)
+            with _progress(sum(_size(p) for p in files), src.name) as bar:
+                uploader.batch(bar)
+                for path in files:
+                    rel = path.relative_to(src).parent.as_posix()
+                    try:
+                        uploader.upload(path, _join(to, src.name, rel))
+                    except NotRegularFile as exc:       # swapped for a FIFO or device since the walk
+                        _warn(f"skipped {exc}")
+                uploader.finish()
         else:
             uploader.upload(src, to)
     finally:
         uploader.save()
         vault.ledger.flush()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _tree_files(top: Path) -> list[Path]:
@@ -307,8 +319,8 @@ def _tree_files(top: Path) -> list[Path]:
 
 
 class _Uploader:
-    """Uploads files, resolving each remote folder once and listing it once,
-    so a tree of small files costs one request per file."""
+    """Uploads files, resolving each remote folder once and listing it once; in a
+    tree (``batch``), small files go hundreds per request under one progress bar."""
 
     def __init__(self, vault: Vault, state: LocalState):
         self.vault = vault
@@ -317,6 +329,15 @@ class _Uploader:
         self.changed: dict[str, dict] = {}
         self.dirs: dict[str, Node] = {}
         self.listings: dict[UUID, dict[str, Node]] = {}
+        self.publisher: BatchPublisher | None = None
+        self.bar = None
+
+    def batch(self, bar) -> None:
+        self.publisher, self.bar = BatchPublisher(self.vault), bar
+
+    def finish(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
 
     def _dir(self, remote_dir: str) -> Node:
         key = _join(remote_dir)
@@ -342,17 +363,33 @@ class _Uploader:
                 and existing.attrs.size == record["size"] == src.stat().st_size:
             sha = file_sha256(src)        # read twice only when a skip is possible
             if sha == record["sha256"]:
+                if self.bar is not None:
+                    self.bar.update(src.stat().st_size)
                 print(f"skipped {remote} (unchanged)")
                 return
+        if self.publisher is not None:
+            prepared = prepare_upload(self.vault, src, parent, src.name, self.bar.update if self.bar else None,
+                                      existing)
+            if sha is not None and prepared.sha256 != sha:
+                raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
+            self.listings[parent.id][src.name] = prepared.node
+            self.publisher.add(prepared, lambda p, remote=remote: self._uploaded(remote, p.node, p.sha256))
+            return
         with _progress(src.stat().st_size, src.name) as bar:
             node, uploaded_sha = upload_file(self.vault, src, parent, src.name, bar.update, existing)
         if sha is not None and uploaded_sha != sha:
             raise ZkfsError(f"{src} changed while it was being uploaded; run the upload again")
-        sha = uploaded_sha
         self.listings[parent.id][src.name] = node
+        self._uploaded(remote, node, uploaded_sha)
+
+    def _uploaded(self, remote: str, node: Node, sha: str) -> None:
         self.records[remote] = self.changed[remote] = {
             "uuid": str(node.id), "sha256": sha, "size": node.attrs.size, "version": node.version}
-        print(f"uploaded {remote} ({node.attrs.size} bytes)")
+        message = f"uploaded {remote} ({node.attrs.size} bytes)"
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stdout)
+        else:
+            print(message)
 
     def save(self) -> None:
         if self.changed:
