@@ -924,3 +924,23 @@ def test_clear_messages_name_too_long_no_terminal_broken_pipe(main, tmp_path):
     finally:
         os.close(write_end)
     assert proc.stderr == "" and proc.returncode != 0, (proc.returncode, proc.stderr)
+
+
+def test_upload_r_of_small_files_sends_hundreds_per_request(main, shared_server, tmp_path):
+    """`upload -r` of a folder of small files publishes them many per request (and
+    they all arrive, each with its content)."""
+    top = f"many-{uuid4().hex[:6]}"
+    src = tmp_path / "many"
+    files = {f"d{i % 7}/f{i}.txt": write_random(src / f"d{i % 7}" / f"f{i}.txt", 1 + (i * 97) % 5000)
+             for i in range(700)}
+    before = shared_server.log_path.read_text().count("POST /api/v1/fs/ops")
+    proc = main.run("upload", "-r", str(src), "--to", f"/{top}")
+    assert_ok(proc)
+    requests = shared_server.log_path.read_text().count("POST /api/v1/fs/ops") - before
+    assert proc.stdout.count("uploaded ") == 700
+    assert requests <= 20, requests                   # was 700 + 9 (one per file, one per folder)
+    assert len(ls_names(main, f"/{top}/many/d3")) == 100
+    for rel in ("d0/f0.txt", "d6/f699.txt"):
+        out = tmp_path / "out" / rel.replace("/", "_")
+        download_to(main, f"/{top}/many/{rel}", out)
+        assert sha256_file(out) == sha256_file(files[rel]), rel
