@@ -25,7 +25,7 @@ from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsErr
 from .entryset import EntrySet
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
                      open_chunk, open_name, open_segments, seal_chunk, seal_name, segment_span, encode_name)
-from .ops import EntryChange, Op, plan
+from .ops import EntryChange, Op, Plan, plan
 from .state import VersionLedger
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class Vault:
         # Counts batches of ops once they are answered (or failed): a listing
         # fetched before the count moved may predate one of our own changes.
         self.ops_applied = 0
+        # Verified manifests by (inode, digest of the token): a file reopened, or read
+        # with the server away, or whose attributes alone changed, needs no fetch.
+        self._manifests: OrderedDict[tuple[UUID, bytes], Manifest] = OrderedDict()
 
     @property
     def ns(self) -> NamespaceKey:
@@ -284,6 +287,10 @@ class Vault:
     def manifest(self, node: Node) -> Manifest:
         if node.attrs.manifest_digest is None:
             return Manifest(inode=node.id)
+        with self._keys_lock:
+            held = self._manifests.get((node.id, node.attrs.manifest_digest))
+        if held is not None:
+            return held
         if node.manifest_token is None:
             node = self.get(node.id)
         token = node.manifest_token or b""
@@ -296,7 +303,16 @@ class Vault:
             raise TamperedError(f"manifest of inode {node.id} failed verification: {exc}") from None
         if manifest.size != node.attrs.size:
             raise TamperedError(f"inode {node.id}: manifest size disagrees with its attributes")
+        self.remember_manifest(node, manifest)
         return manifest
+
+    def remember_manifest(self, node: Node, manifest: Manifest) -> None:
+        """A manifest this client sealed itself (the mount's journal): no fetch, also
+        with the server away."""
+        with self._keys_lock:
+            self._manifests[(node.id, node.attrs.manifest_digest)] = manifest
+            while len(self._manifests) > 4096:
+                self._manifests.popitem(last=False)
 
     def urls_ahead(self, inode: UUID, manifest: Manifest, index: int) -> None:
         """Let the API client fetch, in one request, the read URLs of the 64 chunks
@@ -376,19 +392,34 @@ class Vault:
         """Send ``ops`` as one transaction, with the sealed attributes of every
         directory whose entries they change (zkfs/ops.py). Returns their results."""
         for attempt in range(self._SEAL_ATTEMPTS):
-            batch = plan(ops, self.ns, self._dir_state)
+            batch = self.plan_batch(ops)
             try:
-                resp = self._send_ops(batch.wires)
+                return self.send(batch)
             except ServerError as exc:
-                mine = exc.op_index is not None and exc.op_index >= len(ops)
-                if exc.code != "conflict" or not mine or attempt + 1 == self._SEAL_ATTEMPTS:
+                if not self.folder_changed_meanwhile(batch, exc) or attempt + 1 == self._SEAL_ATTEMPTS:
                     raise
-                self._dirs.pop(batch.appended[exc.op_index - len(ops)], None)
                 time.sleep(random.uniform(0, 0.01 * attempt))    # two clients in one folder
-                continue
-            finally:
-                self.ops_applied += 1
-            break
+        raise AssertionError("unreachable")
+
+    def plan_batch(self, ops: list[Op]) -> Plan:
+        return plan(ops, self.ns, self._dir_state)
+
+    def folder_changed_meanwhile(self, batch: Plan, exc: ServerError) -> bool:
+        """Whether ``exc`` is the CAS of one of the folders ``batch`` sealed: another
+        client changed it since (it is read afresh for the next plan)."""
+        if exc.code != "conflict" or exc.op_index is None or exc.op_index < batch.count:
+            return False
+        self._dirs.pop(batch.appended[exc.op_index - batch.count], None)
+        return True
+
+    def send(self, batch: Plan, batch_id: UUID | None = None) -> list[dict]:
+        """Send a planned batch (``batch_id``: applied once however often it is sent)
+        and return the results of its ops. Raises ServerError if it was refused
+        (then nothing of it was applied)."""
+        try:
+            resp = self._send_ops(batch.wires, batch_id)
+        finally:
+            self.ops_applied += 1
         self.own_seqs.add(resp["seq"])
         results = resp["results"]
         # The ledger records the versions this client wrote, never what the answer
@@ -411,7 +442,7 @@ class Vault:
             raise TamperedError(wrong)
         for d, version, attrs in batch.sealed:
             self._note_dir(Node(d, True, version, 2 + attrs.entries.subdirs, attrs, sealed_by=self.ns))
-        return results[:len(ops)]
+        return results[:batch.count]
 
     def _note_dir(self, node: Node) -> None:
         """The newest verified state of a directory: the base of the next change of
@@ -451,15 +482,15 @@ class Vault:
         entry_set = EntrySet.of(self.ns, d, ((name, n.id, n.is_dir) for name, n in entries))
         return directory.version, directory.attrs.evolve(entries=entry_set)
 
-    def _send_ops(self, wires: list[dict]) -> dict:
+    def _send_ops(self, wires: list[dict], batch_id: UUID | None = None) -> dict:
         try:
-            return self.api.ops(wires)
+            return self.api.ops(wires, batch_id)
         except ServerError as exc:
             if exc.code != "unknown_key_gen":
                 raise
         # A rotate-key elsewhere retired the generation a new file's key was wrapped
-        # under, between building the op and sending it.
-        return self.api.ops(self._rewrapped(wires))
+        # under, between building the op and sending it (refused: nothing applied).
+        return self.api.ops(self._rewrapped(wires), batch_id)
 
     def _rewrapped(self, wires: list[dict]) -> list[dict]:
         """``wires`` with each file key wrapped under a retired generation unwrapped
@@ -550,13 +581,16 @@ class Vault:
                   at_ns=at_ns or time.time_ns())
 
     def op_commit(self, node_id: UUID, base_version: int, attrs: Attrs, manifest: Manifest,
-                  inline: list[tuple[UUID, bytes]] = (), *, new_key: bytes | None = None) -> Op:
+                  inline: list[tuple[UUID, bytes]] = (), *, new_key: bytes | None = None,
+                  token: bytes | None = None) -> Op:
         """``new_key``: this version's content is sealed under a new file key (rotate-key
-        --full), stored with it in the same transaction."""
+        --full), stored with it in the same transaction. ``token``: the manifest as
+        already sealed (by the mount, when it journaled the version)."""
         if new_key is not None:
             attrs.key_id = crypto.key_id(new_key)
-        cipher = BinaryFernet(new_key) if new_key is not None else self.file_cipher(node_id, attrs.key_id)
-        token = manifest.encrypt(cipher)
+        if token is None:
+            cipher = BinaryFernet(new_key) if new_key is not None else self.file_cipher(node_id, attrs.key_id)
+            token = manifest.encrypt(cipher)
         attrs.size = manifest.size
         attrs.manifest_digest = crypto.digest(token)
         attrs.version = base_version + 1

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from ..crypto import BinaryFernet
-from ..format import ChunkRef, Manifest
-from ..vault import Vault
+from ..format import HOLE_REF, ChunkRef, Manifest, seal_chunk
+from ..vault import Vault, any_nonzero
 from .cache import CiphertextCache, PlainCache
+from .journal import Journal
 
 
 class BlockStore:
-    def __init__(self, vault: Vault, tokens: CiphertextCache, plain: PlainCache,
+    def __init__(self, vault: Vault, tokens: CiphertextCache, plain: PlainCache, journal: Journal,
                  workers: int = 4, max_uploads_in_flight: int = 8):
         self.vault = vault
         self.tokens = tokens
         self.plain = plain
+        self.journal = journal      # chunk tokens sealed here that the server does not have yet
         self._readers = ThreadPoolExecutor(workers, thread_name_prefix="zkfs-read")
         self._writers = ThreadPoolExecutor(workers, thread_name_prefix="zkfs-write")
         self._upload_slots = threading.BoundedSemaphore(max_uploads_in_flight)
@@ -52,7 +54,8 @@ class BlockStore:
             return bytes(hi - lo)
         with self._lock:
             loading = ref.blob_id in self._inflight
-        if loading or self.plain.get(ref.blob_id) is not None or ref.blob_id in self.tokens:
+        if loading or self.plain.get(ref.blob_id) is not None or ref.blob_id in self.tokens \
+                or self.journal.blob_path(ref.blob_id).exists():
             return self.read(inode, manifest, index)[lo:hi]
         return self.vault.read_chunk_range(inode, manifest, index, lo, hi)
 
@@ -86,7 +89,7 @@ class BlockStore:
                 self._inflight.pop(ref.blob_id, None)
 
     def _load(self, inode: UUID, manifest: Manifest, index: int, ref: ChunkRef, keep_token: bool) -> bytes:
-        token = self.tokens.get(ref.blob_id)
+        token = self.tokens.get(ref.blob_id) or self.journal.blob(ref.blob_id)
         fetched = token is None
         if fetched:
             self.vault.urls_ahead(inode, manifest, index)
@@ -123,6 +126,22 @@ class BlockStore:
         if not ref.is_hole:
             self.plain.put(ref.blob_id, plain)
         return ref
+
+    def keep_local(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:
+        """Seal a chunk into the journal (durable before the record naming it); the
+        journal's uploader sends it with that record. All zeros: a hole."""
+        if not any_nonzero(plain):
+            return HOLE_REF
+        token, ref = seal_chunk(cipher, plain, uuid4())
+        self.journal.put_blob(ref.blob_id, token)
+        self.plain.put(ref.blob_id, plain)
+        return ref
+
+    def keep_inline(self, ref: ChunkRef, token: bytes, plain: bytes) -> None:
+        """A chunk that travels inside its commit record: readable from the journal
+        until the server has it (the record, not this copy, is what survives a crash)."""
+        self.journal.put_blob(ref.blob_id, token, durable=False)
+        self.plain.put(ref.blob_id, plain)
 
     def upload_async(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> Future:
         """Start an upload; blocks while too many are in flight (bounded memory)."""

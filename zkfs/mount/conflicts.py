@@ -33,9 +33,12 @@ def conflict_name(name: str, hostname: str) -> str:
 class ConflictCopies:
     """(Mixed into ZkfsOperations.)"""
 
-    def _save_conflict_copy(self, of: OpenFile, path: str | None) -> None:
-        """Someone else committed this file first: keep both. Theirs stays under the
-        name; ours becomes a clearly named sibling, created atomically with its content."""
+    def save_copy(self, of: OpenFile, exc: ServerError) -> list[dict]:
+        """Another machine committed this file first (the server refused our version
+        with ``exc``): keep both. Theirs stays under the name; ours becomes a clearly
+        named sibling, created with its content. Returns the copy's records; ``of``
+        follows the server's version from now on."""
+        path = of.last_path
         try:
             parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(of.id))
         except OSError:
@@ -43,7 +46,7 @@ class ConflictCopies:
         copy_name = conflict_name(name, self.hostname)
         new_id = uuid4()
         cipher, file_key = self.vault.new_file_key(new_id)
-        attrs = of.attrs.evolve(size=0, manifest_digest=None)
+        attrs = of.attrs.evolve(size=0, manifest_digest=None, key_id=crypto.key_id(file_key))
         copy = OpenFile(self.vault, self.blocks, self.spool, self.budget, Node(new_id, False, 0, 1, attrs),
                         cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, file_key, time.time_ns()))
         offset = 0
@@ -51,16 +54,12 @@ class ConflictCopies:
             copy.write(offset, chunk)
             offset += len(chunk)
         copy.attrs = of.attrs.evolve(size=offset, key_id=crypto.key_id(file_key))
-        with self.ns_lock:
-            self.table.add(copy)
-        try:
-            copy.commit(self.writeback.apply)
-        finally:
-            with self.ns_lock:
-                self.table.drop(copy)
+        out = copy.seal()
         self.meta.forget(parent.id)
-        log.warning("conflict: %s changed elsewhere; this version was saved as %s", path or of.id, copy_name)
+        log.warning("conflict: %s changed elsewhere (%s); this version was saved as %s", path or of.id, exc, copy_name)
         try:
             of.rebase(self.vault.get(of.id))
         except ServerError:
             of.unlinked = True           # deleted elsewhere: our version lives on in the copy
+        of.sent_upto = of.journaled_seq
+        return out

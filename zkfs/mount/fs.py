@@ -5,15 +5,18 @@ vault operations; it holds no cryptography and no wire format.
 (ops_files.py, ops_namespace.py, ops_attrs.py) and per concern (conflicts.py,
 orphans.py); the state they share is set up here: the metadata cache
 (namespace.py), the open-file table (handles.py), the write-back queue
-(writeback.py) and the block store (blocks.py)."""
+(writeback.py, journal.py, uploader.py) and the block store (blocks.py)."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import socket
 import threading
 import time
 from pathlib import Path
+from uuid import UUID
 
 from ..errors import ZkfsError
 from ..format import NameTooLong, encode_name
@@ -24,6 +27,7 @@ from .cache import CiphertextCache, EncryptedSpool, PlainCache
 from .conflicts import ConflictCopies
 from .guard import FsError
 from .handles import OpenFileTable
+from .journal import Journal, KeyWrap
 from .namespace import MetaCache
 from .openfile import MemoryBudget, OpenFile
 from .ops_attrs import AttrOps
@@ -39,61 +43,115 @@ class ZkfsOperations(FileOps, NamespaceOps, AttrOps, ConflictCopies, Orphans, Op
     use_ns = True
 
     def __init__(self, vault: Vault, cache_dir: Path, cache_bytes: int, *, read_only: bool = False,
-                 write_buffer_bytes: int = 64 << 20, poll_interval: float = 1.0):
+                 write_buffer_bytes: int = 64 << 20, poll_interval: float = 1.0, sync: bool = False,
+                 retry_seconds: float = 60.0, status_path: Path | None = None):
         self.vault = vault
         self.read_only = read_only
+        self.sync = sync                      # close() waits for the server (--sync)
+        self.retry_seconds = retry_seconds    # how long fsync/--sync/--wait wait for an absent server
+        self.status_path = status_path
+        self.journal = Journal(cache_dir / "journal", KeyWrap(vault.keyring, vault.root))
         self.meta = MetaCache(vault)
         self.blocks = BlockStore(vault, CiphertextCache(cache_dir / "chunks", cache_bytes),
-                                 PlainCache(16 << 20))
+                                 PlainCache(16 << 20), self.journal)
         self.spool = EncryptedSpool(cache_dir)
         self.budget = MemoryBudget(write_buffer_bytes)
         self.poll_interval = poll_interval
         self.hostname = socket.gethostname()
         self.ns_lock = threading.RLock()
         self.table = OpenFileTable()
-        self.writeback = WriteBack(vault, self.meta, self.table, self.ns_lock, self.hostname)
+        self.writeback = WriteBack(vault, self.meta, self.table, self.ns_lock, self.hostname, self.journal)
+        self.writeback.conflicts = self
+        self.writeback.uploader.keep_sent = self.blocks.tokens.put
         vault.on_dir_change = self.meta.put_node       # folders our own changes sealed
         self.hidden: dict[str, Node] = {}               # libfuse's names for unlinked open files
+        self.hidden_names: dict[tuple[UUID, str], str] = {}   # (parent, name) -> its hidden path
+        self._statfs: dict | None = None                # the server's last answer (for offline)
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ lifecycle
+    def replay(self) -> int:
+        """Send what a crashed or stopped mount left in the journal, before serving
+        anything (its names are not in the cache's overlay). Returns how many
+        changes it sent; raises ZkfsError if the server does not take them within
+        ``retry_seconds`` (they stay in the journal for the next start)."""
+        left = self.journal.unsent()
+        uploader = self.writeback.uploader
+        uploader.load(left)
+        uploader.start()
+        if left:
+            log.info("journal: sending %d change(s) the last mount left", len(left))
+            if not uploader.wait(self.journal.last_change, self.retry_seconds):
+                raise ZkfsError(f"the server did not take the {uploader.snapshot().pending} change(s) the last "
+                                f"mount left within {self.retry_seconds:.0f} s; they stay in the journal "
+                                f"({self.journal.dir}) for the next mount")
+        self.journal.forget_blobs()         # chunk copies of records now all settled
+        self.write_status()
+        return len(left)
+
     def init_with_config(self, conn, config):
         configure(conn, config)
-        self.meta.poll_changes()
+        try:
+            self.meta.poll_changes()
+            self._statfs = self.vault.api.statfs()      # what df shows if the server goes away
+        except ZkfsError as exc:
+            log.warning("change feed: %s", exc)
         self.meta.start_poller(self.poll_interval, self._stop)
         self.meta.start_read_ahead(self._stop)
-        threading.Thread(target=self._background, name="zkfs-writeback", daemon=True).start()
+        threading.Thread(target=self._background, name="zkfs-status", daemon=True).start()
 
     def _background(self) -> None:
-        """Sends written-back changes once due, retries closed files whose commit
-        failed, and saves the versions reads have seen."""
-        next_retry = next_ledger = 0.0
-        while not self._stop.wait(0.1):
-            if time.monotonic() >= next_ledger:
-                next_ledger = time.monotonic() + 1.0
-                self.vault.ledger.flush()
+        """Saves the versions reads have seen, and the journal's status for
+        ``mount.py --status`` / ``--wait``."""
+        while not self._stop.wait(0.5):
             try:
-                if self.writeback.due():
-                    self.writeback.flush()
-            except Exception as exc:
-                log.warning("attribute write-back failed (will retry): %s", exc)
-            if time.monotonic() >= next_retry and not self._retry_closed_files():
-                next_retry = time.monotonic() + 5
+                self.vault.ledger.flush()
+                self.write_status()
+            except Exception:   # noqa: BLE001 - a status file must not stop the mount
+                log.exception("saving the mount's status failed")
+
+    def status(self) -> dict:
+        s = self.writeback.uploader.snapshot()
+        return {"pid": os.getpid(), "pending": s.pending, "pending_bytes": s.pending_bytes, "online": s.online,
+                "last_error": s.last_error, "oldest": s.oldest, "done": s.done, "last": s.last,
+                "sent_records": s.sent_records, "sent_batches": s.sent_batches, "at": time.time()}
+
+    def write_status(self) -> None:
+        if self.status_path is None:
+            return
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, self.status_path)
 
     def destroy(self, path):
+        """Unmount: what open files hold goes to the journal; the journal drains to
+        the server unless the mount keeps it for the next start (--keep-pending or
+        the server away past retry_seconds: nothing is lost either way)."""
         self._stop.set()
-        try:
-            self.writeback.flush()
-        except Exception as exc:
-            log.error("unmount: could not save attribute changes: %s", exc)
         for of in self.table.files():
             try:
-                self._commit(of, None)
-            except OSError:
-                log.error("unmount: could not commit inode %s", of.id)
-        self.blocks.close()
-        self.spool.close()
-        self.vault.ledger.close()
+                with of.lock:
+                    self.writeback.seal(of)
+            except (ZkfsError, OSError) as exc:
+                log.error("unmount: inode %s could not be journaled: %s", of.id, exc)
+        try:
+            with self.ns_lock:
+                last = self.writeback.record()
+            self.journal.wait_durable(last or self.journal.last)
+            keep = self.keep_pending_flag is not None and self.keep_pending_flag.exists()
+            if not keep and not self.writeback.uploader.wait(self.journal.last_change, self.retry_seconds):
+                log.error("unmount: the server did not take %d change(s) within %.0f s; they stay in the "
+                          "journal for the next mount", self.writeback.uploader.snapshot().pending,
+                          self.retry_seconds)
+        finally:
+            self.writeback.uploader.stop()
+            self.write_status()
+            self.blocks.close()
+            self.spool.close()
+            self.journal.close()
+            self.vault.ledger.close()
+
+    keep_pending_flag: Path | None = None     # exists: mount.py --unmount --keep-pending
 
     # ------------------------------------------------------------ shared helpers
     def _resolve(self, path: str) -> Node:

@@ -1,6 +1,12 @@
 """Metadata cache of the mount: verified nodes and directory entries by id, path
 resolution over them, and invalidation from the server's change feed so that
-other mounts' changes show up within about a second."""
+other mounts' changes show up within about a second.
+
+This mount's own changes that the server does not have yet (they wait in the
+write-back journal, writeback.py) are an overlay: every answer of the cache and
+every listing or node fetched from the server shows them, until the journal's
+done mark passes the record that made them (``settled``). With the server away,
+what the cache holds answers, however old."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +16,7 @@ import time
 from typing import Callable
 from uuid import UUID
 
-from ..errors import TamperedError, ZkfsError
+from ..errors import TamperedError, Unreachable, ZkfsError
 from ..format import MAX_NAME_BYTES
 from ..vault import Node, Vault, split_path
 from .guard import FsError
@@ -46,12 +52,12 @@ class MetaCache:
         # gives EIO, its siblings stay usable.
         self._tampered: dict[UUID, dict[str, Exception]] = {}
         self._seq: int | None = None
-        # Called before a listing is fetched from the server (the mount sends its
-        # written-back renames first, so the listing already has them).
-        self.before_fetch: Callable[[], None] = lambda: None
-        # Read-ahead holds off while this says local changes are unsent (it must
-        # not send them itself: the caller may be waiting for it under its lock).
-        self.unsent_changes: Callable[[], bool] = lambda: False
+        # The overlay: entries and nodes as this mount's unsent changes left them,
+        # each with the journal position that covers it; folders made here.
+        self._local_entries: dict[UUID, dict[str, tuple[UUID | None, int]]] = {}
+        self._local_nodes: dict[UUID, tuple[Node, int]] = {}
+        self._local_dirs: dict[UUID, int] = {}
+        self.journal_last: Callable[[], int] = lambda: 0     # the highest journal record written
         # Listings read ahead, as the server sent them: decoded (and verified)
         # only when asked for, so one never used costs no decryption.
         self._read_ahead: dict[UUID, tuple[dict, float, int, int]] = {}   # + ops_applied, ledger epoch
@@ -65,17 +71,26 @@ class MetaCache:
 
     # ------------------------------------------------------------ nodes
     def node(self, inode: UUID, *, fresh: bool = False) -> Node:
+        """``fresh``: the server's node, not this mount's unsent version of it."""
         with self.lock:
+            local = self._local_nodes.get(inode)
+            if local and not fresh:
+                return local[0]
             hit = self._nodes.get(inode)
             if hit and not fresh and time.monotonic() - hit[1] < self.ttl:
                 return hit[0]
-        node = self.vault.get(inode)
+        try:
+            node = self.vault.get(inode)
+        except Unreachable:
+            if hit is None or fresh:
+                raise
+            return hit[0]                # offline: what the cache holds answers
         self.put_node(node)
         return node
 
     def nlink(self, inode: UUID) -> int:
         """Link count of a cached inode (1 when not cached: a file just created)."""
-        hit = self._nodes.get(inode)
+        hit = self._local_nodes.get(inode) or self._nodes.get(inode)
         return hit[0].nlink if hit else 1
 
     def put_node(self, node: Node) -> None:
@@ -87,6 +102,49 @@ class MetaCache:
             if held is not None and held[0].version > node.version:
                 return
             self._nodes[node.id] = (node, time.monotonic())
+
+    def put_local(self, node: Node) -> None:
+        """This mount's own new state of a node, not yet on the server (never an older
+        version over a newer one: a caller may hold a node from before its last change)."""
+        with self.lock:
+            held = self._local_nodes.get(node.id)
+            if held is not None and held[0].version > node.version:
+                return
+            node.manifest_token = None
+            self._nodes[node.id] = (node, time.monotonic())
+            self._local_nodes[node.id] = (node, self.journal_last())
+
+    def settled(self, done: int) -> None:
+        """The server has every journal record up to ``done``: the overlay's changes
+        they cover are the server's now (its answers show them from here on)."""
+        with self.lock:
+            for inode in [i for i, (_, seq) in self._local_nodes.items() if seq <= done]:
+                node = self._local_nodes.pop(inode)[0]
+                held = self._nodes.get(inode)
+                # An answer fetched meanwhile may predate our change (the feed never
+                # reports our own): ours is the server's version now.
+                if held is not None and held[0].version < node.version:
+                    self._nodes[inode] = (node, time.monotonic())
+            for d in [d for d, seq in self._local_dirs.items() if seq <= done]:
+                del self._local_dirs[d]
+            for parent in list(self._local_entries):
+                names = self._local_entries[parent]
+                for name in [n for n, (_, seq) in names.items() if seq <= done]:
+                    del names[name]
+                if not names:
+                    del self._local_entries[parent]
+
+    def drop_local_node(self, inode: UUID) -> None:
+        """Forget this mount's unsent state of a node (the server refused it)."""
+        with self.lock:
+            self._local_nodes.pop(inode, None)
+            self.forget(inode)
+
+    def drop_local(self, parent: UUID, name: str) -> None:
+        """Forget this mount's unsent change of an entry (the server refused it)."""
+        with self.lock:
+            self._local_entries.get(parent, {}).pop(name, None)
+            self.forget(parent)
 
     def _drop_paths(self) -> None:
         self._paths.clear()
@@ -105,23 +163,33 @@ class MetaCache:
     # ------------------------------------------------------------ entries
     def lookup(self, parent: UUID, name: str) -> Node | None:
         with self.lock:
+            local = self._local_entries.get(parent, {}).get(name)
+            if local is not None:
+                if local[0] is None:
+                    return None
+                node = self._local_node_or_cached(local[0])
+                if node is not None:
+                    return node
+        if local is not None:
+            return self.node(local[0])
+        with self.lock:
             now = time.monotonic()
             hit = self._entries.get((parent, name))
             if hit and now - hit[1] < self.ttl:
                 if hit[0] is None:
                     return None
-                cached = self._nodes.get(hit[0])
-                if cached and now - cached[1] < self.ttl:
-                    return cached[0]
+                cached = self._fresh_node(hit[0], now)
+                if cached is not None:
+                    return cached
             listed = self._listed.get(parent)
             if listed and now - listed[1] < self.ttl:
                 if name not in listed[0]:
                     self._raise_if_tampered(parent, name)
                     return None
                 entry = self._entries.get((parent, name))
-                cached = self._nodes.get(entry[0]) if entry and entry[0] else None
-                if cached and now - cached[1] < self.ttl:
-                    return cached[0]
+                cached = self._fresh_node(entry[0], now) if entry and entry[0] else None
+                if cached is not None:
+                    return cached
         # A miss loads the whole directory (one request, readdir-plus): tools that
         # stat every name of a tree (rsync, ls -l, find) then run from the cache.
         for entry_name, node in self.listdir(parent):
@@ -129,6 +197,19 @@ class MetaCache:
                 return node
         self._raise_if_tampered(parent, name)
         return None
+
+    def _fresh_node(self, inode: UUID, now: float) -> Node | None:
+        """(Under the lock.) The overlay's node, else the cache's if still fresh."""
+        local = self._local_nodes.get(inode)
+        if local is not None:
+            return local[0]
+        hit = self._nodes.get(inode)
+        return hit[0] if hit and now - hit[1] < self.ttl else None
+
+    def _local_node_or_cached(self, inode: UUID) -> Node | None:
+        """(Under the lock.) The overlay's node, else the cache's however old."""
+        hit = self._local_nodes.get(inode) or self._nodes.get(inode)
+        return hit[0] if hit else None
 
     def cached_inode(self, path: str) -> tuple[bool, UUID | None]:
         """What the cache alone says ``path`` names: ``(True, inode)``, ``(True, None)``
@@ -140,6 +221,12 @@ class MetaCache:
             now = time.monotonic()
             current = self.vault.root
             for part in split_path(path):
+                local = self._local_entries.get(current, {}).get(part)
+                if local is not None:
+                    if local[0] is None:
+                        return True, None
+                    current = local[0]
+                    continue
                 hit = self._entries.get((current, part))
                 if hit and now - hit[1] < self.ttl:
                     if hit[0] is None:
@@ -167,52 +254,55 @@ class MetaCache:
                 raise exc
 
     def set_entry(self, parent: UUID, name: str, node: Node | None) -> None:
-        """Record our own change of an entry (keeps a cached listing complete)."""
+        """This mount's own change of an entry (the overlay has it until settled)."""
         with self.lock:
             self._drop_paths()
             self._changes += 1
             self._read_ahead.pop(parent, None)
             self._entries[(parent, name)] = (node.id if node else None, time.monotonic())
-            if node:
-                self.put_node(node)
+            self._local_entries.setdefault(parent, {})[name] = (node.id if node else None, self.journal_last())
+            if node and node.id not in self._local_nodes:   # (a newer state of it stays)
+                self.put_local(node)
             listed = self._listed.get(parent)
             if listed:
                 (listed[0].add if node else listed[0].discard)(name)
 
     def new_dir(self, inode: UUID) -> None:
-        """A directory we just created: known to be empty."""
+        """A directory we just created: known to be empty (and to the server, not
+        before its create is sent)."""
         with self.lock:
             self._listed[inode] = (set(), time.monotonic())
+            self._local_dirs[inode] = self.journal_last()
 
     def listdir(self, parent: UUID) -> list[tuple[str, Node]]:
         with self.lock:
             hit = self._listed.get(parent)
-            now = time.monotonic()
-            if hit and now - hit[1] < self.ttl:
-                out = []
-                for name in sorted(hit[0]):
-                    entry = self._entries.get((parent, name))
-                    node = self._nodes.get(entry[0]) if entry and entry[0] else None
-                    if node is None:
-                        break
-                    out.append((name, node[0]))
-                else:
+            if hit and time.monotonic() - hit[1] < self.ttl:
+                out = self._cached_listing(parent)
+                if out is not None:
                     return out
+            if parent in self._local_dirs:        # made here, unknown to the server yet
+                return self._overlaid(parent, {})
             held = self._take_read_ahead(parent)
-        if held is None:
-            self.before_fetch()
-        directory, entries, bad = self.vault.listdir_partial(parent, *(held or (None, None)))
+        try:
+            directory, entries, bad = self.vault.listdir_partial(parent, *(held or (None, None)))
+        except Unreachable:
+            with self.lock:
+                out = self._cached_listing(parent) if parent in self._listed else None
+            if out is None:
+                raise
+            return out                           # offline: what the cache holds answers
         self.put_node(directory)
-        # By name, as from the cache: find walks readdir's order, ls -R sorts;
-        # subfolders are read ahead in that order too.
-        entries.sort(key=lambda e: e[0])
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
+        self._fetch_missing(parent, {name for name, _ in entries})
         with self.lock:
             if bad:
                 self._tampered[parent] = bad
             else:
                 self._tampered.pop(parent, None)
+            # This mount's unsent changes of the folder stand over what the server said.
+            entries = self._overlaid(parent, dict(entries))
             now = time.monotonic()
             fresh = {name: node.id for name, node in entries}
             stale = False
@@ -223,10 +313,45 @@ class MetaCache:
                 self._drop_paths()
             for name, node in entries:
                 self._entries[(parent, name)] = (node.id, now)
-                self._nodes[node.id] = (node, now)
+                if node.id not in self._local_nodes:
+                    self._nodes[node.id] = (node, now)
             self._listed[parent] = ({n for n, _ in entries}, now)
             self._want([node.id for _, node in entries if node.is_dir])
         return entries
+
+    def _cached_listing(self, parent: UUID) -> list[tuple[str, Node]] | None:
+        """(Under the lock.) The cached listing of ``parent`` if every node of it is
+        still cached (by name, as a fetched one)."""
+        out = []
+        for name in sorted(self._listed[parent][0]):
+            entry = self._entries.get((parent, name))
+            node = self._local_node_or_cached(entry[0]) if entry and entry[0] else None
+            if node is None:
+                return None
+            out.append((name, node))
+        return out
+
+    def _fetch_missing(self, parent: UUID, fetched: set[str]) -> None:
+        """Nodes the overlay puts into ``parent`` that the cache lost (another
+        machine changed them): fetched again, before the overlay is applied."""
+        with self.lock:
+            missing = [inode for name, (inode, _) in self._local_entries.get(parent, {}).items()
+                       if inode is not None and self._local_node_or_cached(inode) is None]
+        for inode in missing:
+            self.node(inode)
+
+    def _overlaid(self, parent: UUID, entries: dict[str, Node]) -> list[tuple[str, Node]]:
+        """(Under the lock.) ``entries`` of ``parent`` with this mount's unsent changes
+        applied, by name (find walks readdir's order, ls -R sorts; subfolders are
+        read ahead in that order too)."""
+        for name, (inode, _) in self._local_entries.get(parent, {}).items():
+            node = self._local_node_or_cached(inode) if inode is not None else None
+            if node is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = node
+        return sorted(((name, self._local_nodes.get(n.id, (n,))[0]) for name, n in entries.items()),
+                      key=lambda e: e[0])
 
     # ------------------------------------------------------------ read-ahead
     # A folder just listed is followed by its subfolders (ls -R, find, rsync, a
@@ -279,8 +404,7 @@ class MetaCache:
         since = self.vault.ledger.epoch()
         found = {}
         try:
-            if not self.unsent_changes():
-                found = self.vault.api.list_dirs(batch)
+            found = self.vault.api.list_dirs(batch)
         except ZkfsError as exc:
             log.debug("listing read-ahead: %s", exc)
         finally:
@@ -311,6 +435,9 @@ class MetaCache:
     def resolve(self, path: str) -> Node:
         with self.lock:
             inode = self._paths.get(path)
+            local = self._local_nodes.get(inode) if inode else None
+            if local is not None:
+                return local[0]            # this mount's unsent state comes first
             hit = self._nodes.get(inode) if inode else None
             if hit and time.monotonic() - hit[1] < self.ttl:
                 return hit[0]

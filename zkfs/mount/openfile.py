@@ -4,9 +4,11 @@ Writes land in per-chunk plaintext buffers. A chunk written through to its end
 is encrypted and uploaded at once as a *staged* blob (invisible to everyone
 until committed), so a long sequential write streams out while it happens and
 memory stays bounded; buffers beyond the memory budget spill to the encrypted
-spool. ``commit`` (flush, fsync, last close) uploads what is left and swaps
-the file to the new manifest in one compare-and-swap on the server: either the
-whole new version becomes visible or none of it.
+spool. ``seal`` (flush, fsync, last close) turns the rest into the records of
+the file's next version (the chunks not uploaded go into the journal): the
+uploader later swaps the file to that manifest in one compare-and-swap on the
+server, so either the whole new version becomes visible or none of it. The
+state stays (and answers reads) until the server has that version.
 """
 from __future__ import annotations
 
@@ -17,14 +19,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from uuid import UUID, uuid4
 
 from .. import crypto
 from ..crypto import BinaryFernet
-from ..errors import ServerError
-from ..format import HOLE_REF, MAX_FILE_SIZE, Attrs, ChunkRef, Manifest, seal_chunk
-from ..ops import Op
+from ..format import HOLE_REF, MAX_FILE_SIZE, ChunkRef, Manifest, seal_chunk
+from . import records
 from ..vault import Node, Vault, any_nonzero
 from .blocks import BlockStore
 from .cache import EncryptedSpool
@@ -39,10 +39,6 @@ def _check_size(size: int) -> None:
         raise OSError(errno.EINVAL, "negative size")
     if size > MAX_FILE_SIZE:
         raise OSError(errno.EFBIG, "file too large")
-
-
-class ConflictError(Exception):
-    """The file changed on the server since this version was opened."""
 
 
 class MemoryBudget:
@@ -90,13 +86,19 @@ class OpenFile:
         if pending is not None:
             self.attrs.key_id = crypto.key_id(pending.file_key)
         self.meta_dirty = pending is not None
-        self.meta_gen = 0
-        self.attr_changes: list = []
         self._last_read_chunk = -2
+        self.journaled_seq = 0               # the journal record of this file's last version
+        self.sent_upto = 0                   # ... of which the server has up to this seq
 
     _confirm_lock = threading.Lock()   # leaf lock, shared: held for a dict operation only
 
+    @property
+    def base_node(self) -> Node:
+        """The version this state stands on (the server's, or the journal's next)."""
+        return self._base_node
+
     def _reset_base(self, node: Node, manifest: Manifest | None) -> None:
+        self._base_node = node
         self.base_version = node.version
         self.base_size = node.attrs.size
         if manifest is None and node.attrs.manifest_digest is None:
@@ -123,7 +125,7 @@ class OpenFile:
     @property
     def base_manifest(self) -> Manifest:
         if self._base_manifest is None:
-            self._base_manifest = self.vault.manifest(self.vault.get(self.id))
+            self._base_manifest = self.vault.manifest(self._base_node)
         return self._base_manifest
 
     @property
@@ -135,6 +137,12 @@ class OpenFile:
     def clean(self) -> bool:
         """Nothing here that the server does not have: another client's newer
         version can replace the base without losing anything."""
+        return self.pending is None and not (self.meta_dirty or self.content_dirty or self.write_failed
+                                             or self.unsent)
+
+    @property
+    def sealed(self) -> bool:
+        """Everything here is in the journal (or on the server): nothing left to seal."""
         return self.pending is None and not (self.meta_dirty or self.content_dirty or self.write_failed)
 
     def outdated_by(self, node: Node) -> bool:
@@ -351,86 +359,66 @@ class OpenFile:
 
     # ------------------------------------------------------------ commit
     def touch_attrs(self, change) -> None:
-        """Apply an attribute change (chmod, utimens...) to be committed with the file.
-        Lock-free on purpose: callers hold the namespace lock, and the lock order is
-        file lock -> namespace lock. ``meta_gen`` lets a concurrent commit notice it."""
+        """Apply an attribute change (chmod, utimens...), sent with the file's next
+        version. Lock-free on purpose: callers hold the namespace lock, and the lock
+        order is file lock -> namespace lock (``seal`` runs under both)."""
         change(self.attrs)
         self.attrs.ctime_ns = time.time_ns()
-        self.attr_changes.append(change)
-        self.meta_gen += 1
         self.meta_dirty = True
-
-    def take_attr_changes(self) -> tuple[int, Attrs, list]:
-        """Hand uncommitted attribute changes over to the namespace's write-back
-        (a metadata-only close need not wait for the server)."""
-        changes, self.attr_changes = self.attr_changes, []
-        self.meta_dirty = False
-        return self.base_version, self.attrs.evolve(), changes
-
-    def take_over_attrs(self, base_version: int, attrs: Attrs, changes: list) -> None:
-        """Attribute changes written back but not yet sent, for this file's base: from
-        now on this state carries them (a later commit sends them with the content)."""
-        with self.lock:
-            self.base_version, self.attrs = base_version, attrs
-            self.attr_changes, self.meta_dirty = list(changes), True
-
-    def create_op(self) -> Op:
-        """The op that publishes this new file (empty; content follows in a commit)."""
-        return self.vault.op_create(self.pending.parent, self.pending.name, self.id,
-                                    self.attrs.evolve(size=0, manifest_digest=None), self.pending.file_key,
-                                    at_ns=self.pending.at_ns)
 
     def created(self) -> None:
         self.pending = None
         self.base_version = 1
 
-    def commit(self, apply: Callable[[list[Op]], list[dict]], *, only_if_closed: bool = False) -> Node | None:
-        """Make the current content and attributes the server's version.
+    @property
+    def unsent(self) -> bool:
+        """This file's last version is in the journal, not yet on the server."""
+        return self.sent_upto < self.journaled_seq
 
-        ``apply(ops)`` runs ops in one transaction and sends this file's pending
-        create (if any) ahead of them in the same batch. ``only_if_closed``: a
-        background retry, which must not publish a file reopened meanwhile (it may
-        be mid-rewrite). Raises ConflictError if someone else committed first (our
-        state is kept)."""
+    def settle_uploads(self) -> None:
+        """(Under ``self.lock``.) Wait for the chunks being uploaded, so that ``seal``
+        (under the namespace lock too) never waits for the network."""
+        for i in list(self.staged):
+            self._settle(i)
+
+    def seal(self) -> list[dict]:
+        """The journal records that make the current content and attributes this
+        file's next version (after its create, for a new file); from now on this
+        state stands on that version, as if the server had it. Its chunks are on the
+        server (staged while they were written) or in the journal. [] if there is
+        nothing to send."""
         with self.lock:
-            if only_if_closed and self.handles:
-                return None                   # reopened meanwhile: its own close commits
             if not (self.meta_dirty or self.pending or self.content_dirty):
-                return None
-            gen = self.meta_gen
-            base_version = 1 if self.pending else self.base_version
+                return []
+            out = []
+            base_version = self.base_version
+            if self.pending is not None:
+                p = self.pending
+                out.append(records.create(p.parent, p.name, self.id, self.attrs.evolve(size=0, manifest_digest=None),
+                                          p.file_key, p.at_ns))
+                base_version = 1
+            attrs = self.attrs.evolve()
+            attrs.version = base_version + 1
             if self.content_dirty or self.pending:
                 manifest, inline = self._build_manifest()
-                attrs = self.attrs.evolve()
-                op = self.vault.op_commit(self.id, base_version, attrs, manifest, inline)
+                token = manifest.encrypt(self.cipher)     # sealed now: this mount reads it until sent
+                attrs.size = manifest.size
+                attrs.manifest_digest = crypto.digest(token)
+                out.append(records.commit(self.id, base_version, attrs, manifest, inline, token))
             else:
-                manifest, attrs = self.base_manifest, self.attrs.evolve()
-                op = self.vault.op_setmeta(self.id, base_version, attrs)
-            try:
-                version = apply([op])[-1]["version"]
-            except ServerError as exc:
-                if exc.code == "conflict" or (exc.code == "not_found" and not self.pending):
-                    raise ConflictError(str(exc)) from None
-                raise
-            node = Node(self.id, False, version, 1, attrs.evolve(version=version))
+                manifest, token = self.base_manifest, self._base_node.manifest_token
+                out.append(records.attrs(self.id, base_version, attrs, attrs.ctime_ns))
             for i in {*self.dirty, *self.spilled, *self.staged}:
                 self._drop_buffer(i)
-            current = self.attrs
-            self._reset_base(node, manifest)
+            base = Node(self.id, False, attrs.version, 1, attrs, manifest_token=token)
+            self.vault.remember_manifest(base, manifest)
+            self._reset_base(base, manifest)
             self.pending = None
-            if self.meta_gen == gen:
-                self.attrs = node.attrs.evolve()
-                self.meta_dirty = False
-                self.attr_changes = []
-            else:
-                # Attributes changed while we committed: keep them, on the version just
-                # committed (its content's digest, size, key and number), or the next
-                # setmeta would seal the previous content's digest over this one.
-                self.attrs = current.evolve(size=attrs.size, manifest_digest=attrs.manifest_digest,
-                                            key_id=attrs.key_id, version=version)
-            return node
+            self.attrs = attrs.evolve()
+            self.meta_dirty = False
+            return out
 
-    def _build_manifest(self) -> tuple[Manifest, list[tuple[UUID, bytes]]]:
+    def _build_manifest(self) -> tuple[Manifest, dict[UUID, bytes]]:
         base = self.base_manifest
         count = -(-self.size // self.cs)
         refs: list[ChunkRef | None] = [None] * count
@@ -447,27 +435,21 @@ class OpenFile:
         for i in [*self.dirty, *self.spilled]:
             if i < count:
                 uploads[i] = self._view(i)
-        inline: list[tuple[UUID, bytes]] = []
+        inline: dict[UUID, bytes] = {}
         if len(uploads) == 1 and not self.staged and len(next(iter(uploads.values()))) <= INLINE_MAX:
             (i, plain), = uploads.items()
             refs[i], token = self._seal_inline(plain)
             if token is not None:
-                inline.append((refs[i].blob_id, token))
+                inline[refs[i].blob_id] = token
         else:
-            self._upload_failed = False
             for i, plain in uploads.items():
-                self._drop_buffer(i)
-                self._upload(i, plain)
-        failed = False
+                refs[i] = self.blocks.keep_local(self.id, self.cipher, plain)
         for i in list(self.staged):
             ref = self._settle(i)
+            if ref is None:                    # its upload failed (server away): the journal keeps it
+                ref = self.blocks.keep_local(self.id, self.cipher, bytes(self.dirty[i]))
             if i < count:
                 refs[i] = ref
-            failed |= ref is None
-        if failed:
-            # The server's reason (e.g. no_space -> ENOSPC) reaches the caller; the
-            # data stays here for a retry.
-            raise self._upload_error
         self._upload_failed = False
         return Manifest(self.id, size=self.size, chunk_size=self.cs, chunks=refs), inline
 
@@ -475,7 +457,7 @@ class OpenFile:
         if not any_nonzero(plain):
             return HOLE_REF, None
         token, ref = seal_chunk(self.cipher, plain, uuid4())
-        self.blocks.tokens.put(ref.blob_id, token)
+        self.blocks.keep_inline(ref, token, plain)
         return ref, token
 
     def snapshot_chunks(self):

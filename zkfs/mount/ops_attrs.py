@@ -1,15 +1,18 @@
 """FUSE operations on attributes: getattr, access, chmod, chown, utimens, the
 xattr family and statfs (mixed into ZkfsOperations).
 
-Attribute changes are written back: an open file commits them with its content;
-other inodes' go out with the next batch or within writeback.DELAY."""
+Attribute changes are journaled (writeback.py): an open file's go with its next
+version, other inodes' as a record of their own, shown by the cache at once."""
 from __future__ import annotations
+
+import dataclasses
 
 import errno
 import os
 import stat
 import time
 
+from ..errors import Unreachable
 from ..format import MAX_NAME_BYTES, Attrs
 from ..vault import Node
 from .binding import fuse_get_context
@@ -128,10 +131,18 @@ class AttrOps:
 
     @guarded
     def statfs(self, path):
-        s = self.vault.api.statfs()
+        """The account's quota as the server last said, less what the journal holds
+        for it: with the server away, the last answer."""
+        try:
+            self._statfs = self.vault.api.statfs()
+        except Unreachable:
+            if self._statfs is None:
+                raise
+        s = self._statfs
         bsize = 4096
+        waiting = self.writeback.uploader.snapshot().pending_bytes
         total = (s["used_bytes"] + s["free_bytes"]) // bsize
-        free = s["free_bytes"] // bsize
+        free = max(0, s["free_bytes"] - waiting) // bsize
         return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": total, "f_bfree": free,
                 "f_bavail": free, "f_files": 1 << 32, "f_ffree": (1 << 32) - 1,
                 "f_favail": (1 << 32) - 1, "f_namemax": MAX_NAME_BYTES}
@@ -141,11 +152,8 @@ class AttrOps:
         of = self.table.get(node.id)
         if of is not None and of.outdated_by(node):
             of = None                  # changed elsewhere: the next open() follows it
-        pending = self.writeback.attrs_of(node.id)
         if of is not None:
             a, size = of.attrs, of.size
-        elif pending is not None:
-            a, size = pending, pending.size
         else:
             a, size = node.attrs, node.attrs.size
         return {
@@ -158,9 +166,7 @@ class AttrOps:
 
     def _attrs_of(self, node: Node) -> Attrs:
         of = self.table.get(node.id)
-        if of is not None:
-            return of.attrs
-        return self.writeback.attrs_of(node.id) or node.attrs
+        return of.attrs if of is not None else node.attrs
 
     def _setattr(self, path: str | None, change, fh: int | None = None) -> None:
         self._writable()
@@ -175,6 +181,11 @@ class AttrOps:
         of = self.table.get(node.id)
         if of is None:
             self.writeback.change_attrs(node, change)
+            return
+        if of.handles == 0 and of.sealed:
+            # A closed file whose versions are all in the journal: a record of its own,
+            # on the latest of them (the cache's node may be older).
+            of.rebase(self.writeback.change_attrs(dataclasses.replace(of.base_node, nlink=node.nlink), change))
             return
         if of.outdated_by(node):
             of.rebase(node)              # changed elsewhere: change theirs

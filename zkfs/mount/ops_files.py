@@ -1,9 +1,10 @@
 """FUSE operations on file content: create, open, read, write, truncate, flush,
 fsync and release (mixed into ZkfsOperations).
 
-Close-to-open: the opener's close() and fsync() return once the server has
-committed the new version; every descriptor of a file on this mount shares its
-one ``OpenFile`` (handles.py)."""
+The opener's close() returns once the new version is in the write-back journal
+on disk (writeback.py); fsync() (and every close with ``--sync``) once the server
+has it. Every descriptor of a file on this mount shares its one ``OpenFile``
+(handles.py)."""
 from __future__ import annotations
 
 import errno
@@ -17,7 +18,7 @@ from ..format import Manifest
 from ..vault import Node
 from .binding import fuse_get_context
 from .guard import FsError, guarded
-from .openfile import ConflictError, OpenFile, PendingCreate
+from .openfile import OpenFile, PendingCreate
 
 log = logging.getLogger("zkfs.mount.fs")
 
@@ -118,11 +119,15 @@ class FileOps:
     @guarded
     def fsync(self, path, datasync, fh):
         self._commit(self.table.handle(fh).file, path, durable=True)
-        self.writeback.flush()
+        self._flush_namespace()
 
     @guarded
     def fsyncdir(self, path, datasync, fh):
-        self.writeback.flush()
+        self._flush_namespace()
+
+    def _flush_namespace(self) -> None:
+        if not self.writeback.flush(self.retry_seconds):
+            raise FsError(errno.EIO)          # the server stayed away (the journal keeps it all)
 
     @guarded
     def release(self, path, fh):
@@ -135,8 +140,7 @@ class FileOps:
             self._commit(of, path)
         finally:
             with self.ns_lock:
-                if of.handles == 0 and self.table.get(of.id) is of \
-                        and (of.unlinked or not (of.meta_dirty or of.content_dirty or of.pending)):
+                if of.handles == 0 and self.table.get(of.id) is of and (of.unlinked or of.clean):
                     self.table.drop(of)
                     orphan = of.unlinked
         if orphan:
@@ -149,9 +153,6 @@ class FileOps:
         if of is None:
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node,
                           self.vault.file_cipher(node.id, node.attrs.key_id), None)
-            p = self.writeback.take_attrs(node.id)
-            if p is not None:                 # the open file carries them from now on
-                of.take_over_attrs(p.node.version, p.attrs, p.changes)
             self.table.add(of)
         elif of.outdated_by(node):
             of.rebase(node)        # close-to-open, also while other handles hold it
@@ -162,8 +163,10 @@ class FileOps:
         with self.ns_lock:
             return self.table.open(of, path, opener, append)
 
-    def _commit(self, of: OpenFile, path: str | None, *, durable: bool = False,
-                background: bool = False) -> None:
+    def _commit(self, of: OpenFile, path: str | None, *, durable: bool = False) -> None:
+        """Journal what ``of`` holds that the server does not have (on disk when this
+        returns); ``durable`` (fsync, or every close with --sync): and wait until the
+        server has it."""
         if of.unlinked:
             return                       # nobody can see it any more: nothing to publish
         if of.write_failed:
@@ -180,37 +183,18 @@ class FileOps:
                 of.rebase(self.meta.node(of.id))
             of.write_failed = False
             return
-        path = of.last_path = path or of.last_path
-        if not durable:
-            with of.lock:
-                if not (of.content_dirty or of.pending):
-                    if of.meta_dirty:
-                        self.writeback.hand_over(of)
-                    return
+        of.last_path = path or of.last_path
         try:
-            with of.lock:     # the conflict copy is a snapshot of exactly what failed to commit
-                try:
-                    node = of.commit(self.writeback.apply, only_if_closed=background)
-                except ConflictError:
-                    self._save_conflict_copy(of, path)
-                    return
-        except ZkfsError as exc:
-            log.error("commit of %s failed (data kept for retry): %s", path or of.id, exc)
-            raise FsError(errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO) from None
-        if node is not None:
-            node.nlink = self.meta.nlink(node.id)
-            self.meta.put_node(node)
-
-    def _retry_closed_files(self) -> bool:
-        """Commit closed files whose commit failed (server down, disk full): their
-        data stays here until the server takes it, never a silent loss. False if
-        one still fails."""
-        for of in [f for f in self.table.files() if f.handles == 0]:
-            try:
-                self._commit(of, None, background=True)
-            except OSError:
-                return False
-            with self.ns_lock:
-                if of.handles == 0 and not (of.meta_dirty or of.content_dirty or of.pending):
-                    self.table.drop(of)
-        return True
+            with of.lock:
+                seq = self.writeback.seal(of)
+        except (ZkfsError, OSError) as exc:
+            log.error("%s could not be journaled (data kept here): %s", path or of.id, exc)
+            raise FsError(errno.ENOSPC if getattr(exc, "errno", None) == errno.ENOSPC else errno.EIO) from None
+        seq = seq or of.journaled_seq
+        if not seq:
+            return
+        if not self.writeback.wait(seq, server=durable or self.sync, timeout=self.retry_seconds):
+            full = self.writeback.uploader.status.no_space
+            log.error("%s: the server did not take it within %.0f s (%s; kept in the journal)", path or of.id,
+                      self.retry_seconds, "it has no room" if full else "unreachable")
+            raise FsError(errno.ENOSPC if full else errno.EIO)

@@ -2,20 +2,24 @@
 unlink, rename (with RENAME_NOREPLACE and RENAME_EXCHANGE) and readdir (mixed
 into ZkfsOperations).
 
-Every change of a folder's entries reaches the server in one transaction with
-the folder's new sealed attributes (zkfs/ops.py); a file's ctime moves when one
-of its names is linked, unlinked or renamed over."""
+Every change is a journal record first (writeback.py), shown by this mount's
+cache at once; on the server, every change of a folder's entries lands in one
+transaction with the folder's new sealed attributes (zkfs/ops.py). A file's ctime
+moves when one of its names is linked, unlinked or renamed over."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import stat
 import time
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from ..errors import ServerError
+from .. import crypto
+from ..entryset import EntrySet
 from ..format import MAX_SYMLINK_BYTES, Attrs
 from ..vault import Node, new_attrs
+from . import records
 from .binding import fuse_get_context
 from .guard import FsError, guarded
 from .handles import DirHandle
@@ -23,11 +27,15 @@ from .namespace import inode_number
 from .orphans import HIDDEN_PREFIX
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_RENAME_RETRIES = 3
 
 
 def _no_change(attrs: Attrs) -> None:
     """(An attribute change that changes nothing but ctime.)"""
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is under ``folder`` (paths as FUSE gives them: canonical)."""
+    return path.startswith(folder.rstrip("/") + "/")
 
 
 class NamespaceOps:
@@ -36,9 +44,12 @@ class NamespaceOps:
         self._writable()
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, stat.S_IFDIR | stat.S_IMODE(mode))
-            self.writeback.apply([self.vault.op_create(parent.id, name, inode, attrs)])
+            attrs.entries = EntrySet()
+            at = attrs.ctime_ns
+            self.writeback.record(records.create(parent.id, name, inode, attrs, None, at))
             self.meta.set_entry(parent.id, name, Node(inode, True, 1, 2, attrs))
             self.meta.new_dir(inode)
+            self._touched_dir(parent, at, subdirs=1)
 
     @guarded
     def rmdir(self, path):
@@ -50,9 +61,14 @@ class NamespaceOps:
                 raise FsError(errno.ENOENT)
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
-            self.writeback.apply([self.vault.op_rmdir(parent.id, name, node.id)])
+            if self.meta.listdir(node.id) or any(of.pending is not None and of.pending.parent == node.id
+                                                 and not of.unlinked for of in self.table.files()):
+                raise FsError(errno.ENOTEMPTY)
+            at = time.time_ns()
+            self.writeback.record(records.rmdir(parent.id, name, node.id, at))
             self.meta.set_entry(parent.id, name, None)
             self.meta.forget(node.id)
+            self._touched_dir(parent, at, subdirs=-1)
 
     @guarded
     def mknod(self, path, mode, dev):
@@ -84,10 +100,16 @@ class NamespaceOps:
                 raise FsError(errno.EPERM)
             parent, name = self.meta.resolve_parent(target)
             self._check_name(name)
+            if self.meta.lookup(parent.id, name) is not None:
+                raise FsError(errno.EEXIST)
             self._change_attrs(node, _no_change)           # ctime: one more name
-            self.writeback.apply([self.vault.op_link(node.id, parent.id, name)])
-            self.meta.forget(node.id)
-            self.meta.set_entry(parent.id, name, self.meta.node(node.id))
+            at = time.time_ns()
+            self.writeback.record(records.link(node.id, parent.id, name, at))
+            node = self._resolve(source)
+            linked = Node(node.id, False, node.version, node.nlink + 1, node.attrs)
+            self.meta.set_entry(parent.id, name, linked)
+            self.meta.put_local(linked)                    # one link more
+            self._touched_dir(parent, at)
 
     @guarded
     def unlink(self, path):
@@ -103,19 +125,28 @@ class NamespaceOps:
                 raise FsError(errno.EISDIR)
             of = self.table.get(node.id)
             at = time.time_ns()
-            if of is not None and of.pending is not None:
-                self._touched_dir(parent, at)      # never reached the server: nothing to send
-            else:
+            if node.nlink <= 1 and (of is None or of.handles == 0) and self.writeback.uploader.cancel_new(node.id):
+                pass                               # created, changed and gone before the server saw it
+            elif of is None or of.pending is None:   # (a new file never reached the server: nothing to send)
                 if node.nlink > 1:
                     self._change_attrs(node, _no_change)   # ctime: a name less, others left
-                elif of is None:
-                    self.writeback.take_attrs(node.id)     # it goes: so do its unsent changes
-                self.writeback.apply([self.vault.op_unlink(parent.id, name, node.id,
-                                                           keep_orphan=of is not None, at_ns=at)])
-            self.meta.set_entry(parent.id, name, None)
-            self.meta.forget(node.id)
+                # Kept as an orphan only while open: a closed file's state (its version
+                # still on the way to the server) needs nothing more from the server.
+                self.writeback.record(records.unlink(parent.id, name, node.id, of is not None and of.handles > 0, at))
+            self._touched_dir(parent, at)
+            self._name_gone(parent, name, node)
             if of is not None and node.nlink <= 1:
                 of.unlinked = True
+
+    def _name_gone(self, parent: Node, name: str, node: Node) -> None:
+        """(Under the namespace lock.) The cache after ``node`` lost the name
+        ``parent/name``: its other names stay, with one link less."""
+        self.meta.set_entry(parent.id, name, None)
+        if node.nlink > 1:
+            current = self.meta.node(node.id)
+            self.meta.put_local(dataclasses.replace(current, nlink=node.nlink - 1))
+        else:
+            self.meta.forget(node.id)
 
     @guarded
     def rename(self, old, new, flags=0):
@@ -130,56 +161,57 @@ class NamespaceOps:
                 return self._hide(old, new)
         if old in self.hidden:
             raise FsError(errno.ENOENT)
-        self._publish_before_replacing(old, new)
-        for attempt in range(_RENAME_RETRIES):
-            try:
-                return self._rename(old, new, noreplace)
-            except ServerError as exc:
-                # Another mount changed a folder involved since this mount looked:
-                # look again (a target that appeared is replaced, as rename does).
-                if exc.code not in ("stale", "exists") or (exc.code == "exists" and noreplace) \
-                        or attempt + 1 == _RENAME_RETRIES:
-                    raise
-                self._forget_parents(old, new)
+        self._seal_before_replacing(old, new)
+        with self.ns_lock:
+            self._rename(old, new, noreplace)
 
     def _rename(self, old: str, new: str, noreplace: bool) -> None:
-        with self.ns_lock:
-            src_parent, src_name = self.meta.resolve_parent(old)
-            dst_parent, dst_name = self.meta.resolve_parent(new)
-            self._check_name(dst_name)
-            node = self.meta.lookup(src_parent.id, src_name)
-            if node is None:
-                raise FsError(errno.ENOENT)
-            target = self.meta.lookup(dst_parent.id, dst_name)
-            if noreplace and (target is not None or self._unhide(dst_parent, dst_name)):
-                raise FsError(errno.EEXIST)
-            if target is not None and target.id == node.id:
-                return                   # two names of one inode: POSIX says do nothing
-            target_open = target is not None and self.table.get(target.id) is not None
-            at = time.time_ns()
-            op = self.vault.op_rename(node, src_parent.id, src_name, dst_parent.id, dst_name,
-                                      replaces=target, keep_orphan=target_open, at_ns=at)
-            self._change_attrs(node, _no_change)           # ctime of the renamed inode
-            if target is not None and not target.is_dir and target.nlink > 1:
-                self._change_attrs(target, _no_change)     # ctime: renamed over, other names left
-            elif target is not None and not target_open:
-                self.writeback.take_attrs(target.id)       # it goes with this rename: so do they
-            if node.is_dir or self.table.get(node.id) is not None or target_open or \
-                    (target is not None and target.is_dir):
-                self.writeback.apply([op])
-            else:
-                # A closed file's rename is written back like its attributes.
-                self.writeback.defer_rename(op, f"rename {old} -> {new}", (src_parent.id, dst_parent.id))
-                self._touched_dir(src_parent, at)
-                if dst_parent.id != src_parent.id:
-                    self._touched_dir(dst_parent, at)
-            self.meta.set_entry(src_parent.id, src_name, None)
-            self.meta.set_entry(dst_parent.id, dst_name, node)
-            self._moved({old: new}, node)
-            if target is not None:
-                self.meta.forget(target.id)
-                if target_open and target.nlink <= 1:
-                    self.table.get(target.id).unlinked = True
+        """(Under the namespace lock.)"""
+        src_parent, src_name = self.meta.resolve_parent(old)
+        dst_parent, dst_name = self.meta.resolve_parent(new)
+        self._check_name(dst_name)
+        node = self.meta.lookup(src_parent.id, src_name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        target = self.meta.lookup(dst_parent.id, dst_name)
+        if noreplace and (target is not None or self._unhide(dst_parent, dst_name)):
+            raise FsError(errno.EEXIST)
+        if target is not None and target.id == node.id:
+            return                   # two names of one inode: POSIX says do nothing
+        self._check_rename(old, new, node, target)
+        target_of = self.table.get(target.id) if target is not None else None
+        at = time.time_ns()
+        self._change_attrs(node, _no_change)           # ctime of the renamed inode
+        if target is not None and not target.is_dir and target.nlink > 1:
+            self._change_attrs(target, _no_change)     # ctime: renamed over, other names left
+        self.writeback.record(records.rename(node, src_parent.id, src_name, dst_parent.id, dst_name, target,
+                                             target_of is not None and target_of.handles > 0, at))
+        moved_dir = int(node.is_dir) * (src_parent.id != dst_parent.id)
+        self._touched_dir(src_parent, at, subdirs=-moved_dir)
+        if dst_parent.id != src_parent.id:
+            self._touched_dir(self.meta.node(dst_parent.id), at,
+                              subdirs=moved_dir - int(target is not None and target.is_dir))
+        elif target is not None and target.is_dir:
+            self._touched_dir(self.meta.node(src_parent.id), at, subdirs=-1)
+        self.meta.set_entry(src_parent.id, src_name, None)
+        self.meta.set_entry(dst_parent.id, dst_name, node)
+        self._moved({old: new}, node)
+        if target is not None:
+            self.meta.forget(target.id)
+            if target_of is not None and target.nlink <= 1:
+                target_of.unlinked = True
+
+    def _check_rename(self, old: str, new: str, node: Node, target: Node | None) -> None:
+        """rename(2)'s refusals that depend on the two inodes and where it goes."""
+        if target is not None:
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if target.is_dir and not node.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.is_dir and self.meta.listdir(target.id):
+                raise FsError(errno.ENOTEMPTY)
+        if node.is_dir and _within(new, old):
+            raise FsError(errno.EINVAL)                # into itself or a folder under it
 
     def _exchange(self, old: str, new: str) -> None:
         """rename(2) with RENAME_EXCHANGE: both names exist and swap their inodes."""
@@ -193,9 +225,20 @@ class NamespaceOps:
                 raise FsError(errno.ENOENT)
             if a.id == b.id:
                 return
+            if (a.is_dir and _within(new, old)) or (b.is_dir and _within(old, new)):
+                raise FsError(errno.EINVAL)
             for n in (a, b):
                 self._change_attrs(n, _no_change)
-            self.writeback.apply([self.vault.op_exchange(a, a_parent.id, a_name, b, b_parent.id, b_name)])
+            at = time.time_ns()
+            self.writeback.record(records.exchange(a, a_parent.id, a_name, b, b_parent.id, b_name, at))
+            if a_parent.id != b_parent.id and a.is_dir != b.is_dir:
+                moved = 1 if a.is_dir else -1               # a's folder gets b, b's gets a
+                self._touched_dir(a_parent, at, subdirs=-moved)
+                self._touched_dir(self.meta.node(b_parent.id), at, subdirs=moved)
+            else:
+                self._touched_dir(a_parent, at)
+                if b_parent.id != a_parent.id:
+                    self._touched_dir(self.meta.node(b_parent.id), at)
             self.meta.set_entry(a_parent.id, a_name, b)
             self.meta.set_entry(b_parent.id, b_name, a)
             self._moved({old: new, new: old}, a, b)
@@ -217,18 +260,11 @@ class NamespaceOps:
                     of.last_path = new + p[len(old):]
                     break
 
-    def _forget_parents(self, *paths: str) -> None:
-        with self.ns_lock:
-            for path in paths:
-                try:
-                    self.meta.forget(self.meta.resolve_parent(path)[0].id)
-                except OSError:
-                    pass
-
-    def _publish_before_replacing(self, old: str, new: str) -> None:
+    def _seal_before_replacing(self, old: str, new: str) -> None:
         """A file still being written, renamed over an existing one (a save without
-        fsync): its content is committed first, as ext4 does, so a crash cannot leave
-        the name with an empty new version instead of the old one."""
+        fsync): its content goes into the journal before the rename, as ext4 does,
+        so a crash cannot leave the name with an empty new version instead of the
+        old one."""
         of = self.table.get(self._resolve(old).id)
         if of is None or of.clean:
             return
@@ -237,12 +273,11 @@ class NamespaceOps:
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            # libfuse may have just hidden an open target: its unlink is unsent.
+            # libfuse may have just hidden an open target.
             parent, name = self.meta.resolve_parent(new)
-            with self.ns_lock:
-                if self.writeback.freed(parent.id, name) is None:
-                    return                 # nothing to replace: nothing to lose
-        self._commit(of, old, durable=True)
+            if (parent.id, name) not in self.hidden_names:
+                return                 # nothing to replace: nothing to lose
+        self._commit(of, old)
 
     @guarded
     def opendir(self, path):
@@ -292,14 +327,19 @@ class NamespaceOps:
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, mode, rdev=rdev, target=target)
             file_key = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
-            self.writeback.apply([self.vault.op_create(parent.id, name, inode, attrs, file_key)])
+            if file_key is not None:
+                attrs.key_id = crypto.key_id(file_key)
+            self.writeback.record(records.create(parent.id, name, inode, attrs, file_key, attrs.ctime_ns))
             node = Node(inode, False, 1, 1, attrs)
             self.meta.set_entry(parent.id, name, node)
+            self._touched_dir(parent, attrs.ctime_ns)
             return node
 
-    def _touched_dir(self, d: Node, at_ns: int) -> None:
-        """An entry change of folder ``d`` not sent yet (a new file, a written-back
-        rename): its times show at once; the batch that sends the change seals
+    def _touched_dir(self, d: Node, at_ns: int, *, subdirs: int = 0) -> None:
+        """An entry change of folder ``d`` (``subdirs``: folders it gains or loses): its
+        times and link count show at once; the batch that sends the change seals
         these same times."""
         attrs = d.attrs.evolve(mtime_ns=at_ns, ctime_ns=max(d.attrs.ctime_ns, at_ns))
-        self.meta.put_node(Node(d.id, True, d.version, d.nlink, attrs))
+        if subdirs and attrs.entries is not None:
+            attrs.entries = dataclasses.replace(attrs.entries, subdirs=max(0, attrs.entries.subdirs + subdirs))
+        self.meta.put_local(Node(d.id, True, d.version, d.nlink + subdirs, attrs))

@@ -1,10 +1,10 @@
 """Files unlinked while open. libfuse renames such a file to ``.fuse_hidden*``
 (so fstat, fchmod and fgetxattr keep a path) and also does that to a rename's
 open target just before the rename itself. Here that name is local only: on the
-server the unlink is written back like a rename (so an unlink and the rename
-that caused it land in one transaction, and the name is never missing there),
-and the inode lives on nameless, readable and writable through its descriptors,
-until the last close deletes it. The server also deletes orphans a crashed mount
+server the hiding is an unlink that keeps the inode (journaled before the rename
+that caused it, and usually sent in one transaction with it), and the inode
+lives on nameless, readable and writable through its descriptors, until the
+last close deletes it. The server also deletes orphans a crashed mount
 left behind, once they are old."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import logging
 import time
 from uuid import UUID
 
-from ..errors import ServerError
 from ..vault import Node
+from . import records
 from .guard import FsError
 from .openfile import OpenFile
 
@@ -24,7 +24,8 @@ HIDDEN_PREFIX = ".fuse_hidden"
 
 
 class Orphans:
-    """(Mixed into ZkfsOperations; ``self.hidden``: hidden path -> node.)"""
+    """(Mixed into ZkfsOperations; ``self.hidden``: hidden path -> node;
+    ``self.hidden_names``: (parent, name) a hiding freed -> hidden path.)"""
 
     def _hide(self, old: str, new: str) -> None:
         """(Under the namespace lock.) libfuse hides open file ``old`` as ``new``."""
@@ -33,18 +34,22 @@ class Orphans:
         if node is None:
             raise FsError(errno.ENOENT)
         of = self.table.get(node.id)
+        if of is None or of.handles == 0:
+            # libfuse decided to hide it while its last release was on the way (it
+            # counts that release only after ours returned) and will not remove the
+            # hidden name: nothing holds it open, so this is a plain unlink.
+            self.unlink(old)
+            return
         at = time.time_ns()
-        if of is None or of.pending is None:  # (a new file never reached the server: nothing to send)
-            self.writeback.defer_rename(
-                self.vault.op_unlink(parent.id, name, node.id, keep_orphan=True, at_ns=at),
-                f"unlink of open {old}", (parent.id, parent.id), frees=(parent.id, name))
+        if of.pending is None:               # (a new file never reached the server: nothing to send)
             if node.nlink > 1:
                 self._change_attrs(node, lambda a: None)       # ctime: a name less, others left
+            self.writeback.record(records.unlink(parent.id, name, node.id, True, at))
         self._touched_dir(parent, at)
-        self.meta.set_entry(parent.id, name, None)
-        self.meta.forget(node.id)
+        self._name_gone(parent, name, node)
         node = Node(node.id, node.is_dir, node.version, node.nlink - 1, node.attrs)
         self.hidden[new] = node
+        self.hidden_names[(parent.id, name)] = new
         if of is not None and node.nlink <= 0:
             of.unlinked = True
 
@@ -52,38 +57,46 @@ class Orphans:
         """(Under the namespace lock.) Undo the hiding of ``parent/name`` that libfuse
         did for a rename(RENAME_NOREPLACE) onto that open file, which must fail: the
         name stays. False if that name was not just hidden."""
-        freeing = self.writeback.freed(parent.id, name)
-        if freeing is None:
+        hidden_path = self.hidden_names.pop((parent.id, name), None)
+        node = self.hidden.get(hidden_path) if hidden_path is not None else None
+        if node is None or self.meta.lookup(parent.id, name) is not None:
             return False
-        self.writeback.renames.remove(freeing)
-        inode = UUID(freeing.op.wire["expect_inode"])
-        for path, node in self.hidden.items():
-            if node.id == inode:
-                # libfuse keeps the descriptors under the hidden name: it stays an alias.
-                self.hidden[path] = node = Node(node.id, node.is_dir, node.version, node.nlink + 1, node.attrs)
-                self.meta.set_entry(parent.id, name, node)
-                of = self.table.get(inode)
-                if of is not None:
-                    of.unlinked = False
-                break
+        of = self.table.get(node.id)
+        at = time.time_ns()
+        if of is None or of.pending is None:
+            self.writeback.record(records.link(node.id, parent.id, name, at))
+        # libfuse keeps the descriptors under the hidden name: it stays an alias.
+        self.hidden[hidden_path] = node = Node(node.id, node.is_dir, node.version, node.nlink + 1, node.attrs)
+        self.meta.set_entry(parent.id, name, node)
+        self.meta.put_local(node)                          # one link more
+        self._touched_dir(parent, at)
+        if of is not None:
+            of.unlinked = False
         return True
 
     def _unlink_hidden(self, path: str) -> None:
         """libfuse's cleanup of a hidden name after the last close."""
         node = self.hidden.pop(path)
-        if node.nlink <= 0 and self.table.get(node.id) is None:
+        for key in [k for k, p in self.hidden_names.items() if p == path]:
+            del self.hidden_names[key]
+        of = self.table.get(node.id)
+        # Its last close may have come before libfuse hid it (close returns before
+        # the kernel's release arrives): then its state waits here for the server.
+        if node.nlink <= 0 and (of is None or of.handles == 0):
+            if of is not None:
+                self.table.drop(of)
             self._delete_orphan(node.id)
 
     def _drop_orphan(self, of: OpenFile) -> None:
         """The last descriptor of an unlinked file closed."""
         on_server = of.pending is None
         of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))
-        if on_server:
+        # A hidden one goes when libfuse removes its hidden name (_unlink_hidden).
+        if on_server and all(n.id != of.id for n in self.hidden.values()):
             self._delete_orphan(of.id)
 
     def _delete_orphan(self, inode: UUID) -> None:
-        try:
-            self.writeback.apply([self.vault.op_delete_inode(inode)])   # after its written-back unlink
-        except ServerError as exc:
-            if exc.code not in ("in_use", "not_found"):   # in_use: another name appeared
-                log.warning("could not delete orphan %s: %s", inode, exc)
+        """(After its unlink, in the journal.) The server refuses it if another name
+        appeared meanwhile (another machine linked it): then it stays."""
+        with self.ns_lock:
+            self.writeback.record(records.delete(inode))

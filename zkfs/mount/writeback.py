@@ -1,206 +1,192 @@
-"""Write-back of the namespace changes that need not wait for the server:
-attribute changes of inodes with no open-file state (chmod, chown, touch,
-xattrs, and the ctime that link, unlink and rename give a file) and renames of
-closed files. Each rides on the next batch sent to the server (rsync's chown +
-chmod + utimens + rename become part of the next file's commit), or goes out
-within ``DELAY``. Every batch sends them first, in the order they were made, and
-a listing fetched from the server waits for them, so the cache never loses one.
+"""The front of the write-back journal: every change a call makes becomes a
+journal record (journal.py) before the call returns, and this mount's cache shows
+it at once; the uploader (uploader.py) sends the records to the server, many per
+request, in the order they were made. A close and an fsync wait for the record
+to be on disk (group commit), an fsync also for the server to have it; the other
+calls return once their record is written (it outlives a killed mount).
 
-Each inode's unsent changes have exactly one holder: its ``OpenFile`` while it
-has one (handles open, or content not yet committed), else its ``PendingAttrs``
-here; ``OpenFile.take_over_attrs`` and ``hand_over`` move them between the two.
+Each inode's unsent changes have one holder here: its ``OpenFile`` while it has
+one (open, or a version still in the journal); the cache's node otherwise, with
+the version the journal will give it.
+
+``Policy`` settles what the server refuses: a file another machine changed since
+this mount saw it keeps theirs under its name and ours as a conflict copy beside
+it; a name another machine took gets ours under a conflict name; a rename or
+removal another machine made impossible is logged and dropped (their names
+stand).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from typing import Protocol
 from uuid import UUID
 
 from ..errors import ServerError
 from ..format import Attrs
-from ..ops import Op
 from ..vault import Node, Vault
+from . import records
 from .conflicts import conflict_name
 from .handles import OpenFileTable
+from .journal import Journal, Record
 from .namespace import MetaCache
 from .openfile import OpenFile
+from .uploader import Uploader
 
 log = logging.getLogger(__name__)
-
-DELAY = 0.5
-
-
-@dataclass
-class PendingAttrs:
-    node: Node                 # as last seen on the server (CAS base)
-    attrs: Attrs               # what we want
-    changes: list              # the changes, to replay on a newer version after a conflict
-    since: float               # monotonic time of the first change
-    at_ns: int                 # wall-clock time of the latest change
-
-
-@dataclass
-class PendingRename:
-    op: Op
-    what: str                  # "rename OLD -> NEW", for the log if the server refuses it
-    parents: tuple[UUID, UUID]
-    since: float
-    frees: tuple[UUID, str] | None = None    # (parent, name) an unlink of an open file frees
 
 
 class WriteBack:
     def __init__(self, vault: Vault, meta: MetaCache, table: OpenFileTable, lock: threading.RLock,
-                 hostname: str):
+                 hostname: str, journal: Journal):
         self.vault, self.meta, self.table, self.lock = vault, meta, table, lock
         self.hostname = hostname
-        self.attrs: dict[UUID, PendingAttrs] = {}
-        self.renames: list[PendingRename] = []
-        meta.before_fetch = self.send_renames
-        meta.unsent_changes = lambda: bool(self.renames)
+        self.journal = journal
+        self.uploader = Uploader(vault, journal, self)
+        self.conflicts: ConflictSaver | None = None       # set by the mount (conflicts.py)
+        meta.journal_last = lambda: journal.last_change
 
-    # ------------------------------------------------------------ queueing
-    def change_attrs(self, node: Node, change) -> None:
-        """(Under the lock.) An attribute change of an inode with no open-file state."""
-        p = self.attrs.get(node.id)
-        if p is None:
-            p = self.attrs[node.id] = PendingAttrs(node, node.attrs.evolve(), [], time.monotonic(), 0)
-        change(p.attrs)
-        p.at_ns = p.attrs.ctime_ns = time.time_ns()
-        p.changes.append(change)
+    # ------------------------------------------------------------ recording
+    def record(self, *bodies: dict) -> int:
+        """(Under the lock.) Write ``bodies`` to the journal after the creates of new
+        files the server has not seen yet (any record may name them); returns the
+        last sequence number. Written, not yet on disk: ``wait`` for that."""
+        seq = 0
+        for body in [*self._publish_creates(), *bodies]:
+            seq = self.journal.append_nowait(body)
+            self.uploader.push(Record(seq, body))
+        return seq
 
-    def take_attrs(self, inode: UUID) -> PendingAttrs | None:
-        """(Under the lock.) Hand an inode's pending changes to its new open-file state."""
-        return self.attrs.pop(inode, None)
+    def _publish_creates(self) -> list[dict]:
+        out = []
+        for of in self.table.creating():
+            p = of.pending
+            out.append(records.create(p.parent, p.name, of.id, of.attrs.evolve(size=0, manifest_digest=None),
+                                      p.file_key, p.at_ns))
+            of.created()
+        return out
 
-    def attrs_of(self, inode: UUID) -> Attrs | None:
-        p = self.attrs.get(inode)
-        return p.attrs if p is not None else None
-
-    def hand_over(self, of: OpenFile) -> None:
-        """(Under ``of.lock``.) Attribute changes are all a file has left to send: once
-        no handle is left, its state hands them over and leaves the open-file table.
-        While a handle is open they stay with the file (its last close sends them)."""
+    def seal(self, of: OpenFile) -> int:
+        """(Under ``of.lock``.) Journal what an open file holds that the server does not
+        have; returns the record's sequence number (0: nothing to journal)."""
+        of.settle_uploads()
         with self.lock:
-            if of.handles > 0 or self.table.get(of.id) is not of:
-                return
-            base_version, attrs, changes = of.take_attr_changes()
-            self.table.drop(of)
-            self.attrs[of.id] = PendingAttrs(Node(of.id, False, base_version, self.meta.nlink(of.id), attrs),
-                                             attrs, changes, time.monotonic(), attrs.ctime_ns)
+            bodies = of.seal()
+            if not bodies:
+                return 0
+            seq = self.record(*bodies)
+            of.journaled_seq = seq
+            self.meta.put_local(dataclasses.replace(of.base_node, nlink=self.meta.nlink(of.id)))
+            return seq
 
-    def defer_rename(self, op: Op, what: str, parents: tuple[UUID, UUID],
-                     frees: tuple[UUID, str] | None = None) -> None:
-        self.renames.append(PendingRename(op, what, parents, time.monotonic(), frees))
+    def wait(self, seq: int, *, server: bool = False, timeout: float | None = None) -> bool:
+        """Until record ``seq`` is on disk (and on the server too, with ``server``)."""
+        self.journal.wait_durable(seq)
+        return not server or self.uploader.wait(seq, timeout)
 
-    def freed(self, parent: UUID, name: str) -> PendingRename | None:
-        """(Under the lock.) The unsent unlink of an open file that freed this name."""
-        return next((r for r in self.renames if r.frees == (parent, name)), None)
+    def change_attrs(self, node: Node, change) -> Node:
+        """(Under the lock.) An attribute change of an inode whose open-file state, if
+        any, holds nothing the journal does not: a record now, and the node on the
+        version the record makes (the cache's from now on)."""
+        attrs = node.attrs.evolve()
+        change(attrs)
+        attrs.ctime_ns = time.time_ns()
+        if node.is_dir:
+            self.record(records.attrs(node.id, None, attrs, attrs.ctime_ns))
+            new = Node(node.id, True, node.version, node.nlink, attrs)
+        else:
+            attrs.version = node.version + 1
+            self.record(records.attrs(node.id, node.version, attrs, attrs.ctime_ns))
+            new = Node(node.id, False, attrs.version, node.nlink, attrs)
+        self.meta.put_local(new)
+        return new
 
-    def due(self) -> bool:
-        oldest = min([p.since for p in list(self.attrs.values())] + [r.since for r in self.renames[:1]],
-                     default=None)
-        return oldest is not None and time.monotonic() - oldest >= DELAY
-
-    # ------------------------------------------------------------ sending
-    def send_renames(self) -> None:
-        if self.renames:
-            self.flush()
-
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> bool:
+        """Everything journaled so far is on the server (False: it stayed away)."""
         with self.lock:
-            self.apply([])
+            seq = self.record()
+        return self.uploader.wait(seq or self.journal.last_change, timeout)
 
-    def apply(self, ops: list[Op]) -> list[dict]:
-        """Apply ``ops`` in one transaction, preceded by everything waiting: renames,
-        creates of new files and attribute changes."""
+    # ------------------------------------------------------------ Policy (uploader)
+    def settled(self, done: int) -> None:
+        """(The uploader's thread.) Every record up to ``done`` is on the server (or
+        settled): the cache's overlay of them goes, and so do the states of closed
+        files whose last version they were."""
+        self.meta.settled(done)
         with self.lock:
-            creating = self.table.creating()
-            waiting = list(self.attrs.items())
-            moving = list(self.renames)
-            # Renames first: a file created since may reuse a name one of them frees
-            # (git's config.lock), and none of them can depend on a pending create
-            # (renames onto an open file are not deferred).
-            prefix = [r.op for r in moving]
-            prefix += [of.create_op() for of in creating]
-            prefix += [self.vault.op_setmeta(i, p.node.version, p.attrs.evolve(), at_ns=p.at_ns) for i, p in waiting]
-            if not prefix:
-                return self.vault.apply(ops) if ops else []
-            try:
-                results = self.vault.apply(prefix + ops)
-            except ServerError:
-                # Which op failed is unknown: settle the prefix on its own (it
-                # resolves its conflicts), then let the caller's ops fail or not.
-                self._one_by_one(creating, waiting, moving)
-                return self.vault.apply(ops) if ops else []
-            del self.renames[:len(moving)]
-            self._prefix_done(creating, waiting, results[len(moving):len(prefix)])
-            return results[len(prefix):]
+            for of in self.table.files():
+                if of.journaled_seq and of.journaled_seq <= done:
+                    of.sent_upto = max(of.sent_upto, of.journaled_seq)
+                    if of.handles == 0 and of.clean:
+                        self.table.drop(of)
 
-    def _prefix_done(self, creating: list[OpenFile], waiting: list, results: list[dict]) -> None:
-        for of in creating:
-            self.published(of)
-        for (inode, p), res in zip(waiting, results[len(creating):]):
-            if self.attrs.get(inode) is p:
-                del self.attrs[inode]
-            if not p.node.is_dir:      # (a directory's sealed state reached the cache from the vault)
-                self.meta.put_node(Node(inode, False, res["version"], p.node.nlink,
-                                        p.attrs.evolve(version=res["version"])))
+    def refused(self, record: Record, exc: ServerError) -> list[dict]:
+        body = record.body
+        t = body["t"]
+        with self.lock:
+            for inode in records.inodes_of(body):
+                self.meta.drop_local_node(inode)
+            if t == "create" and exc.code == "exists":
+                return [self._created_elsewhere(body)]
+            if t in ("commit", "attrs") and exc.code in ("conflict", "not_found"):
+                return self._changed_elsewhere(body, exc)
+            # A rename, link or removal another machine made impossible: theirs stands.
+            log.error("%s could not be saved on the server: %s; the server's names stand", records.describe(body), exc)
+            for key in ("parent", "sp", "dp", "ap", "bp"):
+                if key in body:
+                    self.meta.forget(UUID(body[key]))
+            for inode in records.inodes_of(body):
+                self.meta.forget(inode)
+            return []
 
-    def published(self, of: OpenFile) -> None:
-        """A new file's create went through: the cache learns its entry."""
-        parent, name = of.pending.parent, of.pending.name
-        of.created()
-        self.meta.set_entry(parent, name, Node(of.id, False, 1, 1, of.attrs.evolve(size=0, manifest_digest=None)))
+    def _created_elsewhere(self, body: dict) -> dict:
+        """Another machine created the same name first: theirs keeps it, ours is saved
+        beside it (later records naming ours by that name are refused, not applied
+        to theirs: every removal and rename says which inode it means)."""
+        parent, taken = UUID(body["parent"]), body["name"]
+        renamed = conflict_name(taken, self.hostname)
+        log.warning("conflict: %s was created elsewhere too; this one was saved as %s", taken, renamed)
+        self.meta.drop_local(parent, taken)
+        of = self.table.get(UUID(body["inode"]))
+        if of is not None and of.last_path:
+            of.last_path = of.last_path.rsplit("/", 1)[0] + "/" + renamed
+        return body | {"name": renamed}
 
-    def create_or_rename(self, of: OpenFile) -> None:
-        """Publish a new file. If another client took the name meanwhile, theirs
-        keeps it and ours becomes a conflict copy beside it: neither is lost."""
+    def _changed_elsewhere(self, body: dict, exc: ServerError) -> list[dict]:
+        """A file changed (or deleted) elsewhere since this mount saw it: theirs keeps
+        the name, this mount's latest version is saved beside it as a conflict copy,
+        and this mount's other unsent changes of it go with that copy."""
+        inode = UUID(body["inode"])
+        of = self.table.get(inode)
+        if body["t"] == "attrs" and of is None:
+            return self._attrs_on_theirs(body, inode, exc)
+        if of is None:
+            log.error("conflict: inode %s changed elsewhere and its unsent version is not here any more: "
+                      "the server's version stands", inode)
+            return []
+        self.uploader.discard(inode)          # its other unsent versions: the copy has the latest
+        return self.conflicts.save_copy(of, exc) if self.conflicts is not None else []
+
+    def _attrs_on_theirs(self, body: dict, inode: UUID, exc: ServerError) -> list[dict]:
+        """Attribute changes of a closed file changed elsewhere: made again on theirs."""
         try:
-            self.vault.apply([of.create_op()])
-        except ServerError as exc:
-            if exc.code != "exists":
-                log.error("could not create %s on the server: %s", of.last_path or of.id, exc)
-                raise
-            taken = of.pending.name
-            self.meta.set_entry(of.pending.parent, taken, None)
-            self.meta.forget(of.pending.parent)
-            of.pending.name = conflict_name(taken, self.hostname)
-            self.vault.apply([of.create_op()])
-            log.warning("conflict: %s was created elsewhere too; this one was saved as %s",
-                        taken, of.pending.name)
-        self.published(of)
+            node = self.meta.node(inode, fresh=True)
+        except ServerError:
+            log.error("attribute change of inode %s lost: %s", inode, exc)
+            return []
+        ours = Attrs.from_doc(body["attrs"])
+        attrs = node.attrs.evolve(mode=ours.mode, uid=ours.uid, gid=ours.gid, atime_ns=ours.atime_ns,
+                                  mtime_ns=ours.mtime_ns, ctime_ns=ours.ctime_ns)
+        attrs.xattrs = dict(ours.xattrs)
+        attrs.version = node.version + 1
+        self.meta.put_node(Node(inode, False, attrs.version, node.nlink, attrs))
+        return [records.attrs(inode, node.version, attrs, body.get("at", attrs.ctime_ns))]
 
-    def _one_by_one(self, creating: list[OpenFile], waiting: list, moving: list[PendingRename]) -> None:
-        for r in moving:
-            try:
-                self.vault.apply([r.op])
-            except ServerError as exc:
-                # Refused (changed elsewhere meanwhile): the server's names stand.
-                log.error("%s could not be saved on the server: %s", r.what, exc)
-                for d in r.parents:
-                    self.meta.forget(d)
-            self.renames.remove(r)
-        for of in creating:
-            if of.pending is not None:
-                self.create_or_rename(of)
-        for inode, p in waiting:
-            for attempt in range(3):
-                try:
-                    res = self.vault.apply([self.vault.op_setmeta(inode, p.node.version, p.attrs.evolve(),
-                                                                  at_ns=p.at_ns)])[0]
-                except ServerError as exc:
-                    if exc.code == "conflict" and attempt < 2:
-                        # Changed elsewhere meanwhile: replay our changes on theirs.
-                        p.node = self.meta.node(inode, fresh=True)
-                        p.attrs = p.node.attrs.evolve()
-                        for change in p.changes:
-                            change(p.attrs)
-                        continue
-                    log.error("attribute change of inode %s lost: %s", inode, exc)
-                    self.attrs.pop(inode, None)
-                    self.meta.forget(inode)
-                    break
-                self._prefix_done([], [(inode, p)], [res])
-                break
+
+class ConflictSaver(Protocol):
+    """(conflicts.py) Saves an open file's unsent version as a conflict copy."""
+
+    def save_copy(self, of: OpenFile, exc: ServerError) -> list[dict]:
+        """The records that create the copy; ``of`` follows the server's version."""
