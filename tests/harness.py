@@ -108,8 +108,16 @@ class Mount:
         with open("/proc/mounts") as f:
             return any(line.split()[1] == target for line in f)
 
-    def unmount(self) -> subprocess.CompletedProcess:
-        return self._mount_py("--unmount", str(self.path))
+    def unmount(self, *extra: str) -> subprocess.CompletedProcess:
+        return self._mount_py("--unmount", str(self.path), *extra)
+
+    def settle(self, timeout: float = 120) -> None:
+        """Until the server has everything written so far (close() returns once the
+        write-back journal has it)."""
+        self._mount_py("--wait", str(self.path), timeout=timeout)
+
+    def status(self) -> str:
+        return self._mount_py("--status", str(self.path)).stdout
 
     def kill(self) -> None:
         """SIGKILL the daemon, leaving a dead mount behind (as a crash would)."""
