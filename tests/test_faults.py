@@ -91,7 +91,9 @@ def wait_for_growth(srv, base: int, busy: Bg | subprocess.Popen, timeout: float 
 def test_server_killed_mid_upload_through_the_mount(make_server, make_machine, make_mount, tmp_path):
     srv = make_server()
     owner = make_machine(srv).register()
-    mnt = make_mount(owner, "--retry-seconds", "10")    # EIO 10 s into the outage, not 60
+    # --sync: close() waits for the server, so the writer is told (EIO) 10 s into the
+    # outage; without it the journal takes the file (tests/test_mount_journal.py).
+    mnt = make_mount(owner, "--sync", "--retry-seconds", "10")
     target = mnt.path / "big.bin"
 
     def write_version(n_mib: int, seed: int) -> str:
@@ -284,26 +286,26 @@ def test_mount_killed_while_writing(make_server, make_machine, make_mount, tmp_p
         os.stat(mnt.path)
     assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), dead.value
 
-    # every file whose close() succeeded is on the server, complete
-    _, vault = observer(make_machine, srv, owner)
-    remote = {n: node for n, node in vault.listdir(vault.root)}
-    for name, sha in snapshot.items():
-        assert name in remote, f"{name} was closed before the kill but is not on the server"
-        assert remote_sha(vault, "/" + name, tmp_path) == sha, f"{name} is not what was written"
-    # at most the file being written at the kill is extra, and it is empty or complete, never torn
-    extra = set(remote) - set(snapshot)
-    assert extra <= set(in_flight), (extra, in_flight)
-    for name in extra:
-        if remote[name].attrs.size:
-            assert remote_sha(vault, "/" + name, tmp_path) == in_flight[name], f"{name} is torn"
-
-    # mount.py --unmount cleans up the dead mount; a fresh mount at the same place works
+    # mount.py --unmount cleans up the dead mount; a fresh mount at the same place sends
+    # what the killed one had journaled before it serves anything
     done = mnt.unmount()
     assert done.returncode == 0, done.stderr
     assert not mnt.is_mounted()
     again = Mount(owner, mnt.path, [])
     try:
         again.start()
+        # every file whose close() succeeded is on the server, complete
+        _, vault = observer(make_machine, srv, owner)
+        remote = {n: node for n, node in vault.listdir(vault.root)}
+        for name, sha in snapshot.items():
+            assert name in remote, f"{name} was closed before the kill but is not on the server"
+            assert remote_sha(vault, "/" + name, tmp_path) == sha, f"{name} is not what was written"
+        # at most the file being written at the kill is extra, and it is empty or complete, never torn
+        extra = set(remote) - set(snapshot)
+        assert extra <= set(in_flight), (extra, in_flight)
+        for name in extra:
+            if remote[name].attrs.size:
+                assert remote_sha(vault, "/" + name, tmp_path) == in_flight[name], f"{name} is torn"
         names = io(lambda: sorted(os.listdir(again.path)))
         assert set(snapshot) <= set(names)
         first = sorted(snapshot)[0]
@@ -326,7 +328,8 @@ def test_server_disk_full(make_machine, make_mount, tmp_path_factory, tmp_path):
         try:
             srv.start()
             owner = make_machine(srv).register()
-            mnt = make_mount(owner, "--retry-seconds", "10")
+            # --sync: close() and fsync() report ENOSPC from the server
+            mnt = make_mount(owner, "--sync", "--retry-seconds", "10")
             p = mnt.path
             keep1 = io(lambda: sha256_bytes(_write_pattern_file(p / "keep1.bin", 6, seed=10)), 60, "writing keep1", mnt)
             local = tmp_path / "local"

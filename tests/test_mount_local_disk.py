@@ -235,6 +235,7 @@ def test_the_largest_file_is_a_sparse_file_the_server_takes(d, ctx):
     with pytest.raises(OSError) as ei:
         os.truncate(f, MAX_FILE_SIZE + 1)
     assert ei.value.errno == errno.EFBIG
+    ctx.m.settle()
     other = ctx.mounts.mount(ctx.machine)
     g = other.path / d.name / "big"
     assert os.stat(g).st_size == MAX_FILE_SIZE
