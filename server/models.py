@@ -374,7 +374,7 @@ class BlobUrlsResponse(BaseModel):
 # docs/FORMAT.md §8: the record and note are the client's ciphertext; the server keeps
 # them with a copy of the linked version's manifest and chunks.
 MAX_LINK_RECORD_B64 = 8 * 1024
-MAX_LINK_NOTE_B64 = 4 * 1024
+MAX_LINK_NOTE_B64 = 8 * 1024           # a path of up to PATH_MAX
 MAX_LINK_SECONDS = 10 * 365 * 86400
 LinkId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{22}$")]     # 16 bytes, base64url
 

@@ -535,7 +535,8 @@ def cmd_link(args, state: LocalState) -> None:
         return
     _check_remote(args.path)
     password = _check_password(read_password(args, "Link password: ", confirm=True)) if args.with_password else None
-    url = links.create(vault, _find(vault, state, args.path)[1], expires_in=expires, password=password)
+    node, remote = _find(vault, state, args.path)
+    url = links.create(vault, node, remote, expires_in=expires, password=password)
     vault.ledger.flush()
     print(url)
 

@@ -36,14 +36,14 @@ from .linkformat import (
     unlock_record,
 )
 from .transfer import IN_FLIGHT, check_download_target, ordered, save_atomically
-from .vault import Vault, split_path
+from .vault import Node, Vault, split_path
 
 # ---------------------------------------------------------------- the owner's side
 
 
-def create(vault: Vault, path: str, *, expires_in: int | None = None, password: str | None = None) -> LinkUrl:
-    """A link to the file at ``path`` as it is now."""
-    node = vault.resolve(path)
+def create(vault: Vault, node: Node, path: str, *, expires_in: int | None = None,
+           password: str | None = None) -> LinkUrl:
+    """A link to ``node``, the file at ``path``, as it is now."""
     if not node.attrs.is_reg:
         raise ZkfsError(f"{path}: only a file can be linked (not a folder, symlink or device)")
     parts = split_path(path)
