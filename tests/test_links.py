@@ -209,6 +209,12 @@ def test_link_and_fetch_say_what_is_wrong_in_one_line(owner, shared_server, tmp_
     folder.mkdir()
     fetch(stranger, url, "-o", str(folder))
     assert (folder / "empty.txt").read_bytes() == b""
+    # the name comes from the link's maker: it replaces no file of the fetcher's unless told to
+    (folder / "empty.txt").write_bytes(b"mine")
+    assert_cli_error(fetch(stranger, url, "-o", str(folder), check=False), "exists: not replacing it")
+    assert (folder / "empty.txt").read_bytes() == b"mine"
+    fetch(stranger, url, "-o", str(folder / "empty.txt"))
+    assert (folder / "empty.txt").read_bytes() == b""
     text = str(url)
     assert_cli_error(fetch(stranger, text.split("#")[0], check=False), "no key after '#'")
     assert_cli_error(fetch(stranger, text[:-4], check=False), "cut off or mistyped")

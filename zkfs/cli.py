@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("fetch", parents=[common], help=(
         "download and verify what a link points to (no account needed)"))
     sp.add_argument("url", help="the link: https://SERVER/s/ID#KEY (quote it in the shell)")
-    sp.add_argument("-o", "--output", help="file or folder (default: the linked name, here)")
+    sp.add_argument("-o", "--output", help=(
+        "file or folder (default: the linked name, here; an existing file is replaced only if named here)"))
     sp.add_argument("--password-stdin", action="store_true", help="read the link's password from standard input")
     sp.set_defaults(func=cmd_fetch)
 

@@ -136,8 +136,10 @@ def fetch(url: LinkUrl, output: Path | None, password: Callable[[], str], *, ins
     api = ApiClient(url.server, insecure_http=insecure_http)
     try:
         file = open_link(api, url, password)
-        dest = (output or Path(".")) / file.name if output is None or output.is_dir() else output
-        check_download_target(dest)
+        # The name is the link maker's: it may replace a file only if the fetcher named it.
+        named = output is not None and not output.is_dir()
+        dest = output if named else (output or Path(".")) / file.name
+        check_download_target(dest, replace=named)
         cipher = BinaryFernet(file.key)
         manifest = _manifest(api, url, file, cipher)
         track = progress(file) if progress else None
@@ -156,7 +158,7 @@ def fetch(url: LinkUrl, output: Path | None, password: Callable[[], str], *, ins
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             jobs = (lambda i=i: chunk(i) for i in range(len(manifest.chunks)))
             sha = save_atomically(dest, ordered(pool, jobs, IN_FLIGHT * 2), 0o666 & ~umask,
-                                  (file.mtime_ns, file.mtime_ns), track)
+                                  (file.mtime_ns, file.mtime_ns), track, replace=named)
         return dest, sha
     finally:
         api.close()

@@ -202,10 +202,11 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
 
 
 def save_atomically(dest: Path, pieces: Iterable[bytes], mode: int, times_ns: tuple[int, int],
-                    progress=None) -> str:
+                    progress=None, *, replace: bool = True) -> str:
     """Write ``pieces`` to ``dest`` through a temp file renamed over it once all of them
     arrived (and reached the disk), so a failure on the way (an integrity error, a lost
-    connection, Ctrl-C) leaves nothing, not half a file. Returns the sha256."""
+    connection, Ctrl-C) leaves nothing, not half a file (``replace``: see
+    ``check_download_target``). Returns the sha256."""
     sha = hashlib.sha256()
     tmp = dest.with_name(f".{dest.name}.zkfs-partial")
     tmp.unlink(missing_ok=True)     # a stale one from a killed run; never write through a link
@@ -221,7 +222,7 @@ def save_atomically(dest: Path, pieces: Iterable[bytes], mode: int, times_ns: tu
             os.fsync(out.fileno())
         os.chmod(tmp, mode)
         os.utime(tmp, ns=times_ns)
-        check_download_target(dest)         # again: the download may have taken a while
+        check_download_target(dest, replace)      # again: the download may have taken a while
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -229,13 +230,15 @@ def save_atomically(dest: Path, pieces: Iterable[bytes], mode: int, times_ns: tu
     return sha.hexdigest()
 
 
-def check_download_target(dest: Path) -> None:
+def check_download_target(dest: Path, replace: bool = True) -> None:
     """Replace only a regular file: os.replace would swap a device (/dev/null), a
-    FIFO or a symlink for a plain file."""
+    FIFO or a symlink for a plain file; and nothing at all unless ``replace``."""
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
         return
+    if not replace:
+        raise ZkfsError(f"{dest} exists: not replacing it (name it with -o to replace it)")
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFile(f"{dest} exists and is {kind_of(dest)}, not a regular file: not replacing it")
 
