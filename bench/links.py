@@ -23,45 +23,18 @@ import argparse
 import hashlib
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from zkbench.localzkfs import client, local_server, register
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-PASSWORD = "bench password 123"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def client(home: Path, *args: str, stdin: str = "") -> tuple[float, int, str]:
-    """Run client.py; (seconds, peak RSS of that process in bytes, stdout)."""
-    env = {**os.environ, "ZKFS_HOME": str(home), "PYTHONPATH": str(REPO)}
-    (home / ".stdin").write_text(stdin)
-    with open(home / ".stdin") as i, open(home / ".stdout", "w+") as o, open(home / ".stderr", "w+") as e:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "client.py"), *args], env=env, cwd=home,
-                                stdin=i, stdout=o, stderr=e)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        o.seek(0)
-        e.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"client.py {' '.join(args)} failed: {e.read().strip()}")
-        return seconds, usage.ru_maxrss * 1024, o.read()
 
 
 def sha256(path: Path) -> str:
@@ -134,25 +107,11 @@ def browser_run(browser, url: str, size: int, want_sha: str) -> dict:
 def run(args) -> None:
     from playwright.sync_api import sync_playwright
     work = Path(tempfile.mkdtemp(prefix="zkfs-linkbench-", dir=args.workdir))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ZKFS_LINK_FETCHES_PER_MINUTE": "1000000"}
-    server = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(work / "server"),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        home = work / "home"
-        home.mkdir()
-        client(home, "register", "bench", "--server", base, "--password-stdin", stdin=PASSWORD + "\n")
-        rows = []
-        for size_mib in args.sizes:
-            rows.append(measure(home, work, size_mib, args.runs, sync_playwright))
+        with local_server(work / "server", {"ZKFS_LINK_FETCHES_PER_MINUTE": "1000000"}) as (_server, url):
+            home = work / "home"
+            register(home, url)
+            rows = [measure(home, work, size_mib, args.runs, sync_playwright) for size_mib in args.sizes]
         print(f"\n{args.runs} runs per size, medians (MB/s) and the highest peaks (MiB):")
         print("| file | upload | `fetch` MB/s | `fetch` peak RSS | page MB/s | tab renderer peak (ready) "
               "| browser process peak | page V8 heap peak |")
@@ -162,8 +121,6 @@ def run(args) -> None:
                   f"| {r['page_mbps']:.0f} | {r['renderer_peak']:.0f} ({r['renderer_ready']:.0f}) "
                   f"| {r['browser_peak']:.0f} | {r['js_heap']:.1f} |")
     finally:
-        server.terminate()
-        server.wait(30)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
