@@ -6,6 +6,7 @@ saved file's SHA-256 is checked. Every request the browser made is checked for t
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ class Visit:
         with self.page.expect_download(timeout=timeout_s * 1000) as started:
             self.page.click("#save")
         download = started.value
+        self.download_url = download.url
         failure = download.failure()            # waits until it finished or failed
         if failure is None:
             download.save_as(dest)
@@ -101,6 +103,9 @@ def test_the_page_saves_a_300_mb_file_it_decrypted(browser, owner, shared_server
         saved = tmp_path / "saved.mp4"
         assert visit.download(saved) is None
         assert sha256_file(saved) == src_sha
+        # streamed to disk by the service worker (not the in-memory fallback's blob: URL)
+        assert re.fullmatch(rf"{shared_server.url}/s/static/dl/[0-9a-f]{{32}}", visit.download_url), \
+            visit.download_url
         assert "verified" in visit.page.inner_text("#done")
         assert sum("/blobs/" in r.url for r in visit.requests) == 287     # every chunk, once
         assert_key_never_sent(visit, shared_server, url)
