@@ -352,3 +352,27 @@ def test_making_a_link_sends_the_server_no_key(owner, shared_server, lying_proxy
         assert not any(f in seen for f in forms), req.path
     digest = hashlib.sha256(url.secret).hexdigest().encode()
     assert digest not in shared_server.log_path.read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_revocation_and_the_sweep_on_postgresql_and_s3(server, make_machine, tmp_path):
+    """What sqlite and a folder do above, on PostgreSQL + S3 (the copies made with
+    CopyObject): a revoked link and a swept expired one leave no object and no charge."""
+    from server.maintenance import expire
+    m = make_machine(server).register()
+    src = write_random(tmp_path / "deck.pdf", 2 * 1024 * 1024 + 3)
+    assert_ok(m.run("upload", str(src)))
+    uid = UUID(user_id(m))
+    before, objects = used_bytes(m), set(server.stored_objects(uid))
+    kept = make_link(m, "/deck.pdf")
+    expiring = make_link(m, "/deck.pdf", "--expires", "1s")
+    assert len(set(server.stored_objects(uid)) - objects) == 6          # each link's own 3 chunks
+    stranger = Machine(tmp_path / "stranger", "http://unused")
+    fetch(stranger, kept, "-o", str(tmp_path / "got.pdf"))
+    assert sha256_file(tmp_path / "got.pdf") == sha256_file(src)
+    assert_ok(m.run("link", "--revoke", str(kept)))
+    assert anonymous(kept, "record").status_code == 410
+    time.sleep(1.2)
+    assert anonymous(expiring, "record").status_code == 410
+    expire(server.metadata(), server.blob_store())
+    assert set(server.stored_objects(uid)) == objects and used_bytes(m) == before
