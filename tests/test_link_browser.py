@@ -107,6 +107,7 @@ def test_the_page_saves_a_300_mb_file_it_decrypted(browser, owner, shared_server
         assert re.fullmatch(rf"{shared_server.url}/s/static/dl/[0-9a-f]{{32}}", visit.download_url), \
             visit.download_url
         assert "verified" in visit.page.inner_text("#done")
+        assert visit.page.eval_on_selector("#progress", "bar => [bar.value, bar.max]") == [300_000_000] * 2
         assert sum("/blobs/" in r.url for r in visit.requests) == 287     # every chunk, once
         assert_key_never_sent(visit, shared_server, url)
     finally:
