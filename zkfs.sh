@@ -46,6 +46,24 @@ setup() {
         "$PY" -m pip install -q -e ".[scale,test,bench]"
         echo "$want" > "$stamp"
     fi
+    web_setup
+}
+
+# The link page's npm dependencies (hash-wasm's Argon2id, for links with a password),
+# from the npm registry into server/web/node_modules, where the server serves them from.
+web_setup() {
+    local web="$ROOT/server/web" want
+    want=$(sha256sum "$web/package-lock.json" | cut -d' ' -f1)
+    [ "$(cat "$web/node_modules/.zkfs-installed" 2>/dev/null)" = "$want" ] && return 0
+    command -v npm >/dev/null || apt_install npm
+    say "installing the link page's npm packages"
+    (cd "$web" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$want" > "$web/node_modules/.zkfs-installed"
+}
+
+# What only the tests need: Debian's Chromium, driven by Playwright (never its own browser).
+test_setup() {
+    apt_install chromium
 }
 
 server_up() {
@@ -108,7 +126,7 @@ case "$cmd" in
     up) up "$@" ;;
     down) down "$@" ;;
     setup) setup ;;
-    test) setup; exec "$PY" -m pytest "$@" ;;
+    test) setup; test_setup; exec "$PY" -m pytest "$@" ;;
     bench) setup; apt_install rclone gocryptfs; exec "$PY" bench/run.py "$@" ;;
     -h|--help|help) sed -n '2,13p' "$0" ;;
     *) up "$cmd" "$@" ;;

@@ -13,25 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil
+from zkbench.localzkfs import PASSWORD, client, local_server, register
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-PASSWORD = "bench password 123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss(proc: psutil.Process, stop: threading.Event, out: list[int]) -> None:
@@ -40,24 +29,6 @@ def peak_rss(proc: psutil.Process, stop: threading.Event, out: list[int]) -> Non
             out[0] = max(out[0], proc.memory_info().rss)
         except psutil.Error:
             return
-
-
-def client(home: Path, *args: str, stdin: str = "") -> tuple[float, int, str]:
-    """Run client.py; (seconds, peak RSS of that process in bytes, stdout)."""
-    env = {**os.environ, "ZKFS_HOME": str(home), "PYTHONPATH": str(REPO)}
-    (home / ".stdin").write_text(stdin)
-    with open(home / ".stdin") as i, open(home / ".stdout", "w+") as o, open(home / ".stderr", "w+") as e:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "client.py"), *args], env=env, cwd=home,
-                                stdin=i, stdout=o, stderr=e)
-        _, status, usage = os.wait4(proc.pid, 0)      # this child's own rusage: its peak RSS
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        o.seek(0)
-        e.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"client.py {' '.join(args)} failed: {e.read().strip()}")
-        return seconds, usage.ru_maxrss * 1024, o.read()
 
 
 def make_tree(root: Path, files: int, size: int) -> None:
@@ -76,40 +47,27 @@ def make_tree(root: Path, files: int, size: int) -> None:
 
 def run(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="zkfs-rotbench-", dir=args.workdir))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(work / "server"),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        home = work / "home"
-        home.mkdir()
-        client(home, "register", "bench", "--server", url, "--password-stdin", stdin=PASSWORD + "\n")
-        make_tree(work / "tree", args.files, args.size_mib * MiB)
-        up = client(home, "upload", "-r", str(work / "tree"))[0]
-        srv = psutil.Process(server.pid)
-        results = {}
-        for label, extra in (("rotate-key", ()), ("rotate-key --full", ("--full",))):
-            stop, server_peak = threading.Event(), [0]
-            poller = threading.Thread(target=peak_rss, args=(srv, stop, server_peak))
-            poller.start()
-            seconds, rss, out = client(home, "rotate-key", "--password-stdin", *extra, stdin=PASSWORD + "\n")
-            stop.set()
-            poller.join()
-            results[label] = (seconds, rss, server_peak[0], out.strip())
+        with local_server(work / "server") as (server, url):
+            home = work / "home"
+            register(home, url)
+            make_tree(work / "tree", args.files, args.size_mib * MiB)
+            up = client(home, "upload", "-r", str(work / "tree"))[0]
+            srv = psutil.Process(server.pid)
+            results = {}
+            for label, extra in (("rotate-key", ()), ("rotate-key --full", ("--full",))):
+                stop, server_peak = threading.Event(), [0]
+                poller = threading.Thread(target=peak_rss, args=(srv, stop, server_peak))
+                poller.start()
+                seconds, rss, out = client(home, "rotate-key", "--password-stdin", *extra, stdin=PASSWORD + "\n")
+                stop.set()
+                poller.join()
+                results[label] = (seconds, rss, server_peak[0], out.strip())
         print(f"tree: {args.files} files, {args.size_mib} MiB; upload -r: {up:.1f} s")
         for label, (seconds, rss, srv_rss, out) in results.items():
             print(f"{label:18} {seconds:7.1f} s   client peak RSS {rss / MiB:6.0f} MiB   "
                   f"server peak RSS {srv_rss / MiB:6.0f} MiB   ({out})")
     finally:
-        server.terminate()
-        server.wait(30)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -17,8 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from . import auth, errors, maintenance
 from .config import CLEANUP_INTERVAL, Settings
 from .db import MetadataStore
+from .linklimit import LinkLimiter
+from .linkstore import LinkStore
 from .models import HealthResponse
-from .routers import accounts, blobs, fs, keys
+from .routers import accounts, blobs, fs, keys, links, public_links
 from .sqldb import open_database
 from .storage import open_blob_store
 
@@ -78,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.store = store
+    app.state.links = LinkStore(db)
+    app.state.link_limiter = LinkLimiter(settings.link_opens_per_minute, settings.link_fetches_per_minute)
     errors.install(app)
     app.add_middleware(errors.BodyLimitMiddleware, default=MAX_JSON_BYTES,
                        limits={f"{API_PREFIX}/fs/ops": MAX_OPS_JSON_BYTES},
@@ -86,8 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routers are included flat and the busiest first: a request is matched against
     # every route before its own, through each level of nesting (a sixth of the
     # server's time per chunk request when blobs came last under a nested router).
-    for router in (blobs.router, fs.router, keys.router, accounts.router):
+    for router in (blobs.router, fs.router, keys.router, accounts.router, links.router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(public_links.router)      # /s/<id>: links for anyone, no account
 
     @app.get(f"{API_PREFIX}/health", response_model=HealthResponse, tags=["health"])
     def health():

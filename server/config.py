@@ -50,6 +50,11 @@ LOGIN_MAX_PER_USER = 100
 LOGIN_MAX_PER_ADDR = 20
 REGISTRATION_WINDOW = 3600
 REGISTRATIONS_PER_ADDR = 20           # per hour and address (ZKFS_REGISTRATIONS_PER_HOUR)
+# Links for anyone (server/linklimit.py), per client address and API node: openings (the
+# page, the record) and answers for unknown or ended links, and requests for a link's
+# manifest and chunks (1 MiB each: 6,000 a minute is 100 MiB/s).
+LINK_OPENS_PER_MINUTE = 60
+LINK_FETCHES_PER_MINUTE = 6000
 
 SECRET_VAR = "ZKFS_SECRET_KEY"
 _SECRET_RE = re.compile(rf"^\s*{SECRET_VAR}\s*=\s*([0-9a-fA-F]{{64}})\s*$", re.M)
@@ -68,6 +73,8 @@ _SOURCES = {
     "secret_file": ("ZKFS_SECRET_FILE", "secret_file"),
     "registrations_per_hour": ("ZKFS_REGISTRATIONS_PER_HOUR", "registrations_per_hour"),
     "direct_url_ttl": ("ZKFS_DIRECT_URL_TTL", "direct_url_ttl"),
+    "link_opens_per_minute": ("ZKFS_LINK_OPENS_PER_MINUTE", "link_opens_per_minute"),
+    "link_fetches_per_minute": ("ZKFS_LINK_FETCHES_PER_MINUTE", "link_fetches_per_minute"),
 }
 FILE_KEYS = sorted(key for _env, key in _SOURCES.values())
 
@@ -130,6 +137,8 @@ class Settings:
     direct_url_ttl: int = DIRECT_URL_TTL
     registration: str = "open"
     registrations_per_hour: int = REGISTRATIONS_PER_ADDR
+    link_opens_per_minute: int = LINK_OPENS_PER_MINUTE
+    link_fetches_per_minute: int = LINK_FETCHES_PER_MINUTE
     trusted_proxies: tuple[str, ...] = ()
     config_file: str | None = None
     secret_file: str | None = None
@@ -190,6 +199,10 @@ class Settings:
             registration=registration,
             registrations_per_hour=_int("registrations_per_hour", pick("registrations_per_hour"))
             or REGISTRATIONS_PER_ADDR,
+            link_opens_per_minute=_int("link_opens_per_minute", pick("link_opens_per_minute"))
+            or LINK_OPENS_PER_MINUTE,
+            link_fetches_per_minute=_int("link_fetches_per_minute", pick("link_fetches_per_minute"))
+            or LINK_FETCHES_PER_MINUTE,
             direct_url_ttl=min(_int("direct_url_ttl", pick("direct_url_ttl")) or DIRECT_URL_TTL, DIRECT_URL_TTL),
             trusted_proxies=_proxies(pick("trusted_proxies")),
             config_file=str(config_file) if config_file else None,
@@ -213,6 +226,8 @@ class Settings:
             "ZKFS_REGISTRATION": self.registration,
             "ZKFS_REGISTRATIONS_PER_HOUR": str(self.registrations_per_hour),
             "ZKFS_DIRECT_URL_TTL": str(self.direct_url_ttl),
+            "ZKFS_LINK_OPENS_PER_MINUTE": str(self.link_opens_per_minute),
+            "ZKFS_LINK_FETCHES_PER_MINUTE": str(self.link_fetches_per_minute),
             "ZKFS_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
         }
         if self.data_dir is not None:

@@ -224,7 +224,7 @@ class MetadataStore:
         def run(c: Tx) -> None:
             c.lock_row("SELECT username FROM users WHERE id = ?", (uid,))
             for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones", "devices",
-                          "applied_batches"):
+                          "applied_batches", "links", "link_blobs"):
                 c.run(f"DELETE FROM {table} WHERE user_id = ?", (uid,))
             c.run("DELETE FROM users WHERE id = ?", (uid,))
         self._write(run)

@@ -8,6 +8,8 @@ from fastapi import Request
 
 from .config import Settings
 from .db import MetadataStore
+from .linklimit import LinkLimiter
+from .linkstore import LinkStore
 from .storage import BlobStore
 
 
@@ -21,3 +23,11 @@ async def get_db(request: Request) -> MetadataStore:
 
 async def get_store(request: Request) -> BlobStore:
     return request.app.state.store
+
+
+async def get_links(request: Request) -> LinkStore:
+    return request.app.state.links
+
+
+async def get_link_limiter(request: Request) -> LinkLimiter:
+    return request.app.state.link_limiter

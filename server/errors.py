@@ -100,6 +100,10 @@ def unavailable(detail: str = "the database is unavailable, try again") -> ApiEr
     return ApiError(503, "unavailable", detail, {"Retry-After": "1"})
 
 
+def gone(detail: str = "this link has expired or was revoked") -> ApiError:
+    return ApiError(410, "gone", detail)
+
+
 def too_large(detail: str = "body too large") -> ApiError:
     return ApiError(413, "too_large", detail)
 
@@ -115,7 +119,7 @@ def no_space(detail: str = "no space left") -> ApiError:
 
 _HTTP_CODES = {
     400: "invalid", 401: "token_invalid", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "invalid",
+    405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "too_large", 415: "invalid",
     416: "invalid_range", 422: "validation", 429: "throttled", 507: "no_space",
 }
 

@@ -1,4 +1,5 @@
-"""Start-up and periodic cleanup: temp files, stale staged blobs, old orphans.
+"""Start-up and periodic cleanup: temp files, stale staged blobs, old orphans,
+expired links.
 
 Safe with several API nodes running it at once: a staged blob is first claimed
 in the database (a commit no longer accepts it), then its object deleted, then
@@ -13,6 +14,7 @@ import time
 
 from .config import BATCH_RESULT_MAX_AGE, DIRECT_URL_TTL, ORPHAN_MAX_AGE, STAGED_MAX_AGE
 from .db import MetadataStore
+from .linkstore import LinkStore
 from .storage import BlobStore
 
 log = logging.getLogger("zkfs.server")
@@ -21,9 +23,9 @@ assert DIRECT_URL_TTL * 4 < STAGED_MAX_AGE
 
 
 def expire(db: MetadataStore, store: BlobStore, now: float | None = None) -> tuple[int, int]:
-    """Drop staged blobs older than STAGED_MAX_AGE and orphans older than ORPHAN_MAX_AGE
-    (metadata first, then the objects), and old batch answers. Returns (blobs, inodes)
-    removed."""
+    """Drop staged blobs older than STAGED_MAX_AGE, orphans older than ORPHAN_MAX_AGE and
+    the copies of links that expired (metadata first, then the objects), and old batch
+    answers. Returns (blobs, inodes) removed."""
     now = time.time() if now is None else now
     staged = db.claim_staged(now - STAGED_MAX_AGE)
     for user, inode, blob in staged:
@@ -35,8 +37,12 @@ def expire(db: MetadataStore, store: BlobStore, now: float | None = None) -> tup
     for user, inode, blobs in orphans:
         store.delete_blobs(user, inode, blobs)
         store.delete_inode(user, inode)
-    if staged or orphans:
-        log.info("cleanup: removed %d staged blob(s), %d orphan inode(s)", len(staged), len(orphans))
+    links = LinkStore(db).sweep(now)
+    for ended in links:
+        store.delete_inode(ended.user_id, ended.store_id)
+    if staged or orphans or links:
+        log.info("cleanup: removed %d staged blob(s), %d orphan inode(s), %d expired link(s)",
+                 len(staged), len(orphans), len(links))
     return len(staged), len(orphans)
 
 

@@ -172,10 +172,44 @@ CREATE TABLE IF NOT EXISTS applied_batches(
 CREATE INDEX IF NOT EXISTS applied_batches_at ON applied_batches(at);
 """
 
+# Version 4 (issue 16, links for anyone): a link serves one version of one file to anyone
+# with its URL. The server keeps the link's sealed record, a copy of that version's
+# manifest and its own copies of the chunks (objects <user>/<store_id>/<blob>, so the
+# file can change or go while the link serves what it was made of), charged to the owner;
+# an ended link (revoked, or expired and swept) keeps a row without them for 30 days.
+V4 = """
+CREATE TABLE IF NOT EXISTS links(
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    inode TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    store_id TEXT NOT NULL,
+    record TEXT,
+    manifest TEXT,
+    note TEXT,
+    charged BIGINT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION,
+    revoked_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS links_user ON links(user_id);
+CREATE INDEX IF NOT EXISTS links_expiring ON links(expires_at) WHERE record IS NOT NULL;
+CREATE TABLE IF NOT EXISTS link_blobs(
+    link_id TEXT NOT NULL,
+    blob_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    PRIMARY KEY(link_id, blob_id)
+);
+CREATE INDEX IF NOT EXISTS link_blobs_user ON link_blobs(user_id);
+"""
+
+
 MIGRATIONS: list[Callable[[Tx, str, LegacyKeys | None], None]] = [
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V1)],
     _v2,
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V3)],
+    lambda tx, kind, _keys: [tx.run(s) for s in _statements(V4)],
 ]
 LATEST = len(MIGRATIONS)
 

@@ -370,6 +370,44 @@ class BlobUrlsResponse(BaseModel):
     expires_in: int
 
 
+# ---------------------------------------------------------------- links for anyone
+# docs/FORMAT.md §8: the record and note are the client's ciphertext; the server keeps
+# them with a copy of the linked version's manifest and chunks.
+MAX_LINK_RECORD_B64 = 8 * 1024
+MAX_LINK_NOTE_B64 = 8 * 1024           # a path of up to PATH_MAX
+MAX_LINK_SECONDS = 10 * 365 * 86400
+LinkId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{22}$")]     # 16 bytes, base64url
+
+
+class LinkCreateRequest(Strict):
+    id: LinkId                      # chosen by the client: its key derivation binds it
+    inode: UUID
+    version: int = Field(ge=1)      # the file's current version: the one the link serves
+    record: Annotated[B64, Field(min_length=1, max_length=MAX_LINK_RECORD_B64)]
+    note: Annotated[B64, Field(max_length=MAX_LINK_NOTE_B64)]
+    expires_in: int | None = Field(default=None, ge=1, le=MAX_LINK_SECONDS)     # seconds; None: never
+
+
+class LinkOut(BaseModel):
+    id: str
+    inode: UUID
+    version: int
+    size: int                       # bytes it keeps on the server (charged to the owner)
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    active: bool                    # answers anyone with its URL now
+    note: str | None                # B64, the owner's sealed note
+
+
+class LinkListResponse(BaseModel):
+    links: list[LinkOut]
+
+
+class LinkRecordResponse(BaseModel):
+    record: str                     # B64 sealed record
+
+
 # ---------------------------------------------------------------- misc
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"

@@ -155,6 +155,15 @@ class S3BlobStore(BlobStore):
             raise not_found("blob not found") from None
         return obj["Body"].iter_chunks(_READ_CHUNK)
 
+    def copy_blob(self, user, inode, blob, to) -> None:
+        try:
+            self.s3.copy_object(Bucket=self.bucket, Key=self._key(user, to, blob),
+                                CopySource={"Bucket": self.bucket, "Key": self._key(user, inode, blob)})
+        except self.s3.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise not_found("blob not found") from None
+            raise
+
     def sizes(self, user, inode) -> dict[UUID, int]:
         start = f"{self.prefix}{_u(user)}/{_u(inode)}/"
         out = {}

@@ -83,6 +83,11 @@ class BlobStore(abc.ABC):
     def list_blobs(self, user: UUID | None = None) -> Iterator[tuple[UUID, UUID, UUID]]:
         """(user, inode, blob) of every stored chunk (of one user)."""
 
+    @abc.abstractmethod
+    def copy_blob(self, user: UUID, inode: UUID, blob: UUID, to: UUID) -> None:
+        """Copy a stored chunk to ``(user, to, blob)`` (a link's own copy, docs/FORMAT.md
+        §8), durable once ``sync_inode(user, to)`` returns; not_found if it is not there."""
+
     # -- direct transfers
     def presign_put(self, user: UUID, inode: UUID, blob: UUID, size: int, ttl: int) -> str:
         raise NotImplementedError
@@ -271,6 +276,34 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError:
             raise not_found("blob not found") from None
         return _RangeReader(f, start, end)
+
+    def copy_blob(self, user, inode, blob, to) -> None:
+        src, dst = self._path(user, inode, blob), self._path(user, to, blob)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)         # chunks are immutable: a second name costs no space
+        except FileNotFoundError:
+            raise not_found("blob not found") from None
+        except FileExistsError:
+            pass                      # a retry: the same immutable bytes
+        except OSError:               # no hard links here: a real copy, then the rename
+            tmp, fd = self._open_tmp(dst)
+            try:
+                try:
+                    with open(src, "rb") as f:
+                        while data := f.read(_READ_CHUNK):
+                            _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, dst)
+            except BaseException as e:
+                _unlink(tmp)
+                if isinstance(e, FileNotFoundError):
+                    raise not_found("blob not found") from None
+                if isinstance(e, OSError):
+                    raise _as_no_space(e) from None
+                raise
 
     def sizes(self, user, inode) -> dict[UUID, int]:
         out = {}

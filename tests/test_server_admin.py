@@ -186,3 +186,24 @@ def test_an_old_data_dir_is_upgraded_and_an_unknown_schema_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(data), "--port", "1"], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert "newer than this server knows" in one_error_line(proc)
+
+
+def test_a_schema_at_version_3_gains_the_links_tables_and_keeps_its_batches(tmp_path):
+    # Links came as migration 4, after issue 14's applied_batches (3): a database a
+    # server at version 3 made must still get them, its batch answers untouched.
+    from server.migrations import MIGRATIONS, migrate, version
+    from server.sqldb import SqliteDatabase
+    db = SqliteDatabase(tmp_path / "app.db")
+
+    def make_v3(tx):
+        for step in MIGRATIONS[:3]:
+            step(tx, db.kind, None)
+        tx.run("CREATE TABLE schema_version(version INTEGER NOT NULL)")
+        tx.run("INSERT INTO schema_version(version) VALUES (3)")
+        tx.run("INSERT INTO applied_batches VALUES ('u', 'b', '{}', 0)")
+    db.transaction(make_v3)
+    assert version(db) == 3
+    assert migrate(db) == (3, 4)
+    assert db.all("SELECT batch_id, answer FROM applied_batches") == [("b", "{}")]
+    assert db.all("SELECT count(*) FROM links") == [(0,)] and db.all("SELECT count(*) FROM link_blobs") == [(0,)]
+    db.close()

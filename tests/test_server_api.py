@@ -18,6 +18,8 @@ import httpx
 import pytest
 from jose import jwt
 
+from server.config import ORPHAN_MAX_AGE, STAGED_MAX_AGE
+
 from apiuser import ApiUser as Account, b64, kdf, nh
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.backends]
@@ -801,8 +803,9 @@ def test_env_file_and_startup_cleanup(server):
     fdir = server.data_dir / "storage" / str(a.user_id) / str(f)
     tmp = fdir / f".{uuid.uuid4()}.abc.tmp"
     tmp.write_bytes(b"partial upload")
-    server.query("UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id = ?", str(staged_old))
-    server.query("UPDATE inodes SET orphan_since = orphan_since - 90000 WHERE id = ?", str(g))
+    server.query("UPDATE blobs SET created_at = created_at - ? WHERE blob_id = ?", STAGED_MAX_AGE + 60,
+                 str(staged_old))
+    server.query("UPDATE inodes SET orphan_since = orphan_since - ? WHERE id = ?", ORPHAN_MAX_AGE + 60, str(g))
     server.start()
     assert (server.data_dir / ".env").read_text() == secret        # secret kept
     a.login()                                                      # (tokens survive restarts too)

@@ -1,5 +1,6 @@
 """Zero knowledge: after a realistic session (register, upload files and folders,
-rename, passwd, rotate-key) no plaintext and no client secret appears anywhere
+rename, passwd, rotate-key, links for anyone made and fetched, with and without a
+password) no plaintext and no client secret appears anywhere
 the server keeps bytes: storage/, app.db (+ -wal/-shm), .env, and its log; on
 PostgreSQL + S3, a pg_dump of its database and every object of its bucket."""
 from __future__ import annotations
@@ -14,7 +15,9 @@ import httpx
 import pytest
 
 from clitools import assert_ok, config, keys_file, uploads
+from zkfs import crypto
 from zkfs.account import Keyring
+from zkfs.linkformat import LinkUrl, b64url, open_record
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.backends]
 
@@ -144,6 +147,18 @@ def test_server_learns_nothing(server, make_machine, tmp_path, backend, request)
     assert out.read_bytes() == random_content
     assert f"/{folder}/{nested}/{deep_name}" in uploads(m)
 
+    # ---- links for anyone: one plain, one with a password; both fetched with no account
+    link_password = f"Zk-LinkPass-{tag}-heron"
+    plain_link = LinkUrl.parse(m.run("link", f"/{folder}/{random_name}", "--expires", "7d").stdout.strip())
+    locked_link = LinkUrl.parse(m.run("link", f"/{folder}/{inline_name}", "--password", "--password-stdin",
+                                      input=link_password + "\n").stdout.strip())
+    fetched = tmp_path / "fetched.bin"
+    assert_ok(m.run("fetch", str(plain_link), "-o", str(fetched)))
+    assert fetched.read_bytes() == random_content
+    assert_ok(m.run("fetch", str(locked_link), "-o", str(tmp_path / "fetched.md"), "--password-stdin",
+                    input=link_password + "\n"))
+    assert "/" + random_name in m.run("link", "--list").stdout
+
     # ---- what must never reach the server
     needles: dict[str, set[bytes]] = {}
     for label, text in {
@@ -158,6 +173,18 @@ def test_server_learns_nothing(server, make_machine, tmp_path, backend, request)
         needles[label] = forms(marker, text=True) | b64_forms(marker * 4)
     for off in (0, 150_000, 300_000 - 48):
         needles[f"random content @{off}"] = forms(random_content[off:off + 48])
+    needles["link password"] = forms(link_password.encode(), text=True)
+    for label, link in {"plain link": plain_link, "password link": locked_link}.items():
+        record_key = crypto.link_record_key(link.secret, link.link_id)
+        secrets[f"{label}: secret"] = link.secret
+        secrets[f"{label}: record key"] = record_key
+        needles[f"{label}: secret in the URL's form"] = {b64url(link.secret).encode()}
+        needles[f"{label}: the URL"] = forms(str(link).encode(), text=True)
+    token = base64.b64decode(httpx.get(f"{server.url}/s/{b64url(locked_link.link_id)}/record").json()["record"])
+    kdf = open_record(locked_link.secret, locked_link.link_id, token).kdf
+    root = crypto.password_root(link_password, kdf)
+    secrets["password link: Argon2id root"] = root
+    secrets["password link: content key"] = crypto.link_content_key(locked_link.secret, locked_link.link_id, root)
     for label, key in secrets.items():
         needles[label] = forms(key)
 
@@ -172,6 +199,9 @@ def test_server_learns_nothing(server, make_machine, tmp_path, backend, request)
     # positive control: the scanner does see what the server legitimately stores
     control = scan(kept, {"username": {m.username.encode()}})
     assert control, "username not found anywhere: the scan is not reading the database"
+    assert scan(kept, {"link id": {str(UUID(bytes=plain_link.link_id)).encode()}}), "no link row was scanned"
+    assert scan(kept, {"link fetched": {f"/s/{b64url(plain_link.link_id)}/record".encode()}}), \
+        "the link's fetch is not in the scanned log"
 
     hits = scan(kept, needles)
     assert not hits, "\n".join(hits)

@@ -111,7 +111,7 @@ class ApiClient:
         except _TRANSPORT as exc:
             why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
                    else exc.__class__.__name__)
-            where = (f"the server at {self.base_url}" if url is None
+            where = (f"the server at {self.base_url}" if url is None or url.startswith(self.base_url + "/")
                      else f"the object store at {urlsplit(url).netloc}")
             raise Unreachable(f"cannot reach {where} ({why})") from None
         raise AssertionError("unreachable")
@@ -354,6 +354,44 @@ class ApiClient:
             if resp.status_code != 403 or attempt:
                 raise _store_error(resp, "download")
         raise AssertionError("unreachable")
+
+
+    # ------------------------------------------------------------ links for anyone
+    def create_link(self, body: dict) -> dict:
+        return self._json("POST", "/links", json=body, idempotent=False)
+
+    def list_links(self) -> list[dict]:
+        return self._json("GET", "/links")["links"]
+
+    def revoke_link(self, link_id: str) -> None:
+        self.request("DELETE", f"/links/{link_id}")
+
+    # The anonymous side (/s/<id>, outside the API): sent without any credentials.
+    def link_get(self, link_id: str, part: str) -> bytes:
+        """``GET /s/<id>/<part>`` (record, manifest, blobs/<blob>); a 429 waits its
+        Retry-After (up to LINK_THROTTLE_WAIT in all) and asks again."""
+        waited = 0.0
+        while True:
+            resp = self._send("GET", "", url=f"{self.base_url}/s/{link_id}/{part}", idempotent=True)
+            if resp.status_code == 429 and waited < LINK_THROTTLE_WAIT:
+                pause = min(_retry_after(resp), LINK_THROTTLE_WAIT - waited)
+                log.info("link requests throttled: waiting %.0f s", pause)
+                time.sleep(pause)
+                waited += pause
+                continue
+            if resp.status_code >= 400:
+                raise self._error(resp)
+            return resp.content
+
+
+LINK_THROTTLE_WAIT = 120.0
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return max(1.0, float(resp.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
 
 
 class _Coalescer:

@@ -15,11 +15,12 @@ import warnings
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from . import account, rotation
+from . import account, links, rotation
 from .api import ApiClient
 from .crypto import PasswordKeys
 from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
 from .format import MAX_NAME_BYTES, NameTooLong, encode_name
+from .linkformat import LinkUrl, parse_duration
 from .session import open_vault
 from .state import LocalState, VersionLedger
 from .transfer import (BatchPublisher, check_download_target, download_file, file_sha256, kind_of,
@@ -514,6 +515,79 @@ def cmd_df(args, state: LocalState) -> None:
     print(f"used {s['used_bytes']} bytes, free {s['free_bytes']} bytes, quota {quota}")
 
 
+# ---------------------------------------------------------------- links for anyone
+def cmd_link(args, state: LocalState) -> None:
+    if args.revoke or args.list:
+        if args.path or args.expires or args.with_password:
+            raise ZkfsError("--revoke and --list take no path, --expires or --password")
+    elif not args.path:
+        raise ZkfsError("give the file to link (or --list, or --revoke ID|URL)")
+    expires = _duration(args.expires) if args.expires else None
+    if args.revoke:
+        link_id = links.link_id_of(args.revoke)
+        vault = open_vault(state, insecure_http=args.insecure_http)
+        vault.api.revoke_link(link_id)
+        print(f"revoked {link_id}: it answers no one any more")
+        return
+    vault = open_vault(state, insecure_http=args.insecure_http)
+    if args.list:
+        _print_links(links.listing(vault))
+        return
+    _check_remote(args.path)
+    password = _check_password(read_password(args, "Link password: ", confirm=True)) if args.with_password else None
+    node, remote = _find(vault, state, args.path)
+    url = links.create(vault, node, remote, expires_in=expires, password=password)
+    vault.ledger.flush()
+    print(url)
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ZkfsError(f"--expires: {exc}") from None
+
+
+def _print_links(found: list) -> None:
+    for info in found:
+        if info.revoked_at is not None:
+            state = "revoked"
+        elif not info.active:
+            state = "expired"
+        elif info.expires_at is not None:
+            state = "expires " + time.strftime("%Y-%m-%d %H:%M", time.localtime(info.expires_at))
+        else:
+            state = "no expiry"
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
+        print(f"{info.id}  {made}  {state:<22} {info.path or '(note sealed under a retired key)'}")
+        if info.active and info.url:
+            print(f"    {info.url}")
+    if not found:
+        print("no links")
+
+
+def cmd_fetch(args, state: LocalState) -> None:
+    """No account, no state: everything comes from the URL."""
+    try:
+        url = LinkUrl.parse(args.url)
+    except ValueError as exc:
+        raise ZkfsError(str(exc)) from None
+    output = Path(args.output) if args.output else None
+    bars = []
+
+    def progress(file):
+        bars.append(_progress(file.size, file.name))
+        return bars[0].update
+
+    try:
+        dest, sha = links.fetch(url, output, lambda: read_password(args, "Link password: "),
+                                insecure_http=args.insecure_http, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"fetched {dest} ({dest.stat().st_size} bytes, sha256 {sha})")
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="client.py", description=(
@@ -580,6 +654,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("df", parents=[common], help="show used and free space")
     sp.set_defaults(func=cmd_df)
+
+    sp = sub.add_parser("link", parents=[common], help=(
+        "print a link for anyone to one file, as it is now (the key stays in the URL's #fragment, "
+        "never sent to the server); --list the links, --revoke one"))
+    sp.add_argument("path", nargs="?", help="remote path, or a name recorded by upload")
+    sp.add_argument("--expires", metavar="DURATION", help="e.g. 7d, 12h, 30m, 2w (default: never)")
+    sp.add_argument("--password", dest="with_password", action="store_true",
+                    help="also ask a password to open it (asked here, or one line of --password-stdin)")
+    sp.add_argument("--password-stdin", action="store_true", help="read the link's password from standard input")
+    sp.add_argument("--revoke", metavar="ID|URL", help="end a link now: it answers no one any more")
+    sp.add_argument("--list", action="store_true", help="this account's links, with their URLs")
+    sp.set_defaults(func=cmd_link)
+
+    sp = sub.add_parser("fetch", parents=[common], help=(
+        "download and verify what a link points to (no account needed)"))
+    sp.add_argument("url", help="the link: https://SERVER/s/ID#KEY (quote it in the shell)")
+    sp.add_argument("-o", "--output", help=(
+        "file or folder (default: the linked name, here; an existing file is replaced only if named here)"))
+    sp.add_argument("--password-stdin", action="store_true", help="read the link's password from standard input")
+    sp.set_defaults(func=cmd_fetch)
 
     sp = sub.add_parser("passwd", parents=[common], help="change the password (re-wraps one key, no file touched)")
     sp.add_argument("--password-stdin", action="store_true",

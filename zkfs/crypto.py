@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 KEY_BYTES = 32                       # a Fernet key: 16 signing + 16 AES-128
 _VERSION = b"\x80"
@@ -156,11 +156,16 @@ def _expand(root: bytes, label: bytes, length: int = KEY_BYTES) -> bytes:
     return HKDFExpand(algorithm=hashes.SHA256(), length=length, info=b"zkfs/v1/" + label).derive(root)
 
 
-def derive_password_keys(password: str, params: KdfParams) -> PasswordKeys:
-    root = Argon2id(
+def password_root(password: str, params: KdfParams) -> bytes:
+    """Argon2id(password) under ``params``: 32 bytes every password-derived key starts from."""
+    return Argon2id(
         salt=params.salt, length=32, iterations=params.iterations,
         lanes=params.lanes, memory_cost=params.memory_kib,
     ).derive(password.encode("utf-8"))
+
+
+def derive_password_keys(password: str, params: KdfParams) -> PasswordKeys:
+    root = password_root(password, params)
     return PasswordKeys(auth_key=_expand(root, b"auth"), kek=_expand(root, b"kek"),
                         check_key=_expand(root, b"kdf-check"))
 
@@ -174,6 +179,29 @@ def kdf_check(keys: PasswordKeys, username: str, params: KdfParams) -> bytes:
     msg = (b"zkfs/v1/kdf-check\0" + username.encode() + b"\0"
            + struct.pack(">III", params.memory_kib, params.iterations, params.lanes) + params.salt)
     return std_hmac.new(keys.check_key, msg, sha256).digest()
+
+
+# ---------------------------------------------------------------- links
+LINK_SECRET_BYTES = 16      # the URL fragment's secret: 128 bits, 22 characters of base64url
+
+
+def link_record_key(secret: bytes, link_id: bytes) -> bytes:
+    """Opens a link's record (FORMAT.md §8): from the fragment's secret alone, bound
+    to the link's id, so a record served under another link's id does not open."""
+    return _link_key(secret, b"link-record", link_id)
+
+
+def link_content_key(secret: bytes, link_id: bytes, root: bytes) -> bytes:
+    """Opens a password-protected link's content: the fragment's secret and the
+    password's Argon2id root (``password_root``) together, so neither alone opens it."""
+    return _link_key(secret + root, b"link-content", link_id)
+
+
+def _link_key(ikm: bytes, label: bytes, link_id: bytes) -> bytes:
+    # Extract-then-expand (RFC 5869) with an empty salt: WebCrypto's HKDF computes
+    # the same, which is how the browser page opens links.
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=b"",
+                info=b"zkfs/v1/" + label + b"\0" + link_id).derive(ikm)
 
 
 # ---------------------------------------------------------------- wrapping

@@ -193,25 +193,36 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     """Download ``node`` to ``dest`` via a temp file renamed at the end, so an
     interrupted or tampered download never leaves a partial file. Returns sha256."""
     manifest = vault.manifest(node)
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        jobs = (lambda i=i: vault.read_chunk(node.id, manifest, i) for i in range(len(manifest.chunks)))
+        # The permission bits only, as cp and tar do without -p: a file someone else
+        # wrote (or a server, with a stolen key) must not become a setuid program here.
+        return save_atomically(dest, ordered(pool, jobs, IN_FLIGHT * 2), stat.S_IMODE(node.attrs.mode) & 0o777,
+                               (node.attrs.atime_ns, node.attrs.mtime_ns), progress)
+
+
+def save_atomically(dest: Path, pieces: Iterable[bytes], mode: int, times_ns: tuple[int, int],
+                    progress=None, *, replace: bool = True) -> str:
+    """Write ``pieces`` to ``dest`` through a temp file renamed over it once all of them
+    arrived (and reached the disk), so a failure on the way (an integrity error, a lost
+    connection, Ctrl-C) leaves nothing, not half a file (``replace``: see
+    ``check_download_target``). Returns the sha256."""
     sha = hashlib.sha256()
     tmp = dest.with_name(f".{dest.name}.zkfs-partial")
     tmp.unlink(missing_ok=True)     # a stale one from a killed run; never write through a link
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(IN_FLIGHT) as pool:
-            jobs = (lambda i=i: vault.read_chunk(node.id, manifest, i) for i in range(len(manifest.chunks)))
-            for data in ordered(pool, jobs, IN_FLIGHT * 2):
+        with os.fdopen(fd, "wb") as out:
+            for data in pieces:
                 out.write(data)
                 sha.update(data)
                 if progress:
                     progress(len(data))
             out.flush()
             os.fsync(out.fileno())
-        # The permission bits only, as cp and tar do without -p: a file someone else
-        # wrote (or a server, with a stolen key) must not become a setuid program here.
-        os.chmod(tmp, stat.S_IMODE(node.attrs.mode) & 0o777)
-        os.utime(tmp, ns=(node.attrs.atime_ns, node.attrs.mtime_ns))
-        check_download_target(dest)         # again: the download may have taken a while
+        os.chmod(tmp, mode)
+        os.utime(tmp, ns=times_ns)
+        check_download_target(dest, replace)      # again: the download may have taken a while
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -219,13 +230,15 @@ def download_file(vault: Vault, node: Node, dest: Path, progress=None) -> str:
     return sha.hexdigest()
 
 
-def check_download_target(dest: Path) -> None:
+def check_download_target(dest: Path, replace: bool = True) -> None:
     """Replace only a regular file: os.replace would swap a device (/dev/null), a
-    FIFO or a symlink for a plain file."""
+    FIFO or a symlink for a plain file; and nothing at all unless ``replace``."""
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
         return
+    if not replace:
+        raise ZkfsError(f"{dest} exists: not replacing it (name it with -o to replace it)")
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFile(f"{dest} exists and is {kind_of(dest)}, not a regular file: not replacing it")
 

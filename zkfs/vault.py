@@ -241,13 +241,17 @@ class Vault:
             if held is not None and key_id in (None, held[1]):
                 self._file_keys.move_to_end(inode)
                 return held[0]
+        return self.remember_file_key(inode, self.file_key(inode, key_id))
+
+    def file_key(self, inode: UUID, key_id: bytes | None = None) -> bytes:
+        """A file's key, fetched and unwrapped (``key_id``: see ``file_cipher``)."""
         d = self.api.get_key(inode)
         if d["gen"] not in self.keyring.masters:
             self.refresh_keyring()       # re-wrapped by a rotate-key since we unlocked
         key = self.keyring.unwrap_file_key(inode, d["gen"], b64decode(d["wrapped_key"]))
         if key_id is not None and crypto.key_id(key) != key_id:
             raise TamperedError(f"the key of file {inode} is not the one its attributes name")
-        return self.remember_file_key(inode, key)
+        return key
 
     def remember_file_key(self, inode: UUID, key: bytes) -> BinaryFernet:
         """Cache ``key`` as the file's key (a new file's, or a re-encrypted one's)."""

@@ -18,6 +18,7 @@ from ..models import (AccountResponse, Error, KdfCheckRequest, KdfLookupResponse
                       NewMasterKeyRequest, PasswordChangeRequest, ReauthRequest, RegisterRequest,
                       RegisterResponse, TokenResponse, Username)
 from ..storage import BlobStore
+from .common import client_addr as _client_addr
 
 router = APIRouter(tags=["accounts"], responses={422: {"model": Error}})
 
@@ -32,12 +33,6 @@ def kdf_lookup(username: Annotated[Username, Query()], db: DbDep, settings: Sett
     if user is not None:
         return KdfLookupResponse(kdf=user.kdf)
     return KdfLookupResponse(kdf=decoy_kdf(settings, username.lower(), db.decoy_template()))
-
-
-def _client_addr(request: Request) -> str:
-    # The peer's address; X-Forwarded-For replaces it only from a configured proxy
-    # (uvicorn's forwarded_allow_ips, set from --trusted-proxy).
-    return request.client.host if request.client else "unknown"
 
 
 @router.post("/users", status_code=201, response_model=RegisterResponse,

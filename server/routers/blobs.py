@@ -15,6 +15,7 @@ from .. import errors as E
 from ..auth import CurrentUser
 from ..models import BlobUrl, BlobUrlsResponse, DownloadUrlsRequest, Error, UploadUrlsRequest
 from ..namespace import check_quota, quota_room
+from ..storage import BlobStore
 from .common import DbDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/blobs", tags=["blobs"],
@@ -23,7 +24,7 @@ router = APIRouter(prefix="/blobs", tags=["blobs"],
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
-class _Unsatisfiable(Exception):
+class Unsatisfiable(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.size = size
@@ -41,13 +42,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first:                       # suffix: last N bytes
         n = int(last)
         if n == 0 or size == 0:
-            raise _Unsatisfiable(size)
+            raise Unsatisfiable(size)
         return max(0, size - n), size
     start = int(first)
     if last and int(last) < start:
         return None
     if start >= size:
-        raise _Unsatisfiable(size)
+        raise Unsatisfiable(size)
     end = min(size, int(last) + 1) if last else size
     return start, end
 
@@ -141,6 +142,36 @@ def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store
 _BUFFERED_MAX = 4 * 1024 * 1024
 
 
+def read_range(store: BlobStore, user: UUID, inode: UUID, blob: UUID, size: int,
+               range_header: str | None) -> tuple[tuple[int, int] | None, bytes | Iterator[bytes]]:
+    """The range a request asks of a stored chunk of ``size`` bytes (None: all of it)
+    and its bytes (call in a worker thread; Unsatisfiable for a range past the end)."""
+    rng = parse_range(range_header, size)
+    start, end = rng if rng is not None else (0, size)
+    body = store.open_range(user, inode, blob, start, end)
+    return rng, (b"".join(body) if end - start <= _BUFFERED_MAX else body)
+
+
+def unsatisfiable(exc: Unsatisfiable) -> JSONResponse:
+    return JSONResponse({"detail": "range not satisfiable", "code": "invalid_range"},
+                        status_code=416, headers={"Content-Range": f"bytes */{exc.size}"})
+
+
+def blob_response(size: int, rng: tuple[int, int] | None, body: bytes | Iterator[bytes],
+                  cache: str) -> Response:
+    """200 with the whole chunk, or 206 with the range (``Content-Range``)."""
+    start, end = rng if rng is not None else (0, size)
+    headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes", "Cache-Control": cache}
+    status = 200
+    if rng is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if isinstance(body, bytes):
+        return Response(body, status_code=status, headers=headers, media_type="application/octet-stream")
+    return StreamingResponse(body, status_code=status, headers=headers,
+                             media_type="application/octet-stream")
+
+
 @router.get("/{inode}/{blob_id}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}},
                        206: {"content": {"application/octet-stream": {}}},
@@ -153,28 +184,15 @@ async def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, sto
         rec = db.get_blob(user.id, inode, blob_id)
         if rec is None:
             raise E.not_found("no such blob")
-        rng = parse_range(range_, rec.size)      # unsatisfiable: 416 here, not from the store
         if store.direct:
+            parse_range(range_, rec.size)        # unsatisfiable: 416 here, not from the store
             return rec.size, None, store.presign_get(user.id, inode, blob_id, settings.direct_url_ttl)
-        start, end = rng if rng is not None else (0, rec.size)
-        body = store.open_range(user.id, inode, blob_id, start, end)
-        return rec.size, rng, (b"".join(body) if end - start <= _BUFFERED_MAX else body)
+        return (rec.size, *read_range(store, user.id, inode, blob_id, rec.size, range_))
 
     try:
         size, rng, body = await run_in_threadpool(locate)
-    except _Unsatisfiable as exc:
-        return JSONResponse({"detail": "range not satisfiable", "code": "invalid_range"},
-                            status_code=416, headers={"Content-Range": f"bytes */{exc.size}"})
+    except Unsatisfiable as exc:
+        return unsatisfiable(exc)
     if isinstance(body, str):
         return Response(status_code=307, headers={"Location": body, "Cache-Control": "no-store"})
-    start, end = rng if rng is not None else (0, size)
-    headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes",
-               "Cache-Control": "private, max-age=31536000, immutable"}
-    status = 200
-    if rng is not None:
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    if isinstance(body, bytes):
-        return Response(body, status_code=status, headers=headers, media_type="application/octet-stream")
-    return StreamingResponse(body, status_code=status, headers=headers,
-                             media_type="application/octet-stream")
+    return blob_response(size, rng, body, "private, max-age=31536000, immutable")

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Iterable, Sequence
 from uuid import UUID
 
-from fastapi import Depends
+from fastapi import Depends, Request
 
 from .. import errors as E
 from ..config import Settings
@@ -25,6 +25,12 @@ def b64decode(value: str, what: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise E.invalid(f"{what} is not valid base64") from None
+
+
+def client_addr(request: Request) -> str:
+    """The peer's address; X-Forwarded-For replaces it only from a configured proxy
+    (uvicorn's forwarded_allow_ips, set from --trusted-proxy)."""
+    return request.client.host if request.client else "unknown"
 
 
 def commit_all(staged: list[Staged]):
