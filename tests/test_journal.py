@@ -190,7 +190,7 @@ def test_away_then_back_and_a_refused_record_is_settled_by_the_policy(tmp_path):
     up.stop()
     assert policy.refusals == ["taken"]
     names = [n for _, batch in vault.sent for n in batch]
-    assert names == ["a", "b", "c", "taken (conflict)"]
+    assert names == ["a", "b", "taken (conflict)", "c"]        # in the place of the refused one
     j.close()
 
 

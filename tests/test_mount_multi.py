@@ -12,6 +12,7 @@ import pytest
 
 from harness import Machine
 from mount_helpers import Mounts, sha256_file, wait_until
+from netem import NetemProxy
 
 
 @pytest.fixture
@@ -123,20 +124,28 @@ def test_mount_follows_a_rotate_key_run_elsewhere(shared_server, mounts, tmp_pat
 
 def test_written_back_rename_refused_by_the_server(shared_server, mounts):
     """A rename goes to the server through the journal. If another mount deletes the
-    file before it arrives, the server refuses the rename: the mount logs it and shows
-    the server's names again (the delete wins, as if it had come first)."""
-    a_machine = mounts.machine(shared_server)
-    b_machine = second_machine(mounts, a_machine, shared_server)
-    a, b = mounts.mount(a_machine), mounts.mount(b_machine)
-    (a.path / "doomed.txt").write_text("x")
-    (a.path / "kept.txt").write_text("kept")
-    wait_until(lambda: listing(b.path) == ["doomed.txt", "kept.txt"], 4, what="A's files in B")
-    os.rename(a.path / "doomed.txt", a.path / "renamed.txt")
-    os.unlink(b.path / "doomed.txt")                 # reaches the server first
-    wait_until(lambda: "rename doomed.txt -> renamed.txt could not be saved on the server"
-               in a.log(), 4, what="the refused rename in A's log")
-    wait_until(lambda: listing(a.path) == ["kept.txt"], 4, what="the server's names in A")
-    assert listing(b.path) == ["kept.txt"]
+    file before it arrives (here: A is cut off meanwhile), the server refuses the
+    rename: the mount logs it and shows the server's names again (the delete wins,
+    as if it had come first)."""
+    with NetemProxy(int(shared_server.url.rsplit(":", 1)[1])) as link:
+        first = mounts.machine(shared_server)
+        a_machine = Machine(first.home, link.url)          # the same account, through the link
+        a_machine.login(first.username, first.password)
+        b_machine = second_machine(mounts, first, shared_server)
+        a, b = mounts.mount(a_machine, "--retry-seconds", "3"), mounts.mount(b_machine)
+        (a.path / "doomed.txt").write_text("x")
+        (a.path / "kept.txt").write_text("kept")
+        wait_until(lambda: listing(b.path) == ["doomed.txt", "kept.txt"], 4, what="A's files in B")
+        link.set_down(True)
+        os.rename(a.path / "doomed.txt", a.path / "renamed.txt")
+        os.unlink(b.path / "doomed.txt")                 # reaches the server first
+        b.settle()
+        link.set_down(False)
+        wait_until(lambda: "rename doomed.txt -> renamed.txt could not be saved on the server"
+                   in a.log(), 10, what="the refused rename in A's log")
+        wait_until(lambda: listing(a.path) == ["kept.txt"], 4, what="the server's names in A")
+        assert listing(b.path) == ["kept.txt"]
+        a.unmount()
 
 
 @pytest.mark.backends

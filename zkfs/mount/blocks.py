@@ -122,9 +122,13 @@ class BlockStore:
     def upload(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:
         # Only the (bounded, in-memory) plaintext cache learns of written chunks:
         # writing every token to the disk cache too would double the disk writes.
-        ref, _ = self.vault.upload_chunk_token(inode, cipher, plain)
+        ref, token = self.vault.upload_chunk_token(inode, cipher, plain)
         if not ref.is_hole:
             self.plain.put(ref.blob_id, plain)
+            # Until the version naming it is on the server, a copy here: if another
+            # machine's version wins meanwhile, ours is rebuilt from it as a conflict copy.
+            if token is not None:
+                self.journal.put_copy(ref.blob_id, token)
         return ref
 
     def keep_local(self, inode: UUID, cipher: BinaryFernet, plain: bytes) -> ChunkRef:

@@ -9,12 +9,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from .. import crypto
 from ..errors import ServerError
-from ..format import MAX_NAME_BYTES, Manifest
+from ..format import MAX_NAME_BYTES, Attrs, Manifest
 from ..vault import Node
+from . import records
 from .openfile import OpenFile, PendingCreate
 
 log = logging.getLogger("zkfs.mount.fs")
@@ -33,33 +34,40 @@ def conflict_name(name: str, hostname: str) -> str:
 class ConflictCopies:
     """(Mixed into ZkfsOperations.)"""
 
-    def save_copy(self, of: OpenFile, exc: ServerError) -> list[dict]:
-        """Another machine committed this file first (the server refused our version
-        with ``exc``): keep both. Theirs stays under the name; ours becomes a clearly
-        named sibling, created with its content. Returns the copy's records; ``of``
-        follows the server's version from now on."""
-        path = of.last_path
+    def save_copy(self, body: dict, path: str | None, exc: ServerError) -> list[dict]:
+        """Another machine changed this file first (the server refused the version in
+        journal record ``body`` with ``exc``): keep both. Theirs stays under the name;
+        ours becomes a clearly named sibling, created with its content, which is read
+        back from the record (its chunks: inline in it, in the journal, or on the
+        server). Returns the copy's records."""
+        inode = UUID(body["inode"])
+        attrs = Attrs.from_doc(body["attrs"])
+        manifest = records.manifest_of(body)
+        manifest.key_id = attrs.key_id
+        inline = records.inline_of(body)
         try:
-            parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(of.id))
+            parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(inode))
         except OSError:
-            parent, name = self.meta.node(self.vault.root), Path(path or str(of.id)).name
+            parent, name = self.meta.node(self.vault.root), Path(path or str(inode)).name
         copy_name = conflict_name(name, self.hostname)
         new_id = uuid4()
         cipher, file_key = self.vault.new_file_key(new_id)
-        attrs = of.attrs.evolve(size=0, manifest_digest=None, key_id=crypto.key_id(file_key))
-        copy = OpenFile(self.vault, self.blocks, self.spool, self.budget, Node(new_id, False, 0, 1, attrs),
+        copy = OpenFile(self.vault, self.blocks, self.spool, self.budget,
+                        Node(new_id, False, 0, 1, attrs.evolve(size=0, manifest_digest=None)),
                         cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, file_key, time.time_ns()))
         offset = 0
-        for chunk in of.snapshot_chunks():
+        for i, ref in enumerate(manifest.chunks):
+            n = manifest.chunk_length(i)
+            if ref.is_hole:
+                chunk = bytes(n)
+            elif ref.blob_id in inline:
+                chunk = self.vault.open_chunk(inode, manifest, i, inline[ref.blob_id])
+            else:
+                chunk = self.blocks.read(inode, manifest, i)
             copy.write(offset, chunk)
-            offset += len(chunk)
-        copy.attrs = of.attrs.evolve(size=offset, key_id=crypto.key_id(file_key))
+            offset += n
+        copy.attrs = attrs.evolve(size=offset, key_id=crypto.key_id(file_key), manifest_digest=None)
         out = copy.seal()
         self.meta.forget(parent.id)
-        log.warning("conflict: %s changed elsewhere (%s); this version was saved as %s", path or of.id, exc, copy_name)
-        try:
-            of.rebase(self.vault.get(of.id))
-        except ServerError:
-            of.unlinked = True           # deleted elsewhere: our version lives on in the copy
-        of.sent_upto = of.journaled_seq
+        log.warning("conflict: %s changed elsewhere (%s); this version was saved as %s", path or inode, exc, copy_name)
         return out

@@ -64,6 +64,8 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.blobs = self.dir / "blobs"
         self.blobs.mkdir(exist_ok=True, mode=0o700)
+        self.copies = self.dir / "copies"           # tokens the server has staged already
+        self.copies.mkdir(exist_ok=True, mode=0o700)
         self._cipher = BinaryFernet(self._key(wrap))
         self._path = self.dir / "log"
         self._lock = threading.Condition()
@@ -274,28 +276,38 @@ class Journal:
                 os.fsync(f.fileno())
         os.replace(tmp, self.blobs / str(blob))
 
+    def put_copy(self, blob: UUID, token: bytes) -> None:
+        """A copy of a chunk token the server has staged (not committed): readable here
+        until the version naming it is on the server (a conflict copy needs it)."""
+        tmp = self.copies / f".{blob}.tmp"
+        tmp.write_bytes(token)
+        os.replace(tmp, self.copies / str(blob))
+
     def blob(self, blob: UUID) -> bytes | None:
-        try:
-            return (self.blobs / str(blob)).read_bytes()
-        except FileNotFoundError:
-            return None
+        for folder in (self.blobs, self.copies):
+            try:
+                return (folder / str(blob)).read_bytes()
+            except FileNotFoundError:
+                pass
+        return None
 
     def blob_path(self, blob: UUID) -> Path:
         return self.blobs / str(blob)
 
     def drop_blob(self, blob: UUID) -> None:
         (self.blobs / str(blob)).unlink(missing_ok=True)
+        (self.copies / str(blob)).unlink(missing_ok=True)
 
     def forget_blobs(self) -> None:
         """(At start, once every record is settled.) Chunk copies a crash left behind
         after their records were settled."""
         if self.done >= self._last_change:
-            for p in self.blobs.iterdir():
+            for p in [*self.blobs.iterdir(), *self.copies.iterdir()]:
                 p.unlink(missing_ok=True)
 
     def pending_bytes(self) -> int:
         total = 0
-        for p in self.blobs.iterdir():
+        for p in [*self.blobs.iterdir(), *self.copies.iterdir()]:
             try:
                 total += p.stat().st_size
             except FileNotFoundError:

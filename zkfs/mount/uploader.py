@@ -79,6 +79,9 @@ class Uploader:
         self._lock = threading.Condition()
         self._batch: _Batch | None = None                # planned and written, not yet answered
         self._waiters = 0                                # callers of wait(): no gathering then
+        self._taken: list[Record] = []                   # versions a conflict copy replaced
+        # Inodes whose refused versions' chunks stay: an open file still builds on them.
+        self.keep_chunks_of: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="zkfs-journal-upload")
@@ -110,8 +113,8 @@ class Uploader:
             self._lock.notify_all()
 
     def _batch_from(self, body: dict, changes: list[Record]) -> _Batch:
-        seqs = set(body["seqs"])
-        covered = [r for r in changes if r.seq in seqs]
+        by_seq = {r.seq: r for r in changes}
+        covered = [by_seq[seq] for seq in body["seqs"] if seq in by_seq]      # in the batch's order
         sealed = [(UUID(d), v, Attrs.from_doc(a)) for d, v, a in body["sealed"]]
         plan = Plan(body["wires"], [UUID(d) for d in body["appended"]], sealed)
         return _Batch(UUID(body["batch"]), covered, plan, [UUID(b) for b in body.get("blobs", [])])
@@ -123,14 +126,20 @@ class Uploader:
             self._seen = max(self._seen, record.seq)
             self._lock.notify_all()
 
-    def discard(self, inode: UUID) -> None:
-        """(From the policy.) Drop the queued versions and attribute changes of ``inode``:
-        a conflict copy carries the latest of them."""
+    def take_latest(self, inode: UUID) -> dict | None:
+        """(From the policy, for a conflict copy.) Take the queued versions of ``inode``
+        out of the queue (each would be refused in turn); returns the last one, which
+        holds everything the earlier ones did. Their chunk copies go with the refused
+        record's, once the policy is done (``_refused``)."""
+        key = str(inode)
         with self._lock:
-            gone = [r for r in self._queue if r.body["t"] in ("commit", "attrs") and r.body["inode"] == str(inode)]
+            gone = [r for r in self._queue if r.body["t"] == "commit" and r.body["inode"] == key]
             self._queue = [r for r in self._queue if r not in gone]
-        self._drop_blobs(gone)
+        if not gone:
+            return None
+        self._taken.extend(gone)
         self._settled([r.seq for r in gone])
+        return gone[-1].body
 
     def cancel_new(self, inode: UUID) -> bool:
         """The last name of a closed file goes: its queued (not yet sent) new versions
@@ -378,14 +387,16 @@ class Uploader:
         except ZkfsError as err:
             log.error("journal: a refused change could not be settled, it is dropped: %s", err)
             instead = []
-        others = batch.records[:index] + batch.records[index + 1:]
         extra = [Record(self.journal.append_nowait(body), body) for body in instead]
         with self._lock:
             for r in extra:
                 self._times[r.seq] = time.time()
                 self._seen = max(self._seen, r.seq)
-        self._requeue(others + extra)
-        self._drop_blobs([bad])
+        # What settles it takes its place: a create under a conflict name must come
+        # before the records after it that name the same inode.
+        self._requeue(batch.records[:index] + extra + batch.records[index + 1:])
+        taken, self._taken = self._taken, []
+        self._drop_blobs([r for r in [bad, *taken] if r.body.get("inode") not in self.keep_chunks_of])
         self._settled([bad.seq])
 
     def _requeue(self, recs: list[Record], *, single: bool = False) -> None:

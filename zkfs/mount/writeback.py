@@ -132,6 +132,11 @@ class WriteBack:
                 return [self._created_elsewhere(body)]
             if t in ("commit", "attrs") and exc.code in ("conflict", "not_found"):
                 return self._changed_elsewhere(body, exc)
+            if t == "delete":
+                # An orphan that got a name again (another machine linked it) or is gone
+                # already: the server keeps or has dropped it, as it should.
+                log.info("%s: the server keeps it (%s)", records.describe(body), exc)
+                return []
             # A rename, link or removal another machine made impossible: theirs stands.
             log.error("%s could not be saved on the server: %s; the server's names stand", records.describe(body), exc)
             for key in ("parent", "sp", "dp", "ap", "bp"):
@@ -156,18 +161,25 @@ class WriteBack:
 
     def _changed_elsewhere(self, body: dict, exc: ServerError) -> list[dict]:
         """A file changed (or deleted) elsewhere since this mount saw it: theirs keeps
-        the name, this mount's latest version is saved beside it as a conflict copy,
-        and this mount's other unsent changes of it go with that copy."""
+        the name, and this mount's latest unsent version of it (this one, or a later
+        one still queued, which replaces it) is saved beside it as a conflict copy."""
         inode = UUID(body["inode"])
         of = self.table.get(inode)
-        if body["t"] == "attrs" and of is None:
+        if body["t"] == "attrs":
             return self._attrs_on_theirs(body, inode, exc)
-        if of is None:
-            log.error("conflict: inode %s changed elsewhere and its unsent version is not here any more: "
-                      "the server's version stands", inode)
-            return []
-        self.uploader.discard(inode)          # its other unsent versions: the copy has the latest
-        return self.conflicts.save_copy(of, exc) if self.conflicts is not None else []
+        latest = self.uploader.take_latest(inode) or body
+        out = self.conflicts.save_copy(latest, of.last_path if of else None, exc) if self.conflicts else []
+        if of is not None and of.handles == 0 and of.sealed:
+            try:
+                of.rebase(self.vault.get(inode))     # follows theirs from now on
+            except ServerError:
+                of.unlinked = True                   # deleted elsewhere: ours lives on in the copy
+            of.sent_upto = of.journaled_seq
+        elif of is not None:
+            # Still being written, on our version: its next one is refused in turn and
+            # copied too, and may reuse chunks of this one.
+            self.uploader.keep_chunks_of.add(str(inode))
+        return out
 
     def _attrs_on_theirs(self, body: dict, inode: UUID, exc: ServerError) -> list[dict]:
         """Attribute changes of a closed file changed elsewhere: made again on theirs."""
@@ -186,7 +198,7 @@ class WriteBack:
 
 
 class ConflictSaver(Protocol):
-    """(conflicts.py) Saves an open file's unsent version as a conflict copy."""
+    """(conflicts.py) Saves a refused version as a conflict copy."""
 
-    def save_copy(self, of: OpenFile, exc: ServerError) -> list[dict]:
-        """The records that create the copy; ``of`` follows the server's version."""
+    def save_copy(self, body: dict, path: str | None, exc: ServerError) -> list[dict]:
+        """The records that create the copy of the version in commit record ``body``."""
