@@ -585,6 +585,7 @@ def test_rollback_after_the_mount_crashed(world, mount):
     snap = hs.snapshot(a)
     m = mount()
     (m.path / "h" / rel).write_bytes(b"written through the mount, then it crashed\n")
+    m.settle()
     assert hs.inode(a)["version"] > snap.row["version"]
     m.kill()
     hs.restore(snap)
@@ -688,6 +689,7 @@ def test_master_key_generation_rolled_back_under_a_live_mount(world, make_machin
                                                    f"{old_gen + 1} to {old_gen}"), 5,
                    what="the refused rollback in the mount's log")
         (m.path / "after.txt").write_text("after\n")
+        m.settle()
         gens = hs.db.execute("SELECT key_gen, count(*) FROM inodes WHERE user_id = ? AND key_gen IS NOT NULL"
                              " GROUP BY key_gen", (hs.user_id,)).fetchall()
         assert [tuple(g) for g in gens] == [(old_gen + 1, 2)]

@@ -152,6 +152,9 @@ class RecordingPolicy:
     def settled(self, done: int) -> None:
         self.done = done
 
+    def queued(self) -> None:
+        pass
+
 
 def feed(j: Journal, up: Uploader, names: list[str]) -> int:
     seq = 0

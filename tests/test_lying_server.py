@@ -261,6 +261,7 @@ def test_an_under_reported_version_through_the_mount_is_eio(owner, shared_server
     mount = make_mount(m)
     path = mount.path / "mount-ack.txt"
     path.write_text("one\n")
+    mount.settle()
     hs = HostileServer(shared_server.data_dir, owner.username)
     try:
         entry = hs.db.execute("SELECT inode FROM dentries d JOIN inodes i ON i.id = d.inode AND i.user_id = d.user_id"

@@ -166,6 +166,7 @@ def test_concurrent_edits_of_one_file_keep_both_versions(shared_server, mounts):
         os.ftruncate(fb, len(theirs))
     finally:
         os.close(fa)              # A commits first ...
+        a.settle()
         os.close(fb)              # ... so B's commit is the one that finds the conflict
 
     host = re.escape(socket.gethostname())

@@ -68,6 +68,6 @@ class ConflictCopies:
             offset += n
         copy.attrs = attrs.evolve(size=offset, key_id=crypto.key_id(file_key), manifest_digest=None)
         out = copy.seal()
-        self.meta.forget(parent.id)
+        self.writeback.show_when_queued(parent.id, copy_name, copy.base_node)
         log.warning("conflict: %s changed elsewhere (%s); this version was saved as %s", path or inode, exc, copy_name)
         return out

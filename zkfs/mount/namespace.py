@@ -134,6 +134,9 @@ class MetaCache:
                 if not names:
                     del self._local_entries[parent]
 
+    def has_local(self, inode: UUID) -> bool:
+        return inode in self._local_nodes
+
     def drop_local_node(self, inode: UUID) -> None:
         """Forget this mount's unsent state of a node (the server refused it)."""
         with self.lock:

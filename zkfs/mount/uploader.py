@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 from uuid import UUID
 
-from ..errors import ServerError, Unreachable, ZkfsError
+from ..errors import ServerError, TamperedError, Unreachable, ZkfsError
 from ..format import Attrs
 from ..ops import Plan
 from ..vault import Vault
@@ -46,6 +46,9 @@ class Policy(Protocol):
 
     def settled(self, done: int) -> None:
         """Every record up to ``done`` is on the server or settled."""
+
+    def queued(self) -> None:
+        """The records ``refused`` returned are in the journal and the queue."""
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Uploader:
         self._batch: _Batch | None = None                # planned and written, not yet answered
         self._waiters = 0                                # callers of wait(): no gathering then
         self._taken: list[Record] = []                   # versions a conflict copy replaced
+        self._tampered: TamperedError | None = None      # the last answer failed its check
         # Inodes whose refused versions' chunks stay: an open file still builds on them.
         self.keep_chunks_of: set[str] = set()
         self._stop = threading.Event()
@@ -186,6 +190,8 @@ class Uploader:
             self._lock.notify_all()
             try:
                 while self.journal.done < seq:
+                    if self._tampered is not None:
+                        return False         # the server's answer failed its check: EIO now
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
@@ -244,6 +250,17 @@ class Uploader:
                 self._step()
                 pause = 0
                 self.status.online, self.status.last_error = True, None
+                self._tampered = None
+            except TamperedError as exc:
+                # Sent again as it was (same id) until the answer checks out; meanwhile
+                # whoever waits for the server is told (EIO), not kept waiting.
+                self.status.last_error = f"the server's answer failed verification: {exc}"
+                log.error("journal: %s", self.status.last_error)
+                with self._lock:
+                    self._tampered = exc
+                    self._lock.notify_all()
+                self._stop.wait(_PAUSES[min(pause, len(_PAUSES) - 1)])
+                pause += 1
             except Unreachable as exc:
                 self.status.online, self.status.last_error = False, str(exc)
                 log.warning("journal: the server is away, %d change(s) wait (%s)", self.snapshot().pending, exc)
@@ -395,6 +412,7 @@ class Uploader:
         # What settles it takes its place: a create under a conflict name must come
         # before the records after it that name the same inode.
         self._requeue(batch.records[:index] + extra + batch.records[index + 1:])
+        self.policy.queued()
         taken, self._taken = self._taken, []
         self._drop_blobs([r for r in [bad, *taken] if r.body.get("inode") not in self.keep_chunks_of])
         self._settled([bad.seq])

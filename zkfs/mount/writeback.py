@@ -46,6 +46,7 @@ class WriteBack:
         self.journal = journal
         self.uploader = Uploader(vault, journal, self)
         self.conflicts: ConflictSaver | None = None       # set by the mount (conflicts.py)
+        self._to_show: list[tuple[UUID, str, Node]] = []
         meta.journal_last = lambda: journal.last_change
 
     # ------------------------------------------------------------ recording
@@ -110,6 +111,18 @@ class WriteBack:
         return self.uploader.wait(seq or self.journal.last_change, timeout)
 
     # ------------------------------------------------------------ Policy (uploader)
+    def show_when_queued(self, parent: UUID, name: str, node: Node) -> None:
+        """(While settling a refusal.) An entry the records being returned make: shown
+        by the cache's overlay once they are in the journal (``queued``), so that it
+        stays until the server has them."""
+        self._to_show.append((parent, name, node))
+
+    def queued(self) -> None:
+        with self.lock:
+            for parent, name, node in self._to_show:
+                self.meta.set_entry(parent, name, node)
+            self._to_show.clear()
+
     def settled(self, done: int) -> None:
         """(The uploader's thread.) Every record up to ``done`` is on the server (or
         settled): the cache's overlay of them goes, and so do the states of closed
@@ -126,10 +139,10 @@ class WriteBack:
         body = record.body
         t = body["t"]
         with self.lock:
-            for inode in records.inodes_of(body):
-                self.meta.drop_local_node(inode)
             if t == "create" and exc.code == "exists":
                 return [self._created_elsewhere(body)]
+            for inode in records.inodes_of(body):
+                self.meta.drop_local_node(inode)       # this mount's unsent state of it was refused
             if t in ("commit", "attrs") and exc.code in ("conflict", "not_found"):
                 return self._changed_elsewhere(body, exc)
             if t == "delete":
@@ -154,7 +167,11 @@ class WriteBack:
         renamed = conflict_name(taken, self.hostname)
         log.warning("conflict: %s was created elsewhere too; this one was saved as %s", taken, renamed)
         self.meta.drop_local(parent, taken)
-        of = self.table.get(UUID(body["inode"]))
+        inode = UUID(body["inode"])
+        attrs = Attrs.from_doc(body["attrs"])
+        self.show_when_queued(parent, renamed, self.meta.node(inode) if self.meta.has_local(inode)
+                              else Node(inode, attrs.is_dir, 1, 2 if attrs.is_dir else 1, attrs))
+        of = self.table.get(inode)
         if of is not None and of.last_path:
             of.last_path = of.last_path.rsplit("/", 1)[0] + "/" + renamed
         return body | {"name": renamed}
