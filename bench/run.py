@@ -23,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from zkbench.util import REG, ensure_tools, log, mounts_under, safe_rmtree  # noqa: E402
+from zkbench.workloads import WORKLOADS  # noqa: E402
+
+ALL_WORKLOADS = [w for w, _fn, _deps in WORKLOADS]
 
 
 def parse_args(argv=None):
@@ -39,6 +42,20 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 64 MiB file, 200 files, short crypto runs")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
+    ap.add_argument("--workloads", default=None,
+                    help="comma list of workloads to run (default: all but git_clone; "
+                         "'all' for every one): " + ", ".join(ALL_WORKLOADS))
+    ap.add_argument("--wan", action="store_true",
+                    help="put an emulated user's link (tests/netem.py: --rtt-ms round trip, "
+                         "--mbit each way) between every networked client and its server")
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="--wan round trip (default 20)")
+    ap.add_argument("--mbit", type=float, default=200.0,
+                    help="--wan bandwidth cap, Mbit/s each way per connection (default 200; "
+                         "0: none)")
+    ap.add_argument("--git-source", default="/usr/include",
+                    help="git_clone: the first --git-files files of this tree (sorted walk) "
+                         "are committed into a local repo, then cloned (default /usr/include)")
+    ap.add_argument("--git-files", type=int, default=5000, help="git_clone: files (default 5000)")
     ap.add_argument("--no-proxy", action="store_true",
                     help="networked systems talk to their server directly (then the bytes "
                          "sent during edit_middle are only estimated by the server's rchar)")
@@ -66,6 +83,16 @@ def parse_args(argv=None):
     if a.timeout is None:
         a.timeout = 120.0 if a.quick else 450.0
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    if a.workloads in (None, "all"):
+        a.workloads = [w for w in ALL_WORKLOADS if a.workloads == "all" or w != "git_clone"]
+    else:
+        a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+        bad = [w for w in a.workloads if w not in ALL_WORKLOADS]
+        if bad:
+            ap.error(f"unknown workload(s) {', '.join(bad)}; choose from "
+                     + ", ".join(ALL_WORKLOADS))
+    if a.wan and a.no_proxy:
+        ap.error("--wan needs the relay: drop --no-proxy")
     return a
 
 
@@ -78,7 +105,7 @@ def _on_signal(signum, _frame):
 
 def run_system(name: str, root: Path, opts, ds) -> dict:
     from zkbench.systems import SYSTEMS, SystemUnavailable
-    from zkbench.workloads import WORKLOADS, Result
+    from zkbench.workloads import Result
 
     res = Result(name)
     sys_ = SYSTEMS[name](root, opts)
@@ -95,6 +122,8 @@ def run_system(name: str, root: Path, opts, ds) -> dict:
         done: set[str] = set()
         aborted = threading.Event()
         for wname, fn, deps in WORKLOADS:
+            if wname not in opts.workloads:
+                continue
             missing = [d for d in deps if d not in done]
             if missing:
                 res.errors[wname] = f"skipped: {', '.join(missing)} failed"
@@ -203,7 +232,10 @@ def main(argv=None) -> int:
         # while the worker is blocked in a FUSE call that only killing the daemon can end.
         try:
             ds = Dataset(work / "src", opts.size_mib, opts.files)
-            ds.generate()
+            ds.generate(big="seq_write" in opts.workloads,
+                        tree=bool({"small_files", "meta_ls"} & set(opts.workloads)))
+            if "git_clone" in opts.workloads:
+                ds.generate_git(Path(opts.git_source), opts.git_files)
             if not opts.no_crypto:
                 crypto.update(crypto_ceiling(seconds=0.5 if opts.quick else 1.5))
             for i in range(opts.runs):
@@ -253,8 +285,10 @@ def main(argv=None) -> int:
     summary = report.summarize(runs, opts.systems)
     header, rows, keys = report.table_rows(summary, opts.systems)
     table = report.render_table(header, rows)
+    link = (f"WAN profile: {opts.rtt_ms:g} ms RTT, {opts.mbit:g} Mbit/s" if opts.wan
+            else "loopback")
     title = (f"zkfs bench {started:%Y-%m-%d %H:%M}Z: {opts.size_mib} MiB file, {opts.files} "
-             f"files, {opts.runs} run(s), {os.cpu_count()} CPUs")
+             f"files, {opts.runs} run(s), {os.cpu_count()} CPUs, {link}")
     print()
     print(title)
     print("MB/s = 10^6 bytes/s. Ratio zkfs/X > 1 is good where higher is better, "

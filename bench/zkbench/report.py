@@ -22,6 +22,7 @@ METRICS = [
      "lower"),
     ("edit_middle_rchar_pct", "edit_middle", "edit_middle server rchar delta", "% of file",
      "lower"),
+    ("git_clone_s", "git_clone", "git clone of a real tree, settled", "s", "lower"),
     ("rss_daemon_peak_MiB", "rss", "peak RSS mount daemon (seq_write)", "MiB", "lower"),
     ("rss_server_peak_MiB", "rss", "peak RSS server (seq_write)", "MiB", "lower"),
 ]

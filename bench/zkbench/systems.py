@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from .tcpcount import CountingProxy
+from .tcpcount import CountingProxy, NetemRelay, make_relay
 from .util import (REG, drop_caches, free_port, http_status, is_mounted, log, start_daemon,
                    stop_process, tail, unmount_fuse, wait_for)
 
@@ -37,7 +37,7 @@ class System:
         self.opts = opts
         self.root.mkdir(parents=True, exist_ok=True)
         self.mnt = root / "mnt"
-        self.proxy: CountingProxy | None = None
+        self.proxy: CountingProxy | NetemRelay | None = None
         self.notes: list[str] = []
 
     # --- lifecycle
@@ -90,6 +90,9 @@ class System:
         """Block until the data written so far is settled. Returns extra info."""
         os.sync()
         return {"settle": "sync"}
+
+    def check_settled(self, res, what: str) -> None:
+        """Untimed, after settle(): a system's own confirmation, if it has one."""
 
 
 def _wait_mounted(path: Path, proc, timeout: float, what: str, log_path: Path) -> None:
@@ -203,10 +206,8 @@ class RcloneSystem(System):
             self.serve_log, "rclone serve webdav")
         wait_for(lambda: http_status(f"http://127.0.0.1:{self.serve_port}/")[0] is not None,
                  30, "rclone serve webdav", proc=self.serve, log_path=self.serve_log)
-        port = self.serve_port
-        if not self.opts.no_proxy:
-            self.proxy = CountingProxy(self.serve_port)
-            port = self.proxy.port
+        self.proxy = make_relay(self.serve_port, self.opts)
+        port = self.proxy.port if self.proxy else self.serve_port
 
         def obscure(pw: str) -> str:
             return subprocess.run(["rclone", "obscure", pw], capture_output=True, text=True,
@@ -338,7 +339,8 @@ class ZkfsSystem(System):
     daemon = None
     server = None
     description = ("zkfs server (python -m server) on 127.0.0.1 + `mount.py` FUSE client; "
-                   "close() returns after the server committed (settled = cp returned)")
+                   "close() returns once the change is in the mount's local journal "
+                   "(settled = fsync of the mount's root: the server has everything)")
 
     def _py(self) -> str:
         venv = REPO / ".venv" / "bin" / "python"
@@ -367,10 +369,8 @@ class ZkfsSystem(System):
         wait_for(lambda: http_status(f"http://127.0.0.1:{self.port}/api/v1/health")[0] == 200,
                  60, "zkfs server health", interval=0.2, proc=self.server,
                  log_path=self.server_log)
-        port = self.port
-        if not self.opts.no_proxy:
-            self.proxy = CountingProxy(self.port)
-            port = self.proxy.port
+        self.proxy = make_relay(self.port, self.opts)
+        port = self.proxy.port if self.proxy else self.port
         self.url = f"http://127.0.0.1:{port}"
         self.password = secrets.token_urlsafe(24)
         self.passfile = self.root / "password"
@@ -492,15 +492,25 @@ class ZkfsSystem(System):
         return []
 
     def settle(self, kind: str, **kw) -> dict:
-        # Content is on the server when close() returns; renames and attribute changes
-        # of closed files are written back within 0.5 s, and fsync of a directory sends
-        # them at once: timed, so "settled" means every final name is on the server.
+        # close() returns once the change is in the local journal; an fsync of a
+        # directory returns once the server has every change journaled before it (as
+        # `mount.py --wait` does, without its start-up and its 0.5 s status polling).
         fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return {"settle": "close() returned, then fsync of the mount's root (sends written-back renames)"}
+        return {"settle": "fsync of the mount's root (waits for the server to have the journal)"}
+
+    def check_settled(self, res, what: str) -> None:
+        # untimed, after settle(): the mount's own account agrees that nothing waits
+        t0 = time.monotonic()
+        r = subprocess.run([self._py(), "mount.py", "--wait", "--retry-seconds", "10",
+                            str(self.mnt)], env=self.env, cwd=REPO, capture_output=True,
+                           text=True, timeout=120, check=False)
+        res.raw.setdefault(what, {})["mount_wait_after_settle_s"] = time.monotonic() - t0
+        res.check(f"{what}: mount.py --wait after settle", r.returncode == 0,
+                  f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
 
 
 SYSTEMS = {"local": LocalSystem, "zkfs": ZkfsSystem, "rclone": RcloneSystem,

@@ -43,9 +43,46 @@ class Dataset:
         self.tree_sizes: list[int] = []
         self.tree_bytes = 0
 
-    def generate(self) -> None:
+    def generate(self, big: bool = True, tree: bool = True) -> None:
+        """big: the random file; tree: the small-file tree (only what a run needs)."""
         self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
+        if big:
+            self._generate_big()
+        if tree:
+            self._generate_tree()
+        log(f"data: {self.size / MiB if big else 0:.0f} MiB file + "
+            f"{self.nfiles if tree else 0} files ({self.tree_bytes / MiB:.1f} MiB) "
+            f"in {time.monotonic() - t0:.1f}s")
+
+    def generate_git(self, source: Path, nfiles: int) -> None:
+        """A local repository of a real source tree: the first `nfiles` regular files of
+        `source` (sorted walk), one commit; git_clone clones it over file:// (git's
+        transport: a pack sent and unpacked, then the checkout, as from a server)."""
+        t0 = time.monotonic()
+        self.git_src = self.root / "gitsrc"
+        self.git_src.mkdir(parents=True)
+        n = 0
+        for dirpath, dirs, files in os.walk(source):
+            dirs.sort()
+            for fn in sorted(files):
+                p = Path(dirpath, fn)
+                if n >= nfiles or p.is_symlink() or not p.is_file():
+                    continue
+                dst = self.git_src / p.relative_to(source)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(p.read_bytes())
+                n += 1
+        if n < nfiles:
+            log(f"git_clone: {source} has only {n} files")
+        self.git_nfiles = n
+        self.git_bytes = sum(f.stat().st_size for f in self.git_src.rglob("*") if f.is_file())
+        for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", f"import {source}"]):
+            _git(self.git_src, *cmd)
+        log(f"data: git repo of {n} files ({self.git_bytes / MiB:.1f} MiB) from {source} "
+            f"in {time.monotonic() - t0:.1f}s")
+
+    def _generate_big(self) -> None:
         h, he = hashlib.sha256(), hashlib.sha256()
         e0, e1 = self.edit_off, self.edit_off + EDIT_BS
         with open(self.big, "wb") as f:
@@ -65,6 +102,8 @@ class Dataset:
                 pos += n
         self.big_sha = h.hexdigest()
         self.edited_sha = he.hexdigest()
+
+    def _generate_tree(self) -> None:
         # small-file tree: sizes log-uniform in [1 KiB, 64 KiB], fixed seed
         rng = random.Random(SEED + 1)
         lo, hi = math.log(1024), math.log(64 * 1024)
@@ -79,8 +118,6 @@ class Dataset:
             os.chmod(p, 0o644)
             self.tree_sizes.append(size)
         self.tree_bytes = sum(self.tree_sizes)
-        log(f"data: {self.size / MiB:.0f} MiB file + {self.nfiles} files "
-            f"({self.tree_bytes / MiB:.1f} MiB) in {time.monotonic() - t0:.1f}s")
 
 
 # =============================================================================== helpers
@@ -127,6 +164,16 @@ def _wire_delta(sys_, w0):
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=CMD_TIMEOUT, **kw)
+
+
+def _git(repo: Path, *args: str) -> str:
+    # the mount's files may belong to another uid than the harness's: trust them all
+    r = _run(["git", "-c", "safe.directory=*", "-c", "user.name=zkbench",
+              "-c", "user.email=zkbench@localhost", "-C", str(repo), *args])
+    if r.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {repo} exited {r.returncode}: "
+                           f"{r.stderr.strip()[-1000:]}")
+    return r.stdout
 
 
 # =============================================================================== workloads
@@ -242,9 +289,10 @@ def small_files(sys_, ds: Dataset, res: Result) -> None:
     _rsync_ok(r, "small_files", res)
     info = sys_.settle("small_files", since_ns=since, sizes=ds.tree_sizes, count=ds.nfiles)
     t_set = time.monotonic()
+    sys_.check_settled(res, "small_files")
     res.metrics["small_files_fps"] = ds.nfiles / (t_set - t0)
-    res.raw["small_files"] = {"rsync_s": t_rs - t0, "settled_s": t_set - t0,
-                              "rsync_fps": ds.nfiles / (t_rs - t0), **info}
+    res.raw.setdefault("small_files", {}).update({"rsync_s": t_rs - t0, "settled_s": t_set - t0,
+                              "rsync_fps": ds.nfiles / (t_rs - t0), **info})
     up, down = _wire_delta(sys_, w0)
     if up is not None:
         res.raw["small_files"].update(wire_up=up, wire_down=down,
@@ -325,6 +373,36 @@ def edit_middle(sys_, ds: Dataset, res: Result) -> None:
               f"size {st.st_size}, sha {sha[:16]} != {ds.edited_sha[:16]}")
 
 
+def git_clone(sys_, ds: Dataset, res: Result) -> None:
+    dst = sys_.target / "clone"
+    w0 = sys_.wire()
+    since = time.time_ns()
+    t0 = time.monotonic()
+    r = _run(["git", "-c", "safe.directory=*", "clone", "-q", f"file://{ds.git_src}", str(dst)])
+    t_clone = time.monotonic()
+    if r.returncode != 0:
+        raise RuntimeError(f"git clone exited {r.returncode}: {r.stderr.strip()[-1000:]}")
+    info = sys_.settle("git_clone", since_ns=since, count=ds.git_nfiles)
+    t_set = time.monotonic()
+    sys_.check_settled(res, "git_clone")
+    res.metrics["git_clone_s"] = t_set - t0
+    res.raw.setdefault("git_clone", {}).update({
+        "clone_s": t_clone - t0, "settled_s": t_set - t0, "files": ds.git_nfiles,
+        "bytes": ds.git_bytes, **info})
+    up, down = _wire_delta(sys_, w0)
+    if up is not None:
+        res.raw["git_clone"].update(wire_up=up, wire_down=down)
+    # untimed, without a remount (a cold read of 5,000 files over the WAN profile would
+    # take rclone minutes): the work tree matches the source and git finds it clean
+    r = _run(["rsync", "-a", "--checksum", "--dry-run", "--itemize-changes", "--exclude=.git",
+              f"{ds.git_src}/", f"{dst}/"])
+    diff = [line for line in r.stdout.splitlines() if line[:2] in (">f", "<f", "cf")]
+    res.check("git_clone work tree (rsync --checksum)", r.returncode in (0, 23, 24) and not diff,
+              f"rsync exit {r.returncode}, {len(diff)} files differ: {diff[:3]}")
+    dirty = _git(dst, "status", "--porcelain").splitlines()
+    res.check("git_clone git status clean", not dirty, f"{len(dirty)} entries: {dirty[:3]}")
+
+
 WORKLOADS = [
     ("seq_write", seq_write, ()),
     ("seq_read", seq_read, ("seq_write",)),
@@ -332,4 +410,5 @@ WORKLOADS = [
     ("small_files", small_files, ()),
     ("meta_ls", meta_ls, ("small_files",)),
     ("edit_middle", edit_middle, ("seq_write",)),
+    ("git_clone", git_clone, ()),
 ]
