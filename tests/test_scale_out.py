@@ -163,9 +163,10 @@ def test_sweeper_removes_uncommitted_uploads_safely_from_several_nodes(pg_s3_ser
     assert httpx.put(upload_url(a, f, young, 10), content=b"y" * 10).status_code == 200
     assert a.commit(f, [kept]).status_code == 200
     used = a.c.get("/fs/statfs").json()["used_bytes"]
-    # the dead uploads are older than an hour; the young one is not
-    srv.query("UPDATE blobs SET created_at = created_at - 7200 WHERE blob_id <> ? AND blob_id <> ?",
-              str(kept), str(young))
+    # the dead uploads are older than the server keeps staged blobs; the young one is not
+    from server.config import STAGED_MAX_AGE
+    srv.query("UPDATE blobs SET created_at = created_at - ? WHERE blob_id <> ? AND blob_id <> ?",
+              STAGED_MAX_AGE + 3600, str(kept), str(young))
     nodes = [(MetadataStore(open_database(srv.database_url)), srv.blob_store()) for _ in range(3)]
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:      # three nodes sweeping at once
@@ -205,6 +206,7 @@ def test_tampered_chunk_and_rollback_are_eio(shared_server, make_machine, make_m
     chunked, rolled = os.urandom(2 * CHUNK + 100), os.urandom(CHUNK + 7)
     (m.path / "t" / "flip.bin").write_bytes(chunked)
     (m.path / "t" / "roll.bin").write_bytes(rolled)
+    m.settle()
     uid = srv.query("SELECT id FROM users WHERE username = ?", machine.username)[0][0]
     # The host knows no names: it tells the two files apart by their stored size.
     sizes = dict(srv.query("SELECT inode, sum(size) FROM blobs WHERE user_id = ? AND committed = 1"

@@ -73,6 +73,11 @@ class WriteBack:
         """(Under ``of.lock``.) Journal what an open file holds that the server does not
         have; returns the record's sequence number (0: nothing to journal)."""
         of.settle_uploads()
+        if of.sealed:
+            # Nothing to journal: do not wait for the namespace lock while holding the
+            # file's (a utimens under the namespace lock may be waiting for the file's:
+            # a release arriving after close() returned deadlocked against it).
+            return 0
         with self.lock:
             bodies = of.seal()
             if not bodies:
