@@ -142,7 +142,11 @@ class NamespaceOps:
         """(Under the namespace lock.) The cache after ``node`` lost the name
         ``parent/name``: its other names stay, with one link less."""
         self.meta.set_entry(parent.id, name, None)
-        if node.nlink > 1:
+        self._one_link_less(node)
+
+    def _one_link_less(self, node: Node) -> None:
+        """(Under the namespace lock.) ``node`` lost one of its names."""
+        if not node.is_dir and node.nlink > 1:
             current = self.meta.node(node.id)
             self.meta.put_local(dataclasses.replace(current, nlink=node.nlink - 1))
         else:
@@ -197,7 +201,7 @@ class NamespaceOps:
         self.meta.set_entry(dst_parent.id, dst_name, node)
         self._moved({old: new}, node)
         if target is not None:
-            self.meta.forget(target.id)
+            self._one_link_less(target)
             if target_of is not None and target.nlink <= 1:
                 target_of.unlinked = True
 

@@ -91,8 +91,15 @@ class Orphans:
         """The last descriptor of an unlinked file closed."""
         on_server = of.pending is None
         of.rebase(Node(of.id, False, of.base_version, 0, of.attrs))
-        # A hidden one goes when libfuse removes its hidden name (_unlink_hidden).
-        if on_server and all(n.id != of.id for n in self.hidden.values()):
+        # Its hidden names go with it: libfuse removes one only if it saw the hiding
+        # finish before this release, which is a race it can lose (then the inode
+        # stayed on the server, nameless).
+        with self.ns_lock:
+            for path in [p for p, n in self.hidden.items() if n.id == of.id]:
+                del self.hidden[path]
+                for key in [k for k, p in self.hidden_names.items() if p == path]:
+                    del self.hidden_names[key]
+        if on_server:
             self._delete_orphan(of.id)
 
     def _delete_orphan(self, inode: UUID) -> None:
