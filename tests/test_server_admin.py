@@ -174,7 +174,7 @@ def test_an_old_data_dir_is_upgraded_and_an_unknown_schema_refused(tmp_path):
     finally:
         srv.stop()
     db = srv.metadata()
-    assert db.get_key(uuid.UUID(uid), uuid.UUID(f)) == (1, base64.b64encode(wrapped).decode())
+    assert db.get_key(uuid.UUID(uid), uuid.UUID(f)) == (1, base64.b64encode(wrapped).decode(), None)
     meta = len("cm9vdA==") + len("bWV0YQ==") + len("bWFu") + len(base64.b64encode(wrapped)) + len("bmFtZQ==")
     assert db.used_bytes(uuid.UUID(uid)) == 7 + meta
     db.close()
