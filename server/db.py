@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 from uuid import UUID, uuid4
 
 from . import errors as E
-from .models import (Grant, IdentityRecord, KdfParams, MasterKeyRecord, ShareMemberOut, ShareOut,
-                     UserGrant)
+from .models import (Grant, IdentityRecord, KdfParams, MasterKeyRecord, NewGenerationRequest, NewMemberRequest,
+                     ShareMemberOut, ShareOut)
 from .namespace import (INODE_BYTES_SQL, NamespaceTx, OpsOutcome, Scope, bump_shares_seq, check_quota,
                         require_member, share_key_gens)
 from .sqldb import Database, Tx, UniqueViolation
@@ -630,7 +630,7 @@ class MetadataStore:
                           " AND identity_public IS NOT NULL", (username,))
         return (row[0], row[1]) if row else None
 
-    def create_share(self, owner: UUID, share: UUID, root: UUID, name: str, grant: str) -> None:
+    def create_share(self, owner: UUID, share: UUID, root: UUID, name: str, grant: str, members_seal: str) -> None:
         """Tags ``root``'s subtree with a new share, ``converting`` (invisible to members)
         until the owner has re-sealed it. Refused for the account's root, a folder in
         or containing a share, and a subtree with a file that has a name outside it."""
@@ -650,8 +650,9 @@ class MetadataStore:
             tagged = self._share_subtree(c, uid, _s(root))
             c.many("UPDATE inodes SET share_id = ? WHERE user_id = ? AND id = ?", [(sid, uid, i) for i in tagged])
             try:
-                c.run("INSERT INTO shares(id, owner_id, root_inode, name, state, current_gen, created_at)"
-                      " VALUES (?,?,?,?,'converting',1,?)", (sid, uid, _s(root), name, time.time()))
+                c.run("INSERT INTO shares(id, owner_id, root_inode, name, state, current_gen, members_seal,"
+                      " created_at) VALUES (?,?,?,?,'converting',1,?,?)",
+                      (sid, uid, _s(root), name, members_seal, time.time()))
             except UniqueViolation:
                 raise E.exists("share id already used") from None
             c.run("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,1,?,?)", (sid, uid, grant))
@@ -702,12 +703,19 @@ class MetadataStore:
             raise E.not_found(f"no user {username!r} with a public key")
         return row[0]
 
-    def add_member(self, owner: UUID, share: UUID, username: str, read_only: bool, grants: Sequence[Grant]) -> None:
-        """``grants``: the share's every key generation, wrapped for the new member."""
+    def add_member(self, owner: UUID, share: UUID, req: NewMemberRequest) -> None:
+        """``req.grants``: the share's every key generation, wrapped for the new member;
+        ``req.members_seal``: the owner's seal of the members once it is added to
+        ``req.expect_members`` (409 if those are not the members now)."""
         uid, sid = _s(owner), _s(share)
+        username, read_only, grants = req.username, req.read_only, req.grants
 
         def run(c: Tx) -> None:
             self._owned_share(c, uid, sid)
+            now = {n.lower() for (n,) in c.all("SELECT u.username FROM share_members m JOIN users u"
+                                               " ON u.id = m.user_id WHERE m.share_id = ?", (sid,))}
+            if now != {n.lower() for n in req.expect_members}:
+                raise E.conflict("the shared folder's members changed meanwhile: try again")
             member = self._user_id(c, username)
             if member == uid:
                 raise E.invalid("the owner of a shared folder is not one of its members")
@@ -719,15 +727,16 @@ class MetadataStore:
             c.run("INSERT INTO share_members(share_id, user_id, read_only) VALUES (?,?,?)", (sid, member, int(read_only)))
             c.many("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,?,?,?)",
                    [(sid, g.gen, member, g.wrapped) for g in grants])
+            c.run("UPDATE shares SET members_seal = ? WHERE id = ?", (req.members_seal, sid))
             bump_shares_seq(c, sid)
         self._write(run)
 
-    def new_share_generation(self, owner: UUID, share: UUID, gen: int, name: str,
-                             grants: Sequence[UserGrant], remove: str | None) -> None:
+    def new_share_generation(self, owner: UUID, share: UUID, req: NewGenerationRequest) -> None:
         """Removes ``remove`` (every grant of theirs too) and adds key generation
         ``gen``, granted to exactly the owner and the remaining members, in one
         transaction; the share is ``rotating`` until the owner has re-sealed it."""
         uid, sid = _s(owner), _s(share)
+        gen, grants, remove = req.gen, req.grants, req.remove
 
         def run(c: Tx) -> None:
             _root, _state, current = self._owned_share(c, uid, sid)
@@ -746,7 +755,8 @@ class MetadataStore:
                 raise E.conflict("the new generation must be granted to the owner and every member, once each")
             c.many("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,?,?,?)",
                    [(sid, gen, m, w) for m, w in to.items()])
-            c.run("UPDATE shares SET current_gen = ?, name = ?, state = 'rotating' WHERE id = ?", (gen, name, sid))
+            c.run("UPDATE shares SET current_gen = ?, name = ?, members_seal = ?, state = 'rotating' WHERE id = ?",
+                  (gen, req.name, req.members_seal, sid))
             bump_shares_seq(c, sid, *removed)
         self._write(run)
 
@@ -790,12 +800,12 @@ class MetadataStore:
 
         def run(c: Tx) -> list[ShareOut]:
             rows = c.all("SELECT s.id, u.username, u.identity_public, s.root_inode, s.name, s.state, s.current_gen,"
-                         " coalesce(m.read_only, 0), s.owner_id FROM shares s JOIN users u ON u.id = s.owner_id"
+                         " coalesce(m.read_only, 0), s.owner_id, s.members_seal FROM shares s JOIN users u ON u.id = s.owner_id"
                          " LEFT JOIN share_members m ON m.share_id = s.id AND m.user_id = ?"
                          " WHERE s.owner_id = ? OR (m.user_id IS NOT NULL AND s.state <> 'converting')"
                          " ORDER BY s.created_at, s.id", (uid, uid))
             out = []
-            for sid, owner, owner_public, root, name, state, gen, read_only, owner_id in rows:
+            for sid, owner, owner_public, root, name, state, gen, read_only, owner_id, seal in rows:
                 grants = c.all("SELECT gen, wrapped FROM share_grants WHERE share_id = ? AND user_id = ?"
                                " ORDER BY gen", (sid, uid))
                 gens = sorted(g for (g,) in c.all("SELECT DISTINCT gen FROM share_grants WHERE share_id = ?", (sid,)))
@@ -805,7 +815,8 @@ class MetadataStore:
                         " JOIN users u ON u.id = m.user_id WHERE m.share_id = ? ORDER BY u.username", (sid,))]
                 out.append(ShareOut(id=UUID(sid), owner=owner, owner_public_key=owner_public, root_inode=UUID(root),
                                     name=name, state=state, current_gen=gen, gens=gens, read_only=bool(read_only),
-                                    grants=[Grant(gen=g, wrapped=w) for g, w in grants], members=members))
+                                    grants=[Grant(gen=g, wrapped=w) for g, w in grants], members=members,
+                                    members_seal=seal if owner_id == uid else None))
             return out
         return self._read(run)
 

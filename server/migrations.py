@@ -210,7 +210,8 @@ CREATE INDEX IF NOT EXISTS link_blobs_user ON link_blobs(user_id);
 # (a folder of the owner's, its members, the generations of its keys and each
 # generation's key wrapped for each member and the owner); every inode and tombstone
 # tagged with the share it belongs to (NULL: the owner's private tree); a counter
-# per account that moves whenever a share it owns or belongs to changes.
+# per account that moves whenever a share it owns or belongs to changes. A share's
+# members_seal is the owner's MAC of its member list (the server cannot add one).
 V5 = """
 ALTER TABLE users ADD COLUMN identity_public TEXT;
 ALTER TABLE users ADD COLUMN identity_private TEXT;
@@ -226,6 +227,7 @@ CREATE TABLE IF NOT EXISTS shares(
     name TEXT NOT NULL,
     state TEXT NOT NULL,
     current_gen INTEGER NOT NULL,
+    members_seal TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS shares_root ON shares(owner_id, root_inode);

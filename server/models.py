@@ -422,8 +422,11 @@ class LinkRecordResponse(BaseModel):
 # ---------------------------------------------------------------- sharing
 # A share's key generation is a 32-byte secret, wrapped ("granted") for the owner and
 # each member under a key only the owner's and that member's identity keys compute
-# (docs/FORMAT.md §8). The server stores the grants and enforces who may read and write.
+# (docs/FORMAT.md "Shared folders"). The server stores the grants and enforces who may read and write.
 Wrapped = Annotated[B64, Field(max_length=MAX_KEY_B64)]
+# The owner's MAC of a share's generation and member list (HMAC-SHA256): the owner's
+# client grants a new generation only to members it listed itself.
+MembersSeal = Annotated[B64, Field(min_length=44, max_length=44)]
 
 
 class PublicKeyResponse(BaseModel):
@@ -449,12 +452,15 @@ class NewShareRequest(Strict):
     root_inode: UUID
     name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # sealed under generation 1
     grant: Wrapped                                           # generation 1, for the owner
+    members_seal: MembersSeal                                # generation 1, no members
 
 
 class NewMemberRequest(Strict):
     username: Username
     read_only: bool = False
     grants: list[Grant] = Field(min_length=1, max_length=MAX_OPS)   # one per generation
+    members_seal: MembersSeal                                # of the members with this one
+    expect_members: list[Username] = Field(max_length=MAX_OPS)   # the members the seal's list adds to
 
 
 class NewGenerationRequest(Strict):
@@ -465,6 +471,7 @@ class NewGenerationRequest(Strict):
     name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # re-sealed under the new generation
     grants: list[UserGrant] = Field(min_length=1, max_length=MAX_OPS)
     remove: Username | None = None
+    members_seal: MembersSeal                                # of the new generation and the members left
 
 
 class ShareStateRequest(Strict):
@@ -489,6 +496,7 @@ class ShareOut(BaseModel):
     read_only: bool                     # for the requesting user
     grants: list[Grant]                 # the requesting user's, one per generation
     members: list[ShareMemberOut]       # the owner sees them; members see an empty list
+    members_seal: str | None            # the owner's MAC of current_gen and members (the owner's view only)
 
 
 class SharesResponse(BaseModel):

@@ -130,8 +130,8 @@ def test_members_read_write_and_rename_and_the_server_enforces_who_may(server, p
                                              "name_hash": "0" * 64, "name": "AAAA"}]})
         assert r.status_code == 404, r.text
     # and the owner's own client cannot move an entry across either: the server says so
-    (parent, name_hash, inode) = server.query(
-        "SELECT d.parent, d.name_hash, d.inode FROM dentries d JOIN inodes i ON i.user_id = d.user_id"
+    (parent, name_hash) = server.query(
+        "SELECT d.parent, d.name_hash FROM dentries d JOIN inodes i ON i.user_id = d.user_id"
         " AND i.id = d.inode WHERE i.share_id IS NULL AND d.is_dir = 0")[0]
     with api(server, alice) as c:
         r = c.post("/fs/ops", json={"ops": [{"op": "rename", "src_parent": parent, "src_hash": name_hash,
@@ -141,7 +141,7 @@ def test_members_read_write_and_rename_and_the_server_enforces_who_may(server, p
 
 
 def test_unshare_removes_at_once_and_nothing_stored_after_opens_with_the_removed_keys(server, people, tmp_path):
-    alice, bob, carol, dave = people
+    alice, bob, _carol, dave = people
     share = share_of(server, alice)
     folder = f"/Shared/{alice.username}/Projects"
     old = member_keys(bob)                       # everything bob ever held
@@ -220,6 +220,27 @@ def test_a_server_that_swaps_a_public_key_is_refused(server, make_machine, lying
     assert_ok(alice.run("share", "/C", bob.username, "--fingerprint", real))
     assert ls_names(bob, f"/Shared/{alice.username}") == ["A/", "C/"]
 
+    # a server that slips a member into the list it gives the owner (carol: a real user whose
+    # key alice has pinned) would be granted the next generation at an unshare: refused
+    carol = make_machine(server).register()
+    assert_ok(alice.run("share", "/B", carol.username))
+    carol_key = {"username": carol.username, "read_only": False,
+                 "public_key": server.query("SELECT identity_public FROM users WHERE username = ?", carol.username)[0][0]}
+
+    def slip_in(body, _req):
+        for share in body["shares"]:
+            if all(m["username"] != carol.username for m in share["members"]):
+                share["members"].append(carol_key)
+        return body
+    proxy.lie("GET", "/shares", slip_in)
+    line = error_line(alice.run("unshare", "/A", bob.username, check=False))
+    assert "refusing to change shares" in line and "list of members" in line, line
+    assert not proxy.requests("POST", r"/shares/[^/]+/generations")
+    assert "list of members is not the one this account made" in alice.run("shares").stderr
+    proxy.honest()
+    assert_ok(alice.run("unshare", "/A", bob.username))
+    assert ls_names(carol, f"/Shared/{alice.username}") == ["B/"]
+
 
 def _fingerprint(machine) -> str:
     out = machine.run("whoami").stdout
@@ -263,3 +284,4 @@ def test_identity_keys_whoami_and_trust_on_first_use(server, make_machine, tmp_p
     with api(server, bob) as c:
         r = c.put("/account/identity", json=record)
         assert (r.status_code, r.json()["code"]) == (409, "conflict"), r.text
+

@@ -608,6 +608,8 @@ def cmd_whoami(args, state: LocalState) -> None:
 
 def _shared_folder(vault: Vault, path: str) -> tuple[Node, str]:
     _check_remote(path)
+    if vault.book is not None and vault.book.problems:      # a tampered share: change none
+        raise ZkfsError(f"refusing to change shares: {vault.book.problems[0]}")
     parts = split_path(path)
     if not parts:
         raise ZkfsError("the root folder cannot be shared: share a folder in it")

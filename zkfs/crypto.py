@@ -264,7 +264,7 @@ class NamespaceKey:
 
 # ---------------------------------------------------------------- sharing
 class IdentityKey:
-    """An account's X25519 key pair (docs/FORMAT.md §8): what others wrap a shared
+    """An account's X25519 key pair (docs/FORMAT.md "Shared folders"): what others wrap a shared
     folder's keys for. The private half is wrapped under a master key generation."""
 
     SIZE = 32
@@ -314,6 +314,18 @@ def grant_wrapping_key(identity: IdentityKey, peer_public: bytes, context: bytes
     shared = identity.agree(peer_public)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                 info=b"zkfs/v1/share-grant\0" + context).derive(shared)
+
+
+def members_seal(identity: IdentityKey, share: UUID, gen: int, members: list[tuple[str, bytes, bool]]) -> bytes:
+    """The owner's MAC of a share's generation and members (username, public key,
+    read-only), under a key only the owner's identity key gives (members hold the
+    share's keys, so a MAC under those would let them, or a server they gave them to,
+    add a member). The owner grants a new generation only to a list that checks."""
+    msg = bytearray(b"zkfs/v1/share-members\0" + share.bytes + struct.pack(">I", gen))
+    for username, public, read_only in sorted((u.lower(), p, r) for u, p, r in members):
+        name = username.encode()
+        msg += struct.pack(">H", len(name)) + name + public + (b"\1" if read_only else b"\0")
+    return std_hmac.new(_expand(identity.raw, b"share-members"), bytes(msg), sha256).digest()
 
 
 @dataclass(frozen=True)

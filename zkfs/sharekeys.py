@@ -1,5 +1,5 @@
 """Shared folders as a client sees them: the shares it owns or belongs to, each
-with its own keyring, opened from the grants the server stores (docs/FORMAT.md §8).
+with its own keyring, opened from the grants the server stores (docs/FORMAT.md "Shared folders").
 
 A share's generation *g* is a 32-byte secret; the owner wraps it for itself and
 each member under a key that only the owner's and that member's X25519 identity
@@ -9,6 +9,7 @@ refused, not a key of its own in.
 """
 from __future__ import annotations
 
+import hmac as std_hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -113,6 +114,15 @@ def new_secret() -> bytes:
     return os.urandom(crypto.KEY_BYTES)
 
 
+def _check_members(identity: IdentityKey, share: UUID, gen: int, d: dict) -> None:
+    """The member list the server gives the owner must be the one the owner sealed:
+    else a server could slip in a member of its own and be granted the next generation."""
+    members = [(m["username"], b64decode(m["public_key"]), bool(m["read_only"])) for m in d.get("members", [])]
+    seal = crypto.members_seal(identity, share, gen, members)
+    if not std_hmac.compare_digest(seal, b64decode(d.get("members_seal") or "")):
+        raise TamperedError("its list of members is not the one this account made: the server changed it")
+
+
 class ShareBook:
     """Loads this account's shares from the server and opens them. A share that
     does not open (a grant that fails, an owner key that changed) is left out and
@@ -133,7 +143,7 @@ class ShareBook:
             except (ZkfsError, IntegrityError, KeyError, ValueError) as exc:
                 why = str(exc) or exc.__class__.__name__
                 self.problems.append(f"the folder {d.get('owner')} shares ({d.get('id')}) cannot be opened: {why}")
-                log.error("%s", self.problems[-1])
+                log.info("%s", self.problems[-1])     # the caller reports them (the CLI, the mount's log)
                 continue
             out[share.id] = share
         return out
@@ -161,6 +171,8 @@ class ShareBook:
             name = crypto.open_share_name(keys.namespace, b64decode(d["name"]), root)
         except IntegrityError:
             raise TamperedError("its name does not open under its key") from None
+        if mine:
+            _check_members(identity, sid, current, d)
         return Share(id=sid, owner=d["owner"], owner_public=owner_public, root=root, name=name,
                      state=d["state"], current_gen=current, read_only=bool(d["read_only"]) and not mine,
                      mine=mine, keys=keys, secrets=secrets, members=d.get("members", []))

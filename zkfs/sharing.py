@@ -1,4 +1,4 @@
-"""`share`, `unshare` and their key work (docs/FORMAT.md §8, THREAT_MODEL.md §10).
+"""`share`, `unshare` and their key work (docs/FORMAT.md and docs/THREAT_MODEL.md, "Shared folders").
 
 Sharing a folder gives its subtree keys of its own: a new share, generation 1,
 whose secret is granted to the owner; every name, attribute set and entry-set
@@ -85,8 +85,12 @@ def share_folder(vault: Vault, node: Node, name: str, username: str, *, read_onl
     share = outcome.share
     grants = [{"gen": g, "wrapped": grant(identity, share.id, g, share.root, identity.public, public, secret)}
               for g, secret in sorted(share.secrets.items())]
+    members = [*_listed(share), (username, public, read_only)]
     try:
-        vault.api.add_member(share.id, {"username": username, "read_only": read_only, "grants": grants})
+        vault.api.add_member(share.id, {
+            "username": username, "read_only": read_only, "grants": grants,
+            "members_seal": _seal(identity, share.id, share.current_gen, members),
+            "expect_members": [m["username"] for m in share.members]})
     except ServerError as exc:
         if exc.code == "exists":
             raise ZkfsError(f"{username} is already a member of {name}") from None
@@ -105,7 +109,8 @@ def _create(vault: Vault, node: Node, name: str) -> Share:
         vault.api.create_share({
             "id": str(sid), "root_inode": str(node.id),
             "name": b64encode(crypto.seal_share_name(keys.namespace, node.id, name)),
-            "grant": grant(identity, sid, 1, node.id, identity.public, identity.public, secret)})
+            "grant": grant(identity, sid, 1, node.id, identity.public, identity.public, secret),
+            "members_seal": _seal(identity, sid, 1, [])})
     except ServerError as exc:
         if exc.code == "conflict":
             raise ZkfsError(f"cannot share this folder: {exc}") from None
@@ -146,17 +151,26 @@ def _rotate(vault: Vault, share: Share, removed: str, pins: Pins) -> Share:
     keys = ShareKeys.derive(secret)
     grants = [{"username": vault.api.account()["username"],
                "wrapped": grant(identity, share.id, gen, share.root, identity.public, identity.public, secret)}]
-    for m in share.members:
-        if m["username"] != removed:
-            public = b64decode(m["public_key"])
-            pins.check(m["username"], public)
-            grants.append({"username": m["username"],
-                           "wrapped": grant(identity, share.id, gen, share.root, identity.public, public, secret)})
+    left = [m for m in _listed(share) if m[0] != removed]
+    for username, public, _read_only in left:
+        pins.check(username, public)
+        grants.append({"username": username,
+                       "wrapped": grant(identity, share.id, gen, share.root, identity.public, public, secret)})
     vault.api.new_share_generation(share.id, {
         "gen": gen, "remove": removed, "grants": grants,
+        "members_seal": _seal(identity, share.id, gen, left),
         "name": b64encode(crypto.seal_share_name(keys.namespace, share.root, share.name))})
     vault.reload_shares()
     return _share(vault, share.id)
+
+
+def _listed(share: Share) -> list[tuple[str, bytes, bool]]:
+    """The members as the owner listed them (the list ShareBook checked against its seal)."""
+    return [(m["username"], b64decode(m["public_key"]), bool(m["read_only"])) for m in share.members]
+
+
+def _seal(identity, share: UUID, gen: int, members: list[tuple[str, bytes, bool]]) -> str:
+    return b64encode(crypto.members_seal(identity, share, gen, members))
 
 
 def finish(vault: Vault, share: Share, progress: Progress, *, reencrypt: bool = False) -> Outcome:

@@ -42,7 +42,7 @@ def list_shares(user: CurrentUser, db: DbDep):
 
 @router.post("/shares", status_code=201, responses={409: {"model": Error}})
 def create_share(body: NewShareRequest, user: CurrentUser, db: DbDep):
-    db.create_share(user.id, body.id, body.root_inode, body.name, body.grant)
+    db.create_share(user.id, body.id, body.root_inode, body.name, body.grant, body.members_seal)
     return Response(status_code=201)
 
 
@@ -55,7 +55,7 @@ def set_state(share: UUID, body: ShareStateRequest, user: CurrentUser, db: DbDep
 
 @router.post("/shares/{share}/members", status_code=201, responses={409: {"model": Error}})
 def add_member(share: UUID, body: NewMemberRequest, user: CurrentUser, db: DbDep):
-    db.add_member(user.id, share, body.username, body.read_only, body.grants)
+    db.add_member(user.id, share, body)
     return Response(status_code=201)
 
 
@@ -63,7 +63,7 @@ def add_member(share: UUID, body: NewMemberRequest, user: CurrentUser, db: DbDep
 def new_generation(share: UUID, body: NewGenerationRequest, user: CurrentUser, db: DbDep):
     """A new key generation; with ``remove``, a member removed in the same transaction:
     from then on the server refuses every request of theirs into the share."""
-    db.new_share_generation(user.id, share, body.gen, body.name, body.grants, body.remove)
+    db.new_share_generation(user.id, share, body)
     return Response(status_code=201)
 
 
