@@ -285,3 +285,38 @@ def test_identity_keys_whoami_and_trust_on_first_use(server, make_machine, tmp_p
         r = c.put("/account/identity", json=record)
         assert (r.status_code, r.json()["code"]) == (409, "conflict"), r.text
 
+
+def test_unshare_reencrypt_resumes_after_an_interruption(server, make_machine, lying_proxy, tmp_path):
+    proxy = lying_proxy(server)
+    alice = make_machine(server)
+    alice.server_url = proxy.url
+    alice.register()
+    bob, dave = make_machine(server).register(), make_machine(server).register()
+    src = tmp_path / "Projects"
+    src.mkdir()
+    contents = {f"f{i}.bin": os.urandom(70_000 + i) for i in range(4)}
+    for name, data in contents.items():
+        (src / name).write_bytes(data)
+    assert_ok(alice.run("upload", "-r", str(src)))
+    for member in (bob, dave):
+        assert_ok(alice.run("share", "/Projects", member.username))
+    old = member_keys(bob)
+    share = share_of(server, alice)
+    # the answer to the second re-encrypted file's commit is lost (the server applied it)
+    commits = []
+
+    def second_new_key(req) -> bool:
+        if any(op["op"] == "commit" and op.get("wrapped_key") for op in req.json()["ops"]):
+            commits.append(req)
+        return len(commits) == 2
+    proxy.lie("POST", "/fs/ops", truncate=True, times=1, when=second_new_key)
+    assert_cli_error(alice.run("unshare", "/Projects", bob.username, "--reencrypt", check=False))
+    assert len(server.query("SELECT DISTINCT gen FROM share_grants WHERE share_id = ?", share["id"])) == 2
+    proxy.honest()
+    # run again: what is left is read from the server's records, and it finishes
+    out = alice.run("unshare", "/Projects", bob.username, "--reencrypt").stdout
+    assert "re-encrypted" in out, out
+    assert server.query("SELECT DISTINCT gen FROM share_grants WHERE share_id = ?", share["id"]) == [(2,)]
+    assert_nothing_opens(stored_tokens(server), old)
+    for name, data in contents.items():
+        assert _download(dave, f"/Shared/{alice.username}/Projects/{name}", tmp_path) == data
