@@ -26,7 +26,12 @@ SHARED_NAME = "Shared"          # the folder at a member's root holding what oth
 _IDS = UUID("6f1c0e52-5a8e-4d7e-9a37-3b1f7c2d0a11")      # uuid5 namespace of the virtual folders
 
 
-class NoLongerShared(ZkfsError):
+class ShareRefused(ZkfsError):
+    """A change no server would take from this account: in /Shared, in a share
+    that is read-only for it, across a share's edge, or in one it left."""
+
+
+class NoLongerShared(ShareRefused):
     errno = errno.ENOENT
 
 
@@ -100,6 +105,14 @@ class Domains:
         """A new inode (not yet listed anywhere) in ``share``."""
         if share is not None:
             self._inode_share[inode] = share.id
+
+    def share_id(self, inode: UUID) -> UUID | None:
+        """The share ``inode`` is known to be in (None: the account's, or not known)."""
+        return self._inode_share.get(inode)
+
+    def adopt_id(self, inode: UUID, share: UUID) -> None:
+        """``inode`` is in the share of that id (a journal record says so)."""
+        self._inode_share[inode] = share
 
     def is_virtual(self, inode: UUID) -> bool:
         return inode in self.virtual

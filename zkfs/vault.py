@@ -26,7 +26,7 @@ from . import crypto
 from .account import Keyring
 from .api import ApiClient
 from .crypto import BinaryFernet, IntegrityError, NamespaceKey
-from .domains import SHARED_NAME, Domains
+from .domains import SHARED_NAME, Domains, ShareRefused
 from .errors import ServerError, StaleAnswer, StaleError, TamperedError, ZkfsError
 from .entryset import EntrySet
 from .format import (CHUNK_SIZE, SEGMENT_SIZE, Attrs, ChunkRef, HOLE_REF, Manifest, b64decode, b64encode,
@@ -140,19 +140,19 @@ class Vault:
         may change it: not /Shared's folders, not a read-only share (the server
         refuses too)."""
         if self.domains.is_virtual(inode):
-            raise ZkfsError(f"{SHARED_NAME} holds the folders others share with you: nothing can be "
+            raise ShareRefused(f"{SHARED_NAME} holds the folders others share with you: nothing can be "
                             "created, moved or changed there", errno=errno.EACCES)
         share = self.domains.share_of(inode)
         if share is not None and share.read_only:
-            raise ZkfsError(f"{share.owner} shares {share.name} with you read-only", errno=errno.EACCES)
+            raise ShareRefused(f"{share.owner} shares {share.name} with you read-only", errno=errno.EACCES)
         return share
 
-    def _same_domain(self, a: UUID, b: UUID) -> Share | None:
+    def same_domain(self, a: UUID, b: UUID) -> Share | None:
         """Both folders' share (they must have the same): nothing moves into or out
         of a shared folder, it is copied (EXDEV: mv and file managers copy)."""
         share = self.check_writable(a)
         if self.check_writable(b) is not share:
-            raise ZkfsError("nothing moves into or out of a shared folder: copy it instead", errno=errno.EXDEV)
+            raise ShareRefused("nothing moves into or out of a shared folder: copy it instead", errno=errno.EXDEV)
         return share
 
     def stale_key(self, node: Node) -> bool:
@@ -716,7 +716,7 @@ class Vault:
         return {"key_gen": gen, "wrapped_key": b64encode(wrapped)}
 
     def op_link(self, inode: UUID, parent: UUID, name: str, *, at_ns: int | None = None) -> Op:
-        share = self._same_domain(inode, parent)
+        share = self.same_domain(inode, parent)
         wire = {"op": "link", "inode": str(inode), "parent": str(parent), "name_hash": self.name_hash(parent, name),
                 "name": b64encode(seal_name(self.ns_of(parent), inode, name))}
         return Op(wire, entries=(EntryChange(parent, name, inode, False, True),), at_ns=at_ns or time.time_ns(),
@@ -741,7 +741,7 @@ class Vault:
                   *, replaces: Node | None = None, keep_orphan: bool = False, at_ns: int | None = None) -> Op:
         """Renames ``node``; ``replaces``: what the target is now (None: there is none,
         and if one appeared meanwhile the server refuses with ``exists``)."""
-        share = self._same_domain(src_parent, dst_parent)
+        share = self.same_domain(src_parent, dst_parent)
         src_hash = self.entry_hash(src_parent, src_name)
         dst_hash = (self.entry_hash if replaces is not None else self.name_hash)(dst_parent, dst_name)
         wire = {"op": "rename", "src_parent": str(src_parent), "src_hash": src_hash,
@@ -760,7 +760,7 @@ class Vault:
     def op_exchange(self, a: Node, a_parent: UUID, a_name: str, b: Node, b_parent: UUID, b_name: str,
                     *, at_ns: int | None = None) -> Op:
         """rename(2) with RENAME_EXCHANGE: ``a`` and ``b`` swap names."""
-        share = self._same_domain(a_parent, b_parent)
+        share = self.same_domain(a_parent, b_parent)
         a_hash, b_hash = self.entry_hash(a_parent, a_name), self.entry_hash(b_parent, b_name)
         wire = {"op": "exchange", "a_parent": str(a_parent), "a_hash": a_hash, "a_inode": str(a.id),
                 "a_name": b64encode(seal_name(self.ns_of(a_parent), b.id, a_name)),
