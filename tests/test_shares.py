@@ -320,3 +320,24 @@ def test_unshare_reencrypt_resumes_after_an_interruption(server, make_machine, l
     assert_nothing_opens(stored_tokens(server), old)
     for name, data in contents.items():
         assert _download(dave, f"/Shared/{alice.username}/Projects/{name}", tmp_path) == data
+
+
+def test_a_client_holding_the_old_generation_follows_an_unshare_made_elsewhere(server, people):
+    """A running client (a mount's vault) of the owner and of a member that stays,
+    with the share's keys as they were: after an unshare elsewhere re-sealed the
+    folder under a new generation, what they read still opens (they load the
+    share's keys again), instead of failing verification."""
+    alice, bob, _carol, dave = people
+    vaults = [open_vault(LocalState(m.home)) for m in (alice, dave)]
+    try:
+        before = [sorted(n for n, _ in v.listdir(next(iter(v.domains.shares.values())).root)) for v in vaults]
+        assert before[0] == before[1] == ["plan.txt", "sub"]
+        assert_ok(alice.run("unshare", "/Projects", bob.username))
+        for v in vaults:
+            share = next(iter(v.domains.shares.values()))
+            assert share.current_gen == 1                      # as loaded before the unshare
+            assert sorted(n for n, _ in v.listdir(share.root)) == ["plan.txt", "sub"]
+            assert next(iter(v.domains.shares.values())).current_gen == 2
+    finally:
+        for v in vaults:
+            v.ledger.close()

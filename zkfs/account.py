@@ -102,6 +102,7 @@ class Keyring:
     old_readers: bool = True
     # Also opens (a folder being made a share: its records move from the account's keys).
     fallback: "Keyring | None" = None
+    share: UUID | None = None               # the shared folder whose keys these are
 
     @property
     def namespace(self) -> NamespaceKey:

@@ -102,12 +102,12 @@ def open_grant(identity: IdentityKey, share: UUID, gen: int, root: UUID, owner_p
     return crypto.unwrap_key(crypto.grant_wrapping_key(identity, peer, ctx), b64decode(wrapped), ctx)
 
 
-def share_keyring(secrets: dict[int, bytes], current_gen: int, state: str,
+def share_keyring(share: UUID, secrets: dict[int, bytes], current_gen: int, state: str,
                   fallback: Keyring | None = None) -> Keyring:
     derived = {g: ShareKeys.derive(s) for g, s in secrets.items()}
     return Keyring(masters={g: k.files for g, k in derived.items()}, current_gen=current_gen,
                    namespaces={g: k.namespace for g, k in derived.items()},
-                   old_readers=state != "ready", fallback=fallback)
+                   old_readers=state != "ready", fallback=fallback, share=share)
 
 
 def new_secret() -> bytes:
@@ -166,7 +166,7 @@ class ShareBook:
         if current not in secrets:
             raise TamperedError("no key for its current generation")
         fallback = keyring if mine and d["state"] == "converting" else None
-        keys = share_keyring(secrets, current, d["state"], fallback)
+        keys = share_keyring(sid, secrets, current, d["state"], fallback)
         try:
             name = crypto.open_share_name(keys.namespace, b64decode(d["name"]), root)
         except IntegrityError:

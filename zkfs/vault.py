@@ -203,13 +203,28 @@ class Vault:
         (default: as known for ``inode``)."""
         keys = keys or self.keys_of(inode)
         errors = []
-        for ns in keys.readers:
-            try:
-                return Attrs.decrypt(ns, token, inode, version), ns
-            except IntegrityError as exc:
-                errors.append(str(exc))
+        for attempt in range(2):
+            for ns in keys.readers:
+                try:
+                    return Attrs.decrypt(ns, token, inode, version), ns
+                except IntegrityError as exc:
+                    errors.append(str(exc))
+            keys = self._newer_share_keys(keys) if attempt == 0 else None
+            if keys is None:
+                break
         why = next((e for e in errors if e != "authentication failed"), errors[0])
         raise TamperedError(f"attributes of inode {inode} failed verification: {why}")
+
+    def _newer_share_keys(self, keys: Keyring) -> Keyring | None:
+        """A record did not open under a share's keys: the share's keys loaded again,
+        if a new generation came meanwhile (an unshare elsewhere re-sealed it)."""
+        if keys.share is None:
+            return None
+        now = self.domains.shares.get(keys.share)
+        if now is None or now.current_gen == keys.current_gen:     # not loaded again since
+            self.reload_shares()
+            now = self.domains.shares.get(keys.share)
+        return now.keys if now is not None and now.current_gen != keys.current_gen else None
 
     def node_from_wire(self, d: dict, since: int | None = None, share: Share | None | object = _SAME) -> Node:
         """A verified node. ``since``: the ledger epoch when the request was sent
@@ -218,6 +233,8 @@ class Vault:
         inode = UUID(d["id"])
         keys = self.keys_of(inode) if share is _SAME else share.keys if share is not None else self.keyring
         attrs, ns = self.open_attrs(inode, b64decode(d["meta"]), d["version"], keys)
+        if all(ns is not k for k in keys.readers):
+            keys = self.keys_of(inode)          # its share's keys were loaded again meanwhile
         if attrs.is_dir != d["is_dir"]:
             raise TamperedError(f"inode {inode}: server's type disagrees with its attributes")
         if not self.ledger.check(inode, d["version"], since):
@@ -253,17 +270,21 @@ class Vault:
         """An entry's name and the namespace key that sealed it (see open_attrs)."""
         errors = []
         keys = self.keys_of(parent)
-        for ns in keys.readers:
-            try:
-                name = open_name(ns, b64decode(d["name"]), parent=parent, inode=inode, name_hash=d["name_hash"])
-            except IntegrityError as exc:
-                errors.append(str(exc))
-                continue
-            if ns is keys.namespace:
-                self._old_hashes.pop((parent, name), None)
-            else:
-                self._old_hashes[(parent, name)] = d["name_hash"]
-            return name, ns
+        for attempt in range(2):
+            for ns in keys.readers:
+                try:
+                    name = open_name(ns, b64decode(d["name"]), parent=parent, inode=inode, name_hash=d["name_hash"])
+                except IntegrityError as exc:
+                    errors.append(str(exc))
+                    continue
+                if ns is keys.namespace:
+                    self._old_hashes.pop((parent, name), None)
+                else:
+                    self._old_hashes[(parent, name)] = d["name_hash"]
+                return name, ns
+            keys = self._newer_share_keys(keys) if attempt == 0 else None
+            if keys is None:
+                break
         why = next((e for e in errors if e != "authentication failed"), errors[0])
         raise TamperedError(f"an entry of directory {parent} failed verification: {why}")
 
