@@ -123,7 +123,7 @@ def test_a_members_mount_works_like_its_own_files(server, mounts, tmp_path):
 
 
 def test_unshare_takes_the_folder_out_of_the_members_mount_within_seconds(server, mounts, tmp_path):
-    alice, src, (bob, carol) = _shared_projects(server, mounts, tmp_path, ("bob", False), ("carol", False))
+    alice, _src, (bob, carol) = _shared_projects(server, mounts, tmp_path, ("bob", False), ("carol", False))
     a, b, c = mounts.mount(alice), mounts.mount(bob), mounts.mount(carol)
     theirs = b.path / "Shared" / alice.username / "Projects"
     assert (theirs / "plan.txt").read_bytes() == b"the plan\n"
