@@ -20,7 +20,7 @@ from .db import MetadataStore
 from .linklimit import LinkLimiter
 from .linkstore import LinkStore
 from .models import HealthResponse
-from .routers import accounts, blobs, fs, keys, links, public_links
+from .routers import accounts, blobs, fs, keys, links, public_links, shares
 from .sqldb import open_database
 from .storage import open_blob_store
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routers are included flat and the busiest first: a request is matched against
     # every route before its own, through each level of nesting (a sixth of the
     # server's time per chunk request when blobs came last under a nested router).
-    for router in (blobs.router, fs.router, keys.router, accounts.router, links.router):
+    for router in (blobs.router, fs.router, keys.router, accounts.router, links.router, shares.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(public_links.router)      # /s/<id>: links for anyone, no account
 

@@ -15,11 +15,12 @@ import hmac
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jose import ExpiredSignatureError, JWTError, jwt
@@ -31,6 +32,7 @@ from .db import MetadataStore, UserRecord
 from .deps import get_db, get_settings
 from .models import (KDF_MAX_LANES, KDF_MIN_ITERATIONS, KDF_MIN_MEMORY_KIB, KDF_MIN_SALT, KdfParams,
                      TokenResponse)
+from .namespace import Scope
 
 ALGORITHM = "HS256"
 
@@ -156,6 +158,39 @@ async def current_user(
 
 
 CurrentUser = Annotated[UserRecord, Depends(current_user)]
+
+# A member's requests into a share of another account's carry its id in this header.
+SHARE_HEADER = "X-Zkfs-Share"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who asks (``user``), whose rows the request works on (``owner``: the user's
+    own, or a share's owner's) and the scope of them it may see."""
+    user: UserRecord
+    owner: UserRecord
+    scope: Scope
+
+    @property
+    def share(self) -> UUID | None:
+        return UUID(self.scope.share) if self.scope.share else None
+
+
+async def current_access(user: CurrentUser, db: Annotated[MetadataStore, Depends(get_db)],
+                         share: Annotated[UUID | None, Header(alias=SHARE_HEADER)] = None) -> Access:
+    """The caller's own account, or with the share header a share it owns or belongs
+    to; 404 for a share it does not (members removed, non-members: the same)."""
+    if share is None:
+        return Access(user, user, Scope(str(user.id)))
+    found = await run_in_threadpool(db.share_access, share, user.id)
+    if found is None:
+        raise E.not_found("no such share")
+    owner, read_only = found
+    member = None if owner.id == user.id else str(user.id)
+    return Access(user, owner, Scope(str(owner.id), str(share), member, read_only))
+
+
+CurrentAccess = Annotated[Access, Depends(current_access)]
 
 
 # ------------------------------------------------------------------ decoys

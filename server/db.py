@@ -6,6 +6,8 @@ that sqlite and PostgreSQL both speak, over a :class:`~server.sqldb.Database`;
 the namespace rules themselves are :mod:`server.namespace`.
 
 Every query is scoped by ``user_id``: another user's ids simply do not exist.
+A member of a share reaches the owner's rows through ``share=`` (the owner's id
+as ``user_id``): then only the inodes tagged with that share exist.
 Every mutating namespace transaction bumps ``users.seq`` and stamps
 ``changed_seq`` on each inode it changed (including directories whose entries
 changed); deleted inodes leave a tombstone so ``GET /fs/changes`` reports them.
@@ -23,8 +25,10 @@ from typing import Callable, Sequence
 from uuid import UUID, uuid4
 
 from . import errors as E
-from .models import KdfParams, MasterKeyRecord
-from .namespace import INODE_BYTES_SQL, NamespaceTx, OpsOutcome, check_quota
+from .models import (Grant, IdentityRecord, KdfParams, MasterKeyRecord, NewGenerationRequest, NewMemberRequest,
+                     ShareMemberOut, ShareOut)
+from .namespace import (INODE_BYTES_SQL, NamespaceTx, OpsOutcome, Scope, bump_shares_seq, check_quota,
+                        require_member, share_key_gens)
 from .sqldb import Database, Tx, UniqueViolation
 
 __all__ = ["MetadataStore", "UserRecord", "InodeRecord", "EntryRecord", "BlobRecord", "OpsOutcome"]
@@ -75,6 +79,11 @@ class BlobRecord:
 
 def _s(u: UUID) -> str:
     return str(u)
+
+
+def _only(share: UUID | None, alias: str = "") -> tuple[str, tuple]:
+    """SQL narrowing a query on ``inodes`` to one share's (nothing if None)."""
+    return Scope("", _s(share) if share else None).only(alias)
 
 
 class MetadataStore:
@@ -213,8 +222,13 @@ class MetadataStore:
                 raise E.not_found("no such key generation")
             if gen == cur[0]:
                 raise E.in_use("cannot delete the current key generation")
-            if c.one("SELECT 1 FROM inodes WHERE user_id = ? AND key_gen = ? LIMIT 1", (uid, gen)):
+            # A shared folder's keys are under its own generations, except while the
+            # share is being made (its files' keys move from the account's to it).
+            if c.one("SELECT 1 FROM inodes WHERE user_id = ? AND key_gen = ? AND (share_id IS NULL OR share_id IN"
+                     " (SELECT id FROM shares WHERE state = 'converting')) LIMIT 1", (uid, gen)):
                 raise E.in_use("file keys still use this generation")
+            if c.one("SELECT 1 FROM users WHERE id = ? AND identity_gen = ?", (uid, gen)):
+                raise E.in_use("the identity key is wrapped under this generation")
             c.run("DELETE FROM master_keys WHERE user_id = ? AND gen = ?", (uid, gen))
         self._write(run)
 
@@ -223,6 +237,15 @@ class MetadataStore:
 
         def run(c: Tx) -> None:
             c.lock_row("SELECT username FROM users WHERE id = ?", (uid,))
+            for (share,) in c.all("SELECT share_id FROM share_members WHERE user_id = ?", (uid,)):
+                bump_shares_seq(c, share)
+            c.run("DELETE FROM share_members WHERE user_id = ?", (uid,))
+            c.run("DELETE FROM share_grants WHERE user_id = ?", (uid,))
+            for (share,) in c.all("SELECT id FROM shares WHERE owner_id = ?", (uid,)):
+                bump_shares_seq(c, share)
+                c.run("DELETE FROM share_members WHERE share_id = ?", (share,))
+                c.run("DELETE FROM share_grants WHERE share_id = ?", (share,))
+            c.run("DELETE FROM shares WHERE owner_id = ?", (uid,))
             for table in ("master_keys", "inodes", "dentries", "blobs", "tombstones", "devices",
                           "applied_batches", "links", "link_blobs"):
                 c.run(f"DELETE FROM {table} WHERE user_id = ?", (uid,))
@@ -296,9 +319,10 @@ class MetadataStore:
         return InodeRecord(id=UUID(row[0]), is_dir=bool(row[1]), version=row[2], nlink=row[3],
                            meta=row[4], manifest=row[5] if with_manifest else None)
 
-    def get_inode(self, user_id: UUID, inode: UUID) -> InodeRecord | None:
-        row = self.db.one(f"SELECT {self._INODE_COLS}, i.manifest FROM inodes i WHERE i.user_id = ? AND i.id = ?",
-                          (_s(user_id), _s(inode)))
+    def get_inode(self, user_id: UUID, inode: UUID, share: UUID | None = None) -> InodeRecord | None:
+        only, args = _only(share, "i.")
+        row = self.db.one(f"SELECT {self._INODE_COLS}, i.manifest FROM inodes i WHERE i.user_id = ? AND i.id = ?"
+                          f"{only}", (_s(user_id), _s(inode), *args))
         return self._inode(row, True) if row else None
 
     _ENTRY_SQL = ("SELECT d.name_hash, d.name, " + _INODE_COLS +
@@ -309,25 +333,28 @@ class MetadataStore:
     def _entry(cls, row) -> EntryRecord:
         return EntryRecord(name_hash=row[0], name=row[1], inode=cls._inode(row[2:], False))
 
-    def _listing(self, c: Tx, uid: str, parent: str, limit: int | None = None
+    def _listing(self, c: Tx, uid: str, parent: str, limit: int | None = None, share: UUID | None = None
                  ) -> tuple[InodeRecord, list[EntryRecord]] | None:
         """The directory's own record and its entries (at most ``limit``); None when
-        ``parent`` is not one of the user's directories."""
-        row = c.one(f"SELECT {self._INODE_COLS} FROM inodes i WHERE i.user_id = ? AND i.id = ?", (uid, parent))
+        ``parent`` is not one of the user's directories (in ``share``, if given)."""
+        only, only_args = _only(share, "i.")
+        row = c.one(f"SELECT {self._INODE_COLS} FROM inodes i WHERE i.user_id = ? AND i.id = ?{only}",
+                    (uid, parent, *only_args))
         if row is None or not row[1]:
             return None
-        sql = self._ENTRY_SQL + " ORDER BY d.name_hash"
-        args: tuple = (uid, parent)
+        sql = self._ENTRY_SQL + only + " ORDER BY d.name_hash"
+        args: tuple = (uid, parent, *only_args)
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + (limit,)
         return self._inode(row, False), [self._entry(r) for r in c.all(sql, args)]
 
-    def list_entries(self, user_id: UUID, parent: UUID) -> tuple[InodeRecord, list[EntryRecord]] | None:
+    def list_entries(self, user_id: UUID, parent: UUID, share: UUID | None = None
+                     ) -> tuple[InodeRecord, list[EntryRecord]] | None:
         """The directory's own record and its entries, from one snapshot."""
-        return self._read(lambda c: self._listing(c, _s(user_id), _s(parent)))
+        return self._read(lambda c: self._listing(c, _s(user_id), _s(parent), share=share))
 
-    def list_entries_many(self, user_id: UUID, parents: Sequence[UUID],
-                          max_entries: int) -> list[tuple[InodeRecord, list[EntryRecord]]]:
+    def list_entries_many(self, user_id: UUID, parents: Sequence[UUID], max_entries: int,
+                          share: UUID | None = None) -> list[tuple[InodeRecord, list[EntryRecord]]]:
         """Listings (as ``list_entries``) of those ``parents`` that are the user's
         directories, in order and from one snapshot, stopping before the one that
         would take the total past ``max_entries``."""
@@ -336,7 +363,7 @@ class MetadataStore:
         def run(c: Tx):
             found, room = [], max_entries
             for parent in dict.fromkeys(parents):
-                listing = self._listing(c, uid, _s(parent), room + 1)
+                listing = self._listing(c, uid, _s(parent), room + 1, share)
                 if listing is None:
                     continue
                 if len(listing[1]) > room:
@@ -346,20 +373,26 @@ class MetadataStore:
             return found
         return self._read(run)
 
-    def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str) -> EntryRecord | None:
-        row = self.db.one(self._ENTRY_SQL + " AND d.name_hash = ?", (_s(user_id), _s(parent), name_hash))
+    def lookup_entry(self, user_id: UUID, parent: UUID, name_hash: str, share: UUID | None = None
+                     ) -> EntryRecord | None:
+        only, args = _only(share, "i.")
+        row = self.db.one(self._ENTRY_SQL + " AND d.name_hash = ?" + only, (_s(user_id), _s(parent), name_hash, *args))
         return self._entry(row) if row else None
 
-    def changes(self, user_id: UUID, since: int) -> tuple[int, list[tuple[UUID, int]]]:
-        """The account's current seq and (inode, seq of its last change) after ``since``."""
+    def changes(self, user_id: UUID, since: int, share: UUID | None = None
+                ) -> tuple[int, list[tuple[UUID, int]], int]:
+        """The account's current seq, (inode, seq of its last change) after ``since``
+        (of one share's inodes, if given) and the account's shares counter."""
         uid = _s(user_id)
+        only, args = _only(share)
 
         def run(c: Tx):
-            row = c.one("SELECT seq FROM users WHERE id = ?", (uid,))
-            rows = c.all("SELECT id, changed_seq FROM inodes WHERE user_id = ? AND changed_seq > ?"
-                         " UNION ALL SELECT inode, seq FROM tombstones WHERE user_id = ? AND seq > ?",
-                         (uid, since, uid, since))
-            return (row[0] if row else 0), [(UUID(r[0]), r[1]) for r in rows]
+            row = c.one("SELECT seq, shares_seq FROM users WHERE id = ?", (uid,))
+            rows = c.all(f"SELECT id, changed_seq FROM inodes WHERE user_id = ? AND changed_seq > ?{only}"
+                         f" UNION ALL SELECT inode, seq FROM tombstones WHERE user_id = ? AND seq > ?{only}",
+                         (uid, since, *args, uid, since, *args))
+            seq, shares_seq = row if row else (0, 0)
+            return seq, [(UUID(r[0]), r[1]) for r in rows], shares_seq
         return self._read(run)
 
     def used_bytes(self, user_id: UUID) -> int:
@@ -375,11 +408,14 @@ class MetadataStore:
         return json.loads(row[0]) if row else None
 
     def apply_ops(self, user_id: UUID, ops: Sequence, inline_sizes: dict[tuple[UUID, UUID], int],
-                  pre_commit: Callable[[], None] | None = None, batch_id: UUID | None = None) -> OpsOutcome:
+                  pre_commit: Callable[[], None] | None = None, batch_id: UUID | None = None,
+                  scope: Scope | None = None) -> OpsOutcome:
         """All ops in one transaction. ``batch_id``: its answer is kept with it, and a
-        second batch with that id fails (UniqueViolation) instead of applying twice."""
+        second batch with that id fails (UniqueViolation) instead of applying twice.
+        ``scope``: a member's request into one share of ``user_id``'s (else the
+        account's own)."""
         def run(c: Tx) -> OpsOutcome:
-            tx = NamespaceTx(c, _s(user_id), self.default_quota)
+            tx = NamespaceTx(c, _s(user_id), self.default_quota, scope)
             for index, op in enumerate(ops):
                 try:
                     tx.results.append(tx.apply(op, inline_sizes))
@@ -405,32 +441,34 @@ class MetadataStore:
         return self._write(lambda c: c.run("DELETE FROM applied_batches WHERE at < ?", (older_than,)))
 
     # -- blobs
-    def _blob_target(self, c: Tx, uid: str, inode: str, blob: str) -> None:
-        row = c.one("SELECT is_dir FROM inodes WHERE user_id = ? AND id = ?", (uid, inode))
+    def _blob_target(self, c: Tx, uid: str, inode: str, blob: str, share: UUID | None = None) -> None:
+        row = c.one("SELECT is_dir, share_id FROM inodes WHERE user_id = ? AND id = ?", (uid, inode))
         # No row yet is fine: a new file's chunks are staged before the one
         # request that creates it and commits them (atomic appearance).
+        if row is not None and share is not None and row[1] != _s(share):
+            raise E.not_found("no such inode")
         if row is not None and row[0]:
             raise E.is_dir("directories have no blobs")
         if c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?", (uid, inode, blob)):
             raise E.exists("blob already stored")
 
-    def check_blob_target(self, user: UserRecord, inode: UUID, blob: UUID) -> int:
+    def check_blob_target(self, user: UserRecord, inode: UUID, blob: UUID, share: UUID | None = None) -> int:
         """Validate an upload target; returns the account's current usage."""
         uid = _s(user.id)
 
         def run(c: Tx) -> int:
-            self._blob_target(c, uid, _s(inode), _s(blob))
+            self._blob_target(c, uid, _s(inode), _s(blob), share)
             return c.one("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
         return self._read(run)
 
     def add_blob(self, user: UserRecord, inode: UUID, blob: UUID, size: int,
-                 pre_commit: Callable[[], None] | None = None) -> None:
+                 pre_commit: Callable[[], None] | None = None, scope: Scope | None = None) -> None:
         """Record a staged blob of ``size`` bytes that went through this node
         (charged to the account now)."""
-        self.stage_blobs(user, [(inode, blob, size)], verified=True, pre_commit=pre_commit)
+        self.stage_blobs(user, [(inode, blob, size)], verified=True, pre_commit=pre_commit, scope=scope)
 
     def stage_blobs(self, user: UserRecord, blobs: Sequence[tuple[UUID, UUID, int]], *, verified: bool,
-                    pre_commit: Callable[[], None] | None = None) -> None:
+                    pre_commit: Callable[[], None] | None = None, scope: Scope | None = None) -> None:
         """Record staged blobs (inode, blob, size), all or none, charged to the account
         now. ``verified=False``: about to be uploaded straight to the object store,
         so a commit checks first that each arrived with its size; asking again for
@@ -439,13 +477,16 @@ class MetadataStore:
 
         def run(c: Tx) -> None:
             used = c.lock_row("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
+            if scope is not None:
+                require_member(c, scope)
+            share = scope.share if scope is not None else None
             new = []
             for inode, blob, size in blobs:
                 ino, b = _s(inode), _s(blob)
                 if not verified and c.one("SELECT 1 FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
                                           " AND size = ? AND committed = 0 AND verified = 0", (uid, ino, b, size)):
                     continue
-                self._blob_target(c, uid, ino, b)
+                self._blob_target(c, uid, ino, b, share)
                 new.append((uid, ino, b, size, int(verified), time.time()))
             growth = sum(row[3] for row in new)
             check_quota(used, growth, self.quota_of(user))
@@ -457,12 +498,21 @@ class MetadataStore:
         # Not durable: a staged row lost in a power cut only makes its commit fail cleanly.
         self._write(run, durable=False)
 
-    def get_blob(self, user_id: UUID, inode: UUID, blob: UUID) -> BlobRecord | None:
+    def get_blob(self, user_id: UUID, inode: UUID, blob: UUID, share: UUID | None = None) -> BlobRecord | None:
+        """A blob of the user's; of an inode of ``share``, if given (a blob staged for a
+        new file of a share has no inode yet: only a commit in the share reads it)."""
+        if share is not None and not self._in_share(_s(user_id), inode, share):
+            return None
         row = self.db.one("SELECT size, committed FROM blobs WHERE user_id = ? AND inode = ? AND blob_id = ?"
                           " AND committed >= 0", (_s(user_id), _s(inode), _s(blob)))
         return BlobRecord(size=row[0], committed=row[1] == 1) if row else None
 
-    def existing_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]]) -> list[tuple[UUID, UUID]]:
+    def _in_share(self, uid: str, inode: UUID, share: UUID, c: Tx | None = None) -> bool:
+        return (c or self.db).one("SELECT 1 FROM inodes WHERE user_id = ? AND id = ? AND share_id = ?",
+                                  (uid, _s(inode), _s(share))) is not None
+
+    def existing_blobs(self, user_id: UUID, wanted: Sequence[tuple[UUID, UUID]],
+                       share: UUID | None = None) -> list[tuple[UUID, UUID]]:
         """Those of ``wanted`` (inode, blob) that the user has (staged or committed), in order."""
         uid = _s(user_id)
         inodes = list(dict.fromkeys(i for i, _ in wanted))
@@ -470,6 +520,8 @@ class MetadataStore:
         def run(c: Tx) -> set[tuple[UUID, UUID]]:
             have = set()
             for ino in inodes:
+                if share is not None and not self._in_share(uid, ino, share, c):
+                    continue
                 have.update((ino, UUID(b)) for (b,) in c.all(
                     "SELECT blob_id FROM blobs WHERE user_id = ? AND inode = ? AND committed >= 0", (uid, _s(ino))))
             return have
@@ -501,18 +553,23 @@ class MetadataStore:
                                      [(uid, _s(i), _s(b)) for i, b in blobs]), durable=False)
 
     # -- file keys (wrapped by the client; opaque here)
-    def get_key(self, user_id: UUID, inode: UUID) -> tuple[int, str] | None:
-        """(gen, wrapped key) of a file; None if it has none; not_found if no inode."""
-        row = self.db.one("SELECT key_gen, wrapped_key FROM inodes WHERE user_id = ? AND id = ?",
-                          (_s(user_id), _s(inode)))
+    def get_key(self, user_id: UUID, inode: UUID, share: UUID | None = None
+                ) -> tuple[int, str, UUID | None] | None:
+        """(gen, wrapped key, the share whose generation wrapped it) of a file; None if
+        it has none; not_found if no inode (in ``share``, if given)."""
+        only, args = _only(share)
+        row = self.db.one(f"SELECT key_gen, wrapped_key, share_id FROM inodes WHERE user_id = ? AND id = ?{only}",
+                          (_s(user_id), _s(inode), *args))
         if row is None:
             raise E.not_found("no such inode")
-        return (row[0], row[1]) if row[0] is not None and row[1] is not None else None
+        if row[0] is None or row[1] is None:
+            return None
+        return row[0], row[1], UUID(row[2]) if row[2] else None
 
-    def list_keys(self, user_id: UUID) -> list[tuple[UUID, int, str]]:
-        rows = self.db.all("SELECT id, key_gen, wrapped_key FROM inodes WHERE user_id = ? AND key_gen IS NOT NULL"
-                           " AND wrapped_key IS NOT NULL ORDER BY id", (_s(user_id),))
-        return [(UUID(i), g, k) for i, g, k in rows]
+    def list_keys(self, user_id: UUID) -> list[tuple[UUID, int, str, UUID | None]]:
+        rows = self.db.all("SELECT id, key_gen, wrapped_key, share_id FROM inodes WHERE user_id = ?"
+                           " AND key_gen IS NOT NULL AND wrapped_key IS NOT NULL ORDER BY id", (_s(user_id),))
+        return [(UUID(i), g, k, UUID(sh) if sh else None) for i, g, k, sh in rows]
 
     def set_keys(self, user: UserRecord, updates: Sequence[tuple[UUID, int, str]]) -> None:
         """Replace wrapped file keys (rotate-key), all or none."""
@@ -521,15 +578,18 @@ class MetadataStore:
         def run(c: Tx) -> None:
             used = c.lock_row("SELECT used_bytes FROM users WHERE id = ?", (uid,))[0]
             gens = {g for (g,) in c.all("SELECT gen FROM master_keys WHERE user_id = ?", (uid,))}
+            share_gens: dict[str, set[int]] = {}
             growth = 0
             for inode, gen, wrapped in updates:
-                row = c.one(f"SELECT is_dir, {INODE_BYTES_SQL} FROM inodes WHERE user_id = ? AND id = ?",
+                row = c.one(f"SELECT is_dir, {INODE_BYTES_SQL}, share_id FROM inodes WHERE user_id = ? AND id = ?",
                             (uid, _s(inode)))
                 if row is None:
                     raise E.not_found(f"no such inode {inode}")
                 if row[0]:
                     raise E.invalid("directories have no file key")
-                if gen not in gens:
+                if row[2] is not None and row[2] not in share_gens:
+                    share_gens[row[2]] = share_key_gens(c, row[2])[1]
+                if gen not in (gens if row[2] is None else share_gens[row[2]]):
                     raise E.unknown_key_gen(gen)
                 c.run("UPDATE inodes SET key_gen = ?, wrapped_key = ? WHERE user_id = ? AND id = ?",
                       (gen, wrapped, uid, _s(inode)))
@@ -538,6 +598,227 @@ class MetadataStore:
             check_quota(used, growth, self.quota_of(user))
             c.run("UPDATE users SET used_bytes = used_bytes + ? WHERE id = ?", (growth, uid))
         self._write(run)
+
+    # -- identity keys and shares (docs/API.md "Shares")
+    def identity(self, user_id: UUID) -> IdentityRecord | None:
+        row = self.db.one("SELECT identity_public, identity_private, identity_gen FROM users WHERE id = ?",
+                          (_s(user_id),))
+        if row is None or row[0] is None:
+            return None
+        return IdentityRecord(public_key=row[0], wrapped_private=row[1], gen=row[2])
+
+    def set_identity(self, user_id: UUID, rec: IdentityRecord) -> None:
+        """Stores the account's identity key, or re-wraps it (a rotate-key): the public
+        key, once published, never changes (others have pinned it)."""
+        uid = _s(user_id)
+
+        def run(c: Tx) -> None:
+            row = c.lock_row("SELECT identity_public FROM users WHERE id = ?", (uid,))
+            if row is None:
+                raise E.not_found("no such user")
+            if row[0] is not None and row[0] != rec.public_key:
+                raise E.conflict("the account's identity key never changes (only its wrapping)")
+            if not c.one("SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (uid, rec.gen)):
+                raise E.unknown_key_gen(rec.gen)
+            c.run("UPDATE users SET identity_public = ?, identity_private = ?, identity_gen = ? WHERE id = ?",
+                  (rec.public_key, rec.wrapped_private, rec.gen, uid))
+        self._write(run)
+
+    def public_key(self, username: str) -> tuple[str, str] | None:
+        """(username as registered, public key) of an account with an identity key."""
+        row = self.db.one("SELECT username, identity_public FROM users WHERE lower(username) = lower(?)"
+                          " AND identity_public IS NOT NULL", (username,))
+        return (row[0], row[1]) if row else None
+
+    def create_share(self, owner: UUID, share: UUID, root: UUID, name: str, grant: str, members_seal: str) -> None:
+        """Tags ``root``'s subtree with a new share, ``converting`` (invisible to members)
+        until the owner has re-sealed it. Refused for the account's root, a folder in
+        or containing a share, and a subtree with a file that has a name outside it."""
+        uid, sid = _s(owner), _s(share)
+
+        def run(c: Tx) -> None:
+            account_root = c.lock_row("SELECT root_inode FROM users WHERE id = ?", (uid,))[0]
+            row = c.one("SELECT is_dir, share_id FROM inodes WHERE user_id = ? AND id = ?", (uid, _s(root)))
+            if row is None:
+                raise E.not_found("no such folder")
+            if not row[0]:
+                raise E.not_dir("only folders are shared")
+            if _s(root) == account_root:
+                raise E.invalid("the root folder cannot be shared")
+            if row[1] is not None:
+                raise E.conflict("this folder is already in a shared folder")
+            tagged = self._share_subtree(c, uid, _s(root))
+            c.many("UPDATE inodes SET share_id = ? WHERE user_id = ? AND id = ?", [(sid, uid, i) for i in tagged])
+            try:
+                c.run("INSERT INTO shares(id, owner_id, root_inode, name, state, current_gen, members_seal,"
+                      " created_at) VALUES (?,?,?,?,'converting',1,?,?)",
+                      (sid, uid, _s(root), name, members_seal, time.time()))
+            except UniqueViolation:
+                raise E.exists("share id already used") from None
+            c.run("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,1,?,?)", (sid, uid, grant))
+            bump_shares_seq(c, sid)
+        try:
+            self._write(run)
+        except UniqueViolation:
+            raise E.exists("share id already used") from None
+
+    @staticmethod
+    def _share_subtree(c: Tx, uid: str, root: str) -> list[str]:
+        """Every inode under ``root`` (itself included), checking that none is already
+        in a share and that no file has a name outside the subtree."""
+        dirs, out, names_inside = [root], [root], {}
+        while dirs:
+            d = dirs.pop()
+            for ino, is_dir, share in c.all("SELECT d.inode, d.is_dir, i.share_id FROM dentries d JOIN inodes i"
+                                            " ON i.user_id = d.user_id AND i.id = d.inode"
+                                            " WHERE d.user_id = ? AND d.parent = ?", (uid, d)):
+                if share is not None:
+                    raise E.conflict("a folder inside is already shared")
+                if is_dir:
+                    dirs.append(ino)
+                    out.append(ino)
+                elif ino not in names_inside:
+                    out.append(ino)
+                names_inside[ino] = names_inside.get(ino, 0) + (not is_dir)
+        files = [i for i, n in names_inside.items() if n]
+        for k in range(0, len(files), 500):
+            part = files[k:k + 500]
+            for ino, n in c.all(f"SELECT inode, count(*) FROM dentries WHERE user_id = ? AND inode IN"
+                                f" ({','.join('?' * len(part))}) GROUP BY inode", (uid, *part)):
+                if n != names_inside[ino]:
+                    raise E.conflict("a file in this folder has a hard link outside it")
+        return out
+
+    def _owned_share(self, c: Tx, owner: str, share: str):
+        """(root, state, current gen) of a share of ``owner``'s (whose row is locked)."""
+        c.lock_row("SELECT id FROM users WHERE id = ?", (owner,))
+        row = c.one("SELECT root_inode, state, current_gen FROM shares WHERE id = ? AND owner_id = ?", (share, owner))
+        if row is None:
+            raise E.not_found("no such share")
+        return row
+
+    def _user_id(self, c: Tx, username: str) -> str:
+        row = c.one("SELECT id, identity_public FROM users WHERE lower(username) = lower(?)", (username,))
+        if row is None or row[1] is None:
+            raise E.not_found(f"no user {username!r} with a public key")
+        return row[0]
+
+    def add_member(self, owner: UUID, share: UUID, req: NewMemberRequest) -> None:
+        """``req.grants``: the share's every key generation, wrapped for the new member;
+        ``req.members_seal``: the owner's seal of the members once it is added to
+        ``req.expect_members`` (409 if those are not the members now)."""
+        uid, sid = _s(owner), _s(share)
+        username, read_only, grants = req.username, req.read_only, req.grants
+
+        def run(c: Tx) -> None:
+            self._owned_share(c, uid, sid)
+            now = {n.lower() for (n,) in c.all("SELECT u.username FROM share_members m JOIN users u"
+                                               " ON u.id = m.user_id WHERE m.share_id = ?", (sid,))}
+            if now != {n.lower() for n in req.expect_members}:
+                raise E.conflict("the shared folder's members changed meanwhile: try again")
+            member = self._user_id(c, username)
+            if member == uid:
+                raise E.invalid("the owner of a shared folder is not one of its members")
+            if c.one("SELECT 1 FROM share_members WHERE share_id = ? AND user_id = ?", (sid, member)):
+                raise E.exists(f"{username} is already a member")
+            gens = share_key_gens(c, sid)[1]
+            if sorted(g.gen for g in grants) != sorted(gens):
+                raise E.conflict(f"grants must cover exactly the share's generations {sorted(gens)}")
+            c.run("INSERT INTO share_members(share_id, user_id, read_only) VALUES (?,?,?)", (sid, member, int(read_only)))
+            c.many("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,?,?,?)",
+                   [(sid, g.gen, member, g.wrapped) for g in grants])
+            c.run("UPDATE shares SET members_seal = ? WHERE id = ?", (req.members_seal, sid))
+            bump_shares_seq(c, sid)
+        self._write(run)
+
+    def new_share_generation(self, owner: UUID, share: UUID, req: NewGenerationRequest) -> None:
+        """Removes ``remove`` (every grant of theirs too) and adds key generation
+        ``gen``, granted to exactly the owner and the remaining members, in one
+        transaction; the share is ``rotating`` until the owner has re-sealed it."""
+        uid, sid = _s(owner), _s(share)
+        gen, grants, remove = req.gen, req.grants, req.remove
+
+        def run(c: Tx) -> None:
+            _root, _state, current = self._owned_share(c, uid, sid)
+            if gen != current + 1:
+                raise E.conflict(f"gen must be {current + 1}")
+            removed = []
+            if remove is not None:
+                member = self._user_id(c, remove)
+                if c.run("DELETE FROM share_members WHERE share_id = ? AND user_id = ?", (sid, member)) != 1:
+                    raise E.not_found(f"{remove} is not a member of this share")
+                c.run("DELETE FROM share_grants WHERE share_id = ? AND user_id = ?", (sid, member))
+                removed.append(member)
+            to = {self._user_id(c, g.username): g.wrapped for g in grants}
+            expected = {uid} | {m for (m,) in c.all("SELECT user_id FROM share_members WHERE share_id = ?", (sid,))}
+            if len(to) != len(grants) or set(to) != expected:
+                raise E.conflict("the new generation must be granted to the owner and every member, once each")
+            c.many("INSERT INTO share_grants(share_id, gen, user_id, wrapped) VALUES (?,?,?,?)",
+                   [(sid, gen, m, w) for m, w in to.items()])
+            c.run("UPDATE shares SET current_gen = ?, name = ?, members_seal = ?, state = 'rotating' WHERE id = ?",
+                  (gen, req.name, req.members_seal, sid))
+            bump_shares_seq(c, sid, *removed)
+        self._write(run)
+
+    def set_share_ready(self, owner: UUID, share: UUID) -> None:
+        uid, sid = _s(owner), _s(share)
+
+        def run(c: Tx) -> None:
+            self._owned_share(c, uid, sid)
+            c.run("UPDATE shares SET state = 'ready' WHERE id = ?", (sid,))
+            bump_shares_seq(c, sid)
+        self._write(run)
+
+    def drop_share_generation(self, owner: UUID, share: UUID, gen: int) -> None:
+        """Forget an old generation's grants once no file key of the share uses it."""
+        uid, sid = _s(owner), _s(share)
+
+        def run(c: Tx) -> None:
+            _root, _state, current = self._owned_share(c, uid, sid)
+            if gen == current:
+                raise E.in_use("cannot drop the current generation")
+            if c.one("SELECT 1 FROM inodes WHERE user_id = ? AND share_id = ? AND key_gen = ? LIMIT 1", (uid, sid, gen)):
+                raise E.in_use("file keys still use this generation")
+            if c.run("DELETE FROM share_grants WHERE share_id = ? AND gen = ?", (sid, gen)) == 0:
+                raise E.not_found("no such generation")
+            bump_shares_seq(c, sid)
+        self._write(run)
+
+    def share_access(self, share: UUID, user_id: UUID) -> tuple[UserRecord, bool] | None:
+        """(the owner, read-only?) if ``user_id`` owns ``share`` or is a member of it
+        (not while it is being made); None otherwise."""
+        cols = ", ".join("u." + c.strip() for c in self._USER_COLS.split(","))
+        row = self.db.one(f"SELECT {cols}, coalesce(m.read_only, 0) FROM shares s JOIN users u ON u.id = s.owner_id"
+                          " LEFT JOIN share_members m ON m.share_id = s.id AND m.user_id = ?"
+                          " WHERE s.id = ? AND (s.owner_id = ? OR (m.user_id IS NOT NULL AND s.state <> 'converting'))",
+                          (_s(user_id), _s(share), _s(user_id)))
+        return (self._user(row[:9]), bool(row[9])) if row else None
+
+    def shares_of(self, user_id: UUID) -> list[ShareOut]:
+        """The shares ``user_id`` owns and those it is a member of (once made)."""
+        uid = _s(user_id)
+
+        def run(c: Tx) -> list[ShareOut]:
+            rows = c.all("SELECT s.id, u.username, u.identity_public, s.root_inode, s.name, s.state, s.current_gen,"
+                         " coalesce(m.read_only, 0), s.owner_id, s.members_seal FROM shares s JOIN users u ON u.id = s.owner_id"
+                         " LEFT JOIN share_members m ON m.share_id = s.id AND m.user_id = ?"
+                         " WHERE s.owner_id = ? OR (m.user_id IS NOT NULL AND s.state <> 'converting')"
+                         " ORDER BY s.created_at, s.id", (uid, uid))
+            out = []
+            for sid, owner, owner_public, root, name, state, gen, read_only, owner_id, seal in rows:
+                grants = c.all("SELECT gen, wrapped FROM share_grants WHERE share_id = ? AND user_id = ?"
+                               " ORDER BY gen", (sid, uid))
+                gens = sorted(g for (g,) in c.all("SELECT DISTINCT gen FROM share_grants WHERE share_id = ?", (sid,)))
+                members = [] if owner_id != uid else [
+                    ShareMemberOut(username=n, public_key=p, read_only=bool(r)) for n, p, r in c.all(
+                        "SELECT u.username, u.identity_public, m.read_only FROM share_members m"
+                        " JOIN users u ON u.id = m.user_id WHERE m.share_id = ? ORDER BY u.username", (sid,))]
+                out.append(ShareOut(id=UUID(sid), owner=owner, owner_public_key=owner_public, root_inode=UUID(root),
+                                    name=name, state=state, current_gen=gen, gens=gens, read_only=bool(read_only),
+                                    grants=[Grant(gen=g, wrapped=w) for g, w in grants], members=members,
+                                    members_seal=seal if owner_id == uid else None))
+            return out
+        return self._read(run)
 
     # -- maintenance
     def claim_staged(self, older_than: float) -> list[tuple[UUID, UUID, UUID]]:

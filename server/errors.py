@@ -84,6 +84,14 @@ def invalid_move(detail: str = "cannot move a directory into itself") -> ApiErro
     return ApiError(409, "invalid_move", detail)
 
 
+def read_only(detail: str = "this shared folder is read-only for you") -> ApiError:
+    return ApiError(403, "read_only", detail)
+
+
+def cross_share(detail: str = "nothing moves into or out of a shared folder (copy it)") -> ApiError:
+    return ApiError(409, "cross_share", detail)
+
+
 def in_use(detail: str = "in use") -> ApiError:
     return ApiError(409, "in_use", detail)
 

@@ -205,11 +205,55 @@ CREATE INDEX IF NOT EXISTS link_blobs_user ON link_blobs(user_id);
 """
 
 
+# Version 5 (issue 16): shared folders. Each account's identity key pair (the public
+# half published, the private half wrapped under a master key generation); shares
+# (a folder of the owner's, its members, the generations of its keys and each
+# generation's key wrapped for each member and the owner); every inode and tombstone
+# tagged with the share it belongs to (NULL: the owner's private tree); a counter
+# per account that moves whenever a share it owns or belongs to changes. A share's
+# members_seal is the owner's MAC of its member list (the server cannot add one).
+V5 = """
+ALTER TABLE users ADD COLUMN identity_public TEXT;
+ALTER TABLE users ADD COLUMN identity_private TEXT;
+ALTER TABLE users ADD COLUMN identity_gen INTEGER;
+ALTER TABLE users ADD COLUMN shares_seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE inodes ADD COLUMN share_id TEXT;
+ALTER TABLE tombstones ADD COLUMN share_id TEXT;
+CREATE INDEX IF NOT EXISTS inodes_share ON inodes(share_id, changed_seq) WHERE share_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS shares(
+    id TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    root_inode TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    current_gen INTEGER NOT NULL,
+    members_seal TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS shares_root ON shares(owner_id, root_inode);
+CREATE TABLE IF NOT EXISTS share_members(
+    share_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    PRIMARY KEY(share_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS share_members_user ON share_members(user_id);
+CREATE TABLE IF NOT EXISTS share_grants(
+    share_id TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    user_id TEXT NOT NULL,
+    wrapped TEXT NOT NULL,
+    PRIMARY KEY(share_id, gen, user_id)
+);
+"""
+
+
 MIGRATIONS: list[Callable[[Tx, str, LegacyKeys | None], None]] = [
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V1)],
     _v2,
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V3)],
     lambda tx, kind, _keys: [tx.run(s) for s in _statements(V4)],
+    lambda tx, kind, _keys: [tx.run(s) for s in _statements(V5)],
 ]
 LATEST = len(MIGRATIONS)
 

@@ -130,6 +130,14 @@ class ReauthRequest(Strict):
     auth_key: AuthKey
 
 
+class IdentityRecord(Strict):
+    """The account's X25519 key pair for sharing: the public half (published by
+    username), the private half wrapped under master key generation ``gen``."""
+    public_key: Annotated[B64, Field(min_length=44, max_length=44)]
+    wrapped_private: Annotated[B64, Field(max_length=MAX_KEY_B64)]
+    gen: int = Field(ge=1, le=2**31)
+
+
 class AccountResponse(BaseModel):
     user_id: UUID
     username: str
@@ -137,6 +145,7 @@ class AccountResponse(BaseModel):
     current_gen: int
     master_keys: list[MasterKeyRecord]
     root_inode: UUID
+    identity: IdentityRecord | None = None     # None until the account's next login makes one
 
 
 class PasswordChangeRequest(Strict):
@@ -170,6 +179,7 @@ class WrappedKeyResponse(BaseModel):
     inode: UUID
     gen: int
     wrapped_key: str
+    share: UUID | None = None       # wrapped under this shared folder's key generation (None: the account's)
 
 
 class KeyListResponse(BaseModel):
@@ -221,6 +231,7 @@ class ChangesResponse(BaseModel):
     inodes: list[UUID]              # inodes (incl. directories) changed after ?since
     seqs: list[int]                 # for each, the seq of its last change (a client skips its own)
     key_gen: int                    # the account's current master key generation (rotate-key)
+    shares_seq: int = 0             # moves whenever a share this account owns or belongs to changes
 
 
 # Ops: one POST /fs/ops applies a list of these in a single transaction.
@@ -406,6 +417,90 @@ class LinkListResponse(BaseModel):
 
 class LinkRecordResponse(BaseModel):
     record: str                     # B64 sealed record
+
+
+# ---------------------------------------------------------------- sharing
+# A share's key generation is a 32-byte secret, wrapped ("granted") for the owner and
+# each member under a key only the owner's and that member's identity keys compute
+# (docs/FORMAT.md "Shared folders"). The server stores the grants and enforces who may read and write.
+Wrapped = Annotated[B64, Field(max_length=MAX_KEY_B64)]
+# The owner's MAC of a share's generation and member list (HMAC-SHA256): the owner's
+# client grants a new generation only to members it listed itself.
+MembersSeal = Annotated[B64, Field(min_length=44, max_length=44)]
+
+
+class PublicKeyResponse(BaseModel):
+    username: str
+    public_key: str
+
+
+class Grant(Strict):
+    gen: int = Field(ge=1, le=2**31)
+    wrapped: Wrapped
+
+
+class UserGrant(Strict):
+    username: Username
+    wrapped: Wrapped
+
+
+class NewShareRequest(Strict):
+    """Makes ``root_inode`` (a folder of the owner's, not in a share and with none
+    inside) a shared folder: its subtree is tagged with the share, which stays
+    ``converting`` (invisible to members) until the owner has re-sealed it."""
+    id: UUID
+    root_inode: UUID
+    name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # sealed under generation 1
+    grant: Wrapped                                           # generation 1, for the owner
+    members_seal: MembersSeal                                # generation 1, no members
+
+
+class NewMemberRequest(Strict):
+    username: Username
+    read_only: bool = False
+    grants: list[Grant] = Field(min_length=1, max_length=MAX_OPS)   # one per generation
+    members_seal: MembersSeal                                # of the members with this one
+    expect_members: list[Username] = Field(max_length=MAX_OPS)   # the members the seal's list adds to
+
+
+class NewGenerationRequest(Strict):
+    """A new key generation (``gen`` = current + 1), granted to the owner and every
+    remaining member; ``remove``: a member removed in the same transaction (unshare).
+    The share is ``rotating`` until the owner has re-sealed it."""
+    gen: int = Field(ge=2, le=2**31)
+    name: Annotated[B64, Field(max_length=MAX_NAME_B64)]     # re-sealed under the new generation
+    grants: list[UserGrant] = Field(min_length=1, max_length=MAX_OPS)
+    remove: Username | None = None
+    members_seal: MembersSeal                                # of the new generation and the members left
+
+
+class ShareStateRequest(Strict):
+    state: Literal["ready"]
+
+
+class ShareMemberOut(BaseModel):
+    username: str
+    public_key: str
+    read_only: bool
+
+
+class ShareOut(BaseModel):
+    id: UUID
+    owner: str
+    owner_public_key: str
+    root_inode: UUID
+    name: str                           # B64, sealed under the current generation
+    state: Literal["converting", "rotating", "ready"]
+    current_gen: int
+    gens: list[int]
+    read_only: bool                     # for the requesting user
+    grants: list[Grant]                 # the requesting user's, one per generation
+    members: list[ShareMemberOut]       # the owner sees them; members see an empty list
+    members_seal: str | None            # the owner's MAC of current_gen and members (the owner's view only)
+
+
+class SharesResponse(BaseModel):
+    shares: list[ShareOut]
 
 
 # ---------------------------------------------------------------- misc

@@ -9,6 +9,14 @@ another whichever node sends them). It reads and writes rows through a
 
 Usage (``users.used_bytes``) is every byte the account makes the server keep:
 blob bytes plus the encrypted attributes, manifests, wrapped keys and names.
+
+Shared folders (docs/API.md "Shares"): every inode is tagged with the share it
+belongs to (``inodes.share_id``; NULL: its owner's private tree). A request works
+in a :class:`Scope`: its account's own rows, or, for a member, one share of the
+owner's rows, where nothing outside the share exists. Whoever asks, nothing moves
+into or out of a share: a new inode takes its folder's share, and a link, rename
+or exchange joins folders of the same share only (``cross_share`` otherwise: the
+client copies instead).
 """
 from __future__ import annotations
 
@@ -41,6 +49,48 @@ def _s(u: UUID) -> str:
     return str(u)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """The rows a request works on: ``user_id``'s (the owner's) and, when ``share``
+    is set (a member's request), only those tagged with that share."""
+    user_id: str
+    share: str | None = None
+    actor: str | None = None          # the member asking (None: the owner)
+    read_only: bool = False
+
+    def only(self, alias: str = "") -> tuple[str, tuple]:
+        """SQL narrowing a query on ``inodes`` (as ``alias``) to this scope."""
+        if self.share is None:
+            return "", ()
+        return f" AND {alias}share_id = ?", (self.share,)
+
+    def require_write(self) -> None:
+        if self.read_only:
+            raise E.read_only()
+
+
+def share_key_gens(c: Tx, share: str) -> tuple[int, set[int]]:
+    """(current generation, every generation) of a share's keys."""
+    row = c.one("SELECT current_gen FROM shares WHERE id = ?", (share,))
+    if row is None:
+        raise E.not_found("no such share")
+    gens = {g for (g,) in c.all("SELECT DISTINCT gen FROM share_grants WHERE share_id = ?", (share,))}
+    return row[0], gens
+
+
+def require_member(c: Tx, scope: Scope) -> None:
+    """Inside the transaction (the owner's row locked, as every share change locks
+    it): a member removed since the request was authorised gets nothing more."""
+    if scope.share is None or scope.actor is None:
+        return
+    row = c.one("SELECT m.read_only FROM share_members m JOIN shares s ON s.id = m.share_id"
+                " WHERE m.share_id = ? AND m.user_id = ? AND s.state <> 'converting'", (scope.share, scope.actor))
+    if row is None:
+        raise E.not_found("no such share")
+    if row[0]:
+        raise E.read_only()
+
+
 @dataclass
 class OpsOutcome:
     seq: int
@@ -52,11 +102,14 @@ class OpsOutcome:
 class NamespaceTx:
     """Applies ops inside an open write transaction for one user."""
 
-    def __init__(self, c: Tx, uid: str, default_quota: int | None = None) -> None:
+    def __init__(self, c: Tx, uid: str, default_quota: int | None = None, scope: Scope | None = None) -> None:
         self.c, self.uid = c, uid
+        self.scope = scope or Scope(uid)
+        self._only, self._only_args = self.scope.only()
         row = c.lock_row("SELECT seq, root_inode, used_bytes, quota_bytes FROM users WHERE id = ?", (uid,))
         if row is None:
             raise E.not_found("no such user")
+        require_member(c, self.scope)
         self.seq = row[0] + 1
         self.root = row[1]
         self.used = row[2]
@@ -71,9 +124,9 @@ class NamespaceTx:
 
     # -- helpers
     def inode(self, ino: str):
-        """(is_dir, version, key_gen) or None."""
-        return self.c.one("SELECT is_dir, version, key_gen FROM inodes WHERE user_id = ? AND id = ?",
-                          (self.uid, ino))
+        """(is_dir, version, key_gen, share_id) or None (also for an inode outside the scope)."""
+        return self.c.one(f"SELECT is_dir, version, key_gen, share_id FROM inodes WHERE user_id = ? AND id = ?"
+                          f"{self._only}", (self.uid, ino, *self._only_args))
 
     def require_inode(self, ino: str, what: str = "inode"):
         row = self.inode(ino)
@@ -122,6 +175,7 @@ class NamespaceTx:
 
     def drop_inode(self, ino: str) -> None:
         c, uid = self.c, self.uid
+        share = c.one("SELECT share_id FROM inodes WHERE user_id = ? AND id = ?", (uid, ino))[0]
         blobs = c.all("SELECT blob_id, size FROM blobs WHERE user_id = ? AND inode = ?", (uid, ino))
         for b, size in blobs:
             self.drop_blobs.append((UUID(ino), UUID(b)))
@@ -132,8 +186,11 @@ class NamespaceTx:
         c.run("DELETE FROM dentries WHERE user_id = ? AND parent = ?", (uid, ino))
         self.growth -= names + self.inode_bytes(ino)
         c.run("DELETE FROM inodes WHERE user_id = ? AND id = ?", (uid, ino))
-        c.run("INSERT INTO tombstones(user_id, inode, seq) VALUES (?,?,?)"
-              " ON CONFLICT(user_id, inode) DO UPDATE SET seq = excluded.seq", (uid, ino, self.seq))
+        c.run("INSERT INTO tombstones(user_id, inode, seq, share_id) VALUES (?,?,?,?)"
+              " ON CONFLICT(user_id, inode) DO UPDATE SET seq = excluded.seq, share_id = excluded.share_id",
+              (uid, ino, self.seq, share))
+        if share is not None:
+            drop_share_rooted_at(c, uid, ino)
         self.drop_inodes.append(UUID(ino))
         self.dropped.add(ino)
 
@@ -169,17 +226,18 @@ class NamespaceTx:
 
     def op_create(self, op: OpCreate, _inline):
         ino, parent = _s(op.inode), _s(op.parent)
-        self.require_dir(parent)
+        share = self.require_dir(parent)[3]           # a new inode is in its folder's share
         if self.entry(parent, op.name_hash):
             raise E.exists("name exists")
-        if self.inode(ino) is not None or ino in self.dropped:
+        if self.c.one("SELECT 1 FROM inodes WHERE user_id = ? AND id = ?", (self.uid, ino)) is not None \
+                or ino in self.dropped:
             raise E.exists("inode id already used")
         if op.is_dir and op.wrapped_key is not None:
             raise E.invalid("directories have no file key")
-        self.require_key_gen(op)
-        self.c.run("INSERT INTO inodes(user_id, id, is_dir, version, meta, key_gen, wrapped_key, changed_seq)"
-                   " VALUES (?,?,?,1,?,?,?,?)",
-                   (self.uid, ino, int(op.is_dir), op.meta, op.key_gen, op.wrapped_key, self.seq))
+        self.require_key_gen(op, share)
+        self.c.run("INSERT INTO inodes(user_id, id, is_dir, version, meta, key_gen, wrapped_key, changed_seq,"
+                   " share_id) VALUES (?,?,?,1,?,?,?,?,?)",
+                   (self.uid, ino, int(op.is_dir), op.meta, op.key_gen, op.wrapped_key, self.seq, share))
         self.growth += len(op.meta) + len(op.wrapped_key or "")
         self.c.run("DELETE FROM tombstones WHERE user_id = ? AND inode = ?", (self.uid, ino))
         self.add_entry(parent, op.name_hash, ino, op.is_dir, op.name)
@@ -191,7 +249,8 @@ class NamespaceTx:
         row = self.require_inode(ino)
         if row[0]:
             raise E.is_dir("cannot hard-link a directory")
-        self.require_dir(parent)
+        if self.require_dir(parent)[3] != row[3]:
+            raise E.cross_share()
         if self.entry(parent, op.name_hash):
             raise E.exists("name exists")
         self.add_entry(parent, op.name_hash, ino, False, op.name)
@@ -237,11 +296,12 @@ class NamespaceTx:
 
     def op_rename(self, op: OpRename, _inline):
         sp, dp = _s(op.src_parent), _s(op.dst_parent)
-        self.require_dir(sp)
+        src_share = self.require_dir(sp)[3]
         src = self.entry(sp, op.src_hash)
         if src is None:
             raise E.not_found("no such source entry")
-        self.require_dir(dp)
+        if self.require_dir(dp)[3] != src_share:
+            raise E.cross_share()
         self._expect(src, op.src_inode)
         ino, isdir = src[0], bool(src[1])
         if sp == dp and op.src_hash == op.dst_hash:
@@ -284,8 +344,8 @@ class NamespaceTx:
 
     def op_exchange(self, op: OpExchange, _inline):
         ap, bp = _s(op.a_parent), _s(op.b_parent)
-        self.require_dir(ap)
-        self.require_dir(bp)
+        if self.require_dir(ap)[3] != self.require_dir(bp)[3]:
+            raise E.cross_share()
         a, b = self.entry(ap, op.a_hash), self.entry(bp, op.b_hash)
         if a is None or b is None:
             raise E.not_found("no such entry")
@@ -316,12 +376,18 @@ class NamespaceTx:
         self.touch(ino)
         return op.inode, row[1] + 1
 
-    def require_key_gen(self, op) -> None:
-        """A new file key's fields go together and name one of the account's generations."""
+    def require_key_gen(self, op, share: str | None) -> None:
+        """A new file key's fields go together and name one of the account's generations
+        or, in a share, its current one (a key wrapped under a generation an unshare
+        retired would open for the removed member)."""
         if (op.wrapped_key is None) != (op.key_gen is None):
             raise E.invalid("wrapped_key and key_gen go together")
-        if op.key_gen is not None and not self.c.one(
-                "SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)):
+        if op.key_gen is None:
+            return
+        if share is not None:
+            if share_key_gens(self.c, share)[0] != op.key_gen:
+                raise E.unknown_key_gen(op.key_gen)   # the share's keys rotated: the client re-wraps
+        elif not self.c.one("SELECT 1 FROM master_keys WHERE user_id = ? AND gen = ?", (self.uid, op.key_gen)):
             raise E.unknown_key_gen(op.key_gen)      # retired by a rotate-key: the client re-wraps
 
     def op_commit(self, op: OpCommit, inline_sizes):
@@ -331,7 +397,7 @@ class NamespaceTx:
             raise E.is_dir("directories have no content")
         if row[1] != op.base_version:
             raise E.conflict(f"version is {row[1]}, not {op.base_version}")
-        self.require_key_gen(op)          # rotate-key --full: a new file key with the content it opens
+        self.require_key_gen(op, row[3])  # rotate-key --full: a new file key with the content it opens
         dropped = set(self.drop_blobs)
         for ib in op.inline:
             if (op.inode, ib.blob_id) in dropped or c.one(
@@ -387,3 +453,25 @@ class NamespaceTx:
             raise E.in_use("inode still has names")
         self.drop_inode(ino)
         return op.inode, None
+
+
+def drop_share_rooted_at(c: Tx, owner: str, root: str) -> None:
+    """The owner deleted a shared folder: the share goes with it (its members first
+    told, through their shares counter)."""
+    row = c.one("SELECT id FROM shares WHERE owner_id = ? AND root_inode = ?", (owner, root))
+    if row is None:
+        return
+    bump_shares_seq(c, row[0])
+    for table in ("share_members", "share_grants"):
+        c.run(f"DELETE FROM {table} WHERE share_id = ?", (row[0],))
+    c.run("DELETE FROM shares WHERE id = ?", (row[0],))
+
+
+def bump_shares_seq(c: Tx, share: str, *also: str) -> None:
+    """The owner's and every member's (and ``also``'s: a member just removed) shares
+    counter moves: their clients reload their shares at their next poll."""
+    c.run("UPDATE users SET shares_seq = shares_seq + 1 WHERE id IN"
+          " (SELECT owner_id FROM shares WHERE id = ? UNION SELECT user_id FROM share_members WHERE share_id = ?)",
+          (share, share))
+    for uid in also:
+        c.run("UPDATE users SET shares_seq = shares_seq + 1 WHERE id = ?", (uid,))

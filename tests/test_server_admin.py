@@ -174,7 +174,7 @@ def test_an_old_data_dir_is_upgraded_and_an_unknown_schema_refused(tmp_path):
     finally:
         srv.stop()
     db = srv.metadata()
-    assert db.get_key(uuid.UUID(uid), uuid.UUID(f)) == (1, base64.b64encode(wrapped).decode())
+    assert db.get_key(uuid.UUID(uid), uuid.UUID(f)) == (1, base64.b64encode(wrapped).decode(), None)
     meta = len("cm9vdA==") + len("bWV0YQ==") + len("bWFu") + len(base64.b64encode(wrapped)) + len("bmFtZQ==")
     assert db.used_bytes(uuid.UUID(uid)) == 7 + meta
     db.close()
@@ -189,8 +189,9 @@ def test_an_old_data_dir_is_upgraded_and_an_unknown_schema_refused(tmp_path):
 
 
 def test_a_schema_at_version_3_gains_the_links_tables_and_keeps_its_batches(tmp_path):
-    # Links came as migration 4, after issue 14's applied_batches (3): a database a
-    # server at version 3 made must still get them, its batch answers untouched.
+    # Links came as migration 4, after issue 14's applied_batches (3), and shared folders
+    # as 5: a database a server at version 3 made must still get both, its batch answers
+    # untouched.
     from server.migrations import MIGRATIONS, migrate, version
     from server.sqldb import SqliteDatabase
     db = SqliteDatabase(tmp_path / "app.db")
@@ -203,7 +204,8 @@ def test_a_schema_at_version_3_gains_the_links_tables_and_keeps_its_batches(tmp_
         tx.run("INSERT INTO applied_batches VALUES ('u', 'b', '{}', 0)")
     db.transaction(make_v3)
     assert version(db) == 3
-    assert migrate(db) == (3, 4)
+    assert migrate(db) == (3, 5)
     assert db.all("SELECT batch_id, answer FROM applied_batches") == [("b", "{}")]
     assert db.all("SELECT count(*) FROM links") == [(0,)] and db.all("SELECT count(*) FROM link_blobs") == [(0,)]
+    assert db.all("SELECT count(*) FROM shares") == [(0,)]
     db.close()

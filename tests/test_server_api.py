@@ -242,7 +242,7 @@ def test_file_keys(shared_server):
     f = uuid.uuid4()
     a.ok({"op": "create", "inode": str(f), "is_dir": False, "meta": b64(8), "parent": str(a.root),
           "name_hash": nh("f"), "name": b64(8), "key_gen": 1, "wrapped_key": key})
-    assert a.c.get(f"/fs/inodes/{f}/key").json() == {"inode": str(f), "gen": 1, "wrapped_key": key}
+    assert a.c.get(f"/fs/inodes/{f}/key").json() == {"inode": str(f), "gen": 1, "wrapped_key": key, "share": None}
     d = a.create(a.root, "d", is_dir=True)
     assert_error(a.c.get(f"/fs/inodes/{d}/key"), 404, "not_found")
     assert_error(a.c.get(f"/fs/inodes/{uuid.uuid4()}/key"), 404, "not_found")

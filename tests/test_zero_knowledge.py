@@ -18,6 +18,7 @@ from clitools import assert_ok, config, keys_file, uploads
 from zkfs import crypto
 from zkfs.account import Keyring
 from zkfs.linkformat import LinkUrl, b64url, open_record
+from zkfs.crypto import IdentityKey
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.backends]
 
@@ -209,4 +210,64 @@ def test_server_learns_nothing(server, make_machine, tmp_path, backend, request)
     # once more after a clean shutdown (WAL checkpointed into app.db, log flushed)
     server.stop()
     hits = scan(kept_bytes(server, pg), needles)
+    assert not hits, "\n".join(hits)
+
+
+def test_server_learns_nothing_of_shared_folders(server, make_machine, tmp_path, backend, request):
+    """A folder shared, written by its member, the member removed with --reencrypt:
+    no name, content or key of the shared folder (its generations' secrets and the
+    keys derived from them, the identity keys, the key agreed between owner and
+    member, its file keys) appears anywhere the server keeps bytes."""
+    from sharetools import member_keys
+    from zkfs.session import open_vault
+    from zkfs.state import LocalState
+
+    pg = request.getfixturevalue("pg_cluster") if backend == "postgres" else None
+    tag = os.urandom(4).hex()
+    alice, bob = make_machine(server).register(), make_machine(server).register()
+    folder, sub = f"ZkSharedFolder{tag}", f"ZkSharedSub{tag}"
+    names = {"owner file": f"zk-shared-owner-{tag}.txt", "member file": f"zk-shared-member-{tag}.txt",
+             "renamed file": f"zk-shared-renamed-{tag}.txt", "shared folder": folder, "shared subfolder": sub}
+    markers = {"owner content": f"ZK-SHARED-OWNER-MARKER-{tag}|".encode() * 5000,
+               "member content": f"ZK-SHARED-MEMBER-MARKER-{tag}|".encode() * 50}
+    (tmp_path / folder / sub).mkdir(parents=True)
+    (tmp_path / folder / sub / names["owner file"]).write_bytes(markers["owner content"])
+    assert_ok(alice.run("upload", "-r", str(tmp_path / folder)))
+    assert_ok(alice.run("share", f"/{folder}", bob.username))
+    theirs = f"/Shared/{alice.username}/{folder}"
+    (tmp_path / names["member file"]).write_bytes(markers["member content"])
+    assert_ok(bob.run("upload", str(tmp_path / names["member file"]), "--to", theirs))
+    assert_ok(bob.run("mv", f"{theirs}/{names['member file']}", f"{theirs}/{sub}/{names['renamed file']}"))
+
+    secrets: dict[str, bytes] = {}
+    held = member_keys(bob)
+    for i, key in enumerate(held["secrets"] + held["wrapping"] + list(held["files"].values())):
+        secrets[f"share key {i} (as the member held it)"] = key
+    for i, ns in enumerate(held["namespaces"]):
+        secrets[f"share namespace key {i}"] = ns.raw
+    secrets["member's identity key"] = held["identity"]
+    assert_ok(alice.run("unshare", f"/{folder}", bob.username, "--reencrypt"))
+    vault = open_vault(LocalState(alice.home))
+    try:
+        identity = vault.keyring.identity
+        secrets["owner's identity key"] = identity.raw
+        (share,) = vault.domains.shares.values()
+        secrets["owner and member's agreed key"] = identity.agree(IdentityKey(held["identity"]).public)
+        for gen, secret in share.secrets.items():
+            secrets[f"share secret gen {gen} (after the removal)"] = secret
+            secrets[f"share namespace key gen {gen} (after)"] = share.keys.namespaces[gen].raw
+            secrets[f"share file-key wrapping key gen {gen} (after)"] = share.keys.masters[gen]
+        assert share.current_gen == 2 and len(secrets) >= 10
+    finally:
+        vault.ledger.close()
+    out = tmp_path / "back.txt"
+    assert_ok(alice.run("download", f"/{folder}/{sub}/{names['renamed file']}", "-o", str(out)))
+    assert out.read_bytes() == markers["member content"]
+
+    needles = {label: forms(text.encode(), text=True) for label, text in names.items()}
+    needles |= {label: forms(m[:200], text=True) | b64_forms(m[:600]) for label, m in markers.items()}
+    needles |= {label: forms(key) for label, key in secrets.items()}
+    kept = kept_bytes(server, pg)
+    assert scan(kept, {"usernames": {alice.username.encode(), bob.username.encode()}}), "the scan reads nothing"
+    hits = scan(kept, needles)
     assert not hits, "\n".join(hits)

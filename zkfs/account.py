@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 
 from . import crypto
 from .api import ApiClient
-from .crypto import IntegrityError, KdfParams, NamespaceKey, PasswordKeys
+from .crypto import IdentityKey, IntegrityError, KdfParams, NamespaceKey, PasswordKeys
 from .entryset import EntrySet
 from .errors import ServerError, TamperedError, ZkfsError
 from .format import Attrs, b64decode, b64encode
@@ -89,10 +89,20 @@ def sign_in(api: ApiClient, username: str, password: str, device: str | None = N
 class Keyring:
     """The unwrapped master keys and namespace keys (by generation). Generations
     share one namespace key, except while a `rotate-key --full` moves everything
-    to a new one: then names and attributes are sealed under either."""
+    to a new one: then names and attributes are sealed under either.
+
+    A shared folder has a keyring of its own (zkfs/sharekeys.py): a namespace key
+    and a file-key wrapping key per generation of the share's keys."""
     masters: dict[int, bytes]
     current_gen: int
     namespaces: dict[int, NamespaceKey]
+    identity: IdentityKey | None = None     # the account's key pair for sharing
+    # False: only the current namespace key opens names and attributes (a share
+    # re-sealed since its last key rotation: an old key is one a removed member has).
+    old_readers: bool = True
+    # Also opens (a folder being made a share: its records move from the account's keys).
+    fallback: "Keyring | None" = None
+    share: UUID | None = None               # the shared folder whose keys these are
 
     @property
     def namespace(self) -> NamespaceKey:
@@ -101,11 +111,13 @@ class Keyring:
 
     @property
     def readers(self) -> list[NamespaceKey]:
-        """Every distinct namespace key, the current one first."""
+        """Every distinct namespace key that opens names and attributes, the current one first."""
         out = [self.namespace]
-        for gen in sorted(self.namespaces, reverse=True):
+        for gen in sorted(self.namespaces, reverse=True) if self.old_readers else ():
             if all(k.raw != self.namespaces[gen].raw for k in out):
                 out.append(self.namespaces[gen])
+        if self.fallback is not None:
+            out += [k for k in self.fallback.readers if all(k.raw != o.raw for o in out)]
         return out
 
     @classmethod
@@ -128,7 +140,8 @@ class Keyring:
                                     "the server's account record was tampered with") from None
         if account["current_gen"] not in namespaces:
             raise TamperedError("the server sent no key for the current generation")
-        return cls(masters=masters, current_gen=account["current_gen"], namespaces=namespaces)
+        return cls(masters=masters, current_gen=account["current_gen"], namespaces=namespaces,
+                   identity=_unlock_identity(account.get("identity"), masters))
 
     def wrap_file_key(self, inode: UUID, key: bytes) -> tuple[int, bytes]:
         gen = self.current_gen
@@ -136,12 +149,59 @@ class Keyring:
 
     def unwrap_file_key(self, inode: UUID, gen: int, wrapped: bytes) -> bytes:
         master = self.masters.get(gen)
-        if master is None:
-            raise TamperedError(f"file {inode} names an unknown key generation {gen}")
         try:
-            return crypto.unwrap_key(master, wrapped, crypto.file_key_context(inode))
-        except IntegrityError:
-            raise TamperedError(f"the key of file {inode} was tampered with or swapped") from None
+            if master is None:
+                raise TamperedError(f"file {inode} names an unknown key generation {gen}")
+            try:
+                return crypto.unwrap_key(master, wrapped, crypto.file_key_context(inode))
+            except IntegrityError:
+                raise TamperedError(f"the key of file {inode} was tampered with or swapped") from None
+        except TamperedError:
+            if self.fallback is None:
+                raise
+            return self.fallback.unwrap_file_key(inode, gen, wrapped)
+
+
+def _unlock_identity(record: dict | None, masters: dict[int, bytes]) -> IdentityKey | None:
+    """The account's identity key from its record (None: made at the next login)."""
+    if record is None:
+        return None
+    try:
+        public = b64decode(record["public_key"])
+        raw = crypto.unwrap_key(masters[record["gen"]], b64decode(record["wrapped_private"]),
+                                crypto.identity_context(record["gen"], public))
+        key = IdentityKey(raw)
+    except (KeyError, ValueError, IntegrityError):
+        key = None
+    if key is None or key.public != public:
+        raise TamperedError("the account's identity key does not open or does not match its public key: "
+                            "the server's account record was tampered with")
+    return key
+
+
+def identity_record(keyring: Keyring, key: IdentityKey) -> dict:
+    """``key`` wrapped under the current master key generation."""
+    gen = keyring.current_gen
+    return {"public_key": b64encode(key.public), "gen": gen,
+            "wrapped_private": b64encode(crypto.wrap_key(keyring.masters[gen], key.raw,
+                                                         crypto.identity_context(gen, key.public)))}
+
+
+def ensure_identity(api: ApiClient, keyring: Keyring) -> IdentityKey:
+    """The account's identity key, made (and published) now if it has none yet:
+    accounts from before sharing get theirs at their next login."""
+    if keyring.identity is None:
+        key = IdentityKey.generate()
+        api.set_identity(identity_record(keyring, key))
+        keyring.identity = key
+    return keyring.identity
+
+
+def rewrap_identity(api: ApiClient, keyring: Keyring) -> None:
+    """After a new master key generation: the identity key under it (the key pair
+    stays the same: others have pinned its public half)."""
+    if keyring.identity is not None:
+        api.set_identity(identity_record(keyring, keyring.identity))
 
 
 def master_record(kek: bytes, gen: int, master: bytes, namespace: NamespaceKey, root: UUID) -> dict:
@@ -242,6 +302,7 @@ def rotate_master_key(api: ApiClient, keys: PasswordKeys, progress=None) -> dict
     api.add_master_key(master_record(kek, new_gen, master, keyring.namespace, UUID(account["root_inode"])), proof)
     keyring.masters[new_gen] = master
     keyring.current_gen = new_gen
+    rewrap_identity(api, keyring)
     rewrapped = _rewrap_file_keys(api, keyring, progress, 0)
     for attempt in range(_ROTATE_ROUNDS):
         try:
@@ -262,8 +323,8 @@ def _rewrap_file_keys(api: ApiClient, keyring: "Keyring", progress, done: int) -
     batch: list[dict] = []
     count = 0
     for entry in api.list_keys():
-        if entry["gen"] == keyring.current_gen:
-            continue
+        if entry["gen"] == keyring.current_gen or entry.get("share") is not None:
+            continue            # a shared folder's keys are under its own generations
         inode = UUID(entry["inode"])
         file_key = keyring.unwrap_file_key(inode, entry["gen"], b64decode(entry["wrapped_key"]))
         gen, wrapped = keyring.wrap_file_key(inode, file_key)

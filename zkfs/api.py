@@ -30,6 +30,14 @@ class _Unavailable(httpx.TransportError):
     idempotent request (the node behind it died): tried again like a lost connection."""
 
 
+# A member's requests into a share of another account's name it (server/auth.py).
+SHARE_HEADER = "X-Zkfs-Share"
+
+
+def _scoped(share: UUID | None) -> dict[str, str]:
+    return {SHARE_HEADER: str(share)} if share is not None else {}
+
+
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _Unavailable)
 _TRANSPORT = (httpx.TransportError,)
 _GATEWAY = (502, 503, 504)
@@ -135,9 +143,13 @@ class ApiClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def request(self, method: str, path: str, *, idempotent: bool | None = None, **kw) -> httpx.Response:
+    def request(self, method: str, path: str, *, idempotent: bool | None = None, share: UUID | None = None,
+                **kw) -> httpx.Response:
+        """``share``: a request into that share of another account's (a member's)."""
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        if share is not None:
+            kw["headers"] = (kw.get("headers") or {}) | _scoped(share)
         sent_token = self.token
         resp = self._send(method, path, idempotent=idempotent, **kw)
         if resp.status_code == 401 and self.reauth and sent_token and self._is_token_error(resp):
@@ -210,8 +222,8 @@ class ApiClient:
         self.request("DELETE", "/account", json={"auth_key": auth_key_b64})
 
     # ------------------------------------------------------------ keys
-    def get_key(self, inode: UUID) -> dict:
-        return self._json("GET", f"/fs/inodes/{inode}/key")
+    def get_key(self, inode: UUID, share: UUID | None = None) -> dict:
+        return self._json("GET", f"/fs/inodes/{inode}/key", share=share)
 
     def list_keys(self) -> list[dict]:
         return self._json("GET", "/keys")["keys"]
@@ -220,17 +232,18 @@ class ApiClient:
         self.request("PUT", "/keys", json={"keys": keys})
 
     # ------------------------------------------------------------ namespace
-    def get_inode(self, inode: UUID) -> dict:
-        return self._json("GET", f"/fs/inodes/{inode}")
+    def get_inode(self, inode: UUID, share: UUID | None = None) -> dict:
+        return self._json("GET", f"/fs/inodes/{inode}", share=share)
 
-    def list_dir(self, inode: UUID) -> dict:
+    def list_dir(self, inode: UUID, share: UUID | None = None) -> dict:
         """``{"dir": inode record, "entries": [...]}``."""
-        return self._json("GET", f"/fs/dirs/{inode}/entries")
+        return self._json("GET", f"/fs/dirs/{inode}/entries", share=share)
 
-    def list_dirs(self, inodes: list[UUID]) -> dict[UUID, dict]:
+    def list_dirs(self, inodes: list[UUID], share: UUID | None = None) -> dict[UUID, dict]:
         """Listings (as ``list_dir``) of several directories (read, so safe to retry).
         Some may be missing from the answer: the server bounds its size."""
-        body = self._json("POST", "/fs/listings", json={"dirs": [str(i) for i in inodes]}, idempotent=True)
+        body = self._json("POST", "/fs/listings", json={"dirs": [str(i) for i in inodes]}, idempotent=True,
+                          share=share)
         return {UUID(listing["dir"]["id"]): listing for listing in body["listings"]}
 
     def lookup(self, parent: UUID, name_hash: str) -> dict:
@@ -239,25 +252,51 @@ class ApiClient:
     def statfs(self) -> dict:
         return self._json("GET", "/fs/statfs")
 
-    def changes(self, since: int) -> dict:
-        return self._json("GET", "/fs/changes", params={"since": since})
+    def changes(self, since: int, share: UUID | None = None) -> dict:
+        return self._json("GET", "/fs/changes", params={"since": since}, share=share)
 
-    def ops(self, ops: list[dict], batch_id: UUID | None = None) -> dict:
+    def ops(self, ops: list[dict], batch_id: UUID | None = None, share: UUID | None = None) -> dict:
         """One transaction; a failure names the op (``ServerError.op_index``). With a
         ``batch_id`` the server applies it once, so it is safe to send again (a lost
         answer is retried like a read)."""
         body = {"ops": ops} | ({"batch_id": str(batch_id)} if batch_id is not None else {})
-        return self._json("POST", "/fs/ops", json=body, idempotent=batch_id is not None)
+        return self._json("POST", "/fs/ops", json=body, idempotent=batch_id is not None,
+                          share=share)
+
+    # ------------------------------------------------------------ sharing
+    def set_identity(self, record: dict) -> None:
+        self.request("PUT", "/account/identity", json=record)
+
+    def public_key(self, username: str) -> dict:
+        return self._json("GET", f"/users/{username}/public-key")
+
+    def shares(self) -> list[dict]:
+        return self._json("GET", "/shares")["shares"]
+
+    def create_share(self, body: dict) -> None:
+        self.request("POST", "/shares", json=body, idempotent=False)
+
+    def share_ready(self, share: UUID) -> None:
+        self.request("PUT", f"/shares/{share}/state", json={"state": "ready"})
+
+    def add_member(self, share: UUID, body: dict) -> None:
+        self.request("POST", f"/shares/{share}/members", json=body, idempotent=False)
+
+    def new_share_generation(self, share: UUID, body: dict) -> None:
+        self.request("POST", f"/shares/{share}/generations", json=body, idempotent=False)
+
+    def drop_share_generation(self, share: UUID, gen: int) -> None:
+        self.request("DELETE", f"/shares/{share}/generations/{gen}")
 
     # ------------------------------------------------------------ blobs
     # A server on an object store offers short-lived URLs so chunk bytes skip its API
     # nodes: ``upload-urls`` before PUTs, ``download-urls`` (or a 307) before GETs. What
     # comes back from them is no more trusted than the server's own answers (chunks
     # are verified by the vault).
-    def put_blob(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+    def put_blob(self, inode: UUID, blob_id: UUID, data: bytes, share: UUID | None = None) -> None:
         if self._direct is not False:
             try:
-                self._put_direct(inode, blob_id, data)
+                self._put_direct(inode, blob_id, data, share)
                 self._direct = True
                 return
             except ServerError as exc:
@@ -267,16 +306,16 @@ class ApiClient:
                     raise
                 self._direct = False
         try:
-            self.request("PUT", f"/blobs/{inode}/{blob_id}", content=data,
+            self.request("PUT", f"/blobs/{inode}/{blob_id}", content=data, share=share,
                          headers={"Content-Type": "application/octet-stream"})
         except ServerError as exc:
             # A retried PUT whose first attempt landed: blobs are immutable, so done.
             if exc.code != "exists":
                 raise
 
-    def _put_direct(self, inode: UUID, blob_id: UUID, data: bytes) -> None:
+    def _put_direct(self, inode: UUID, blob_id: UUID, data: bytes, share: UUID | None) -> None:
         for attempt in range(2):
-            url = self._upload_urls.get((inode, blob_id, len(data)))
+            url = self._upload_urls.get((inode, blob_id, len(data), share))
             resp = self._send("PUT", "", url=url, idempotent=True, content=data)
             if resp.status_code < 300:
                 return
@@ -284,17 +323,19 @@ class ApiClient:
                 raise _store_error(resp, "upload")
             # 403: the URL expired while this client retried: ask for a fresh one
 
-    def _fetch_upload_urls(self, wanted: list[tuple[UUID, UUID, int]]) -> dict:
-        """Upload URLs of several blobs in one request (idempotent: staging the same
-        blob with the same size again is a retry)."""
-        body = self._json("POST", "/blobs/upload-urls", idempotent=True, json={"blobs": [
-            {"inode": str(i), "blob_id": str(b), "size": n} for i, b, n in wanted]})
-        urls = {(UUID(u["inode"]), UUID(u["blob_id"])): _checked_url(u["url"]) for u in body["urls"]}
-        if any((i, b) not in urls for i, b, _n in wanted):
+    def _fetch_upload_urls(self, wanted: list[tuple[UUID, UUID, int, UUID | None]]) -> dict:
+        """Upload URLs of several blobs in one request per share (idempotent: staging
+        the same blob with the same size again is a retry)."""
+        urls = {}
+        for share in dict.fromkeys(w[3] for w in wanted):
+            body = self._json("POST", "/blobs/upload-urls", idempotent=True, share=share, json={"blobs": [
+                {"inode": str(i), "blob_id": str(b), "size": n} for i, b, n, s in wanted if s == share]})
+            urls |= {(UUID(u["inode"]), UUID(u["blob_id"])): _checked_url(u["url"]) for u in body["urls"]}
+        if any((i, b) not in urls for i, b, _n, _s in wanted):
             raise ServerError(502, "bad_answer", "the server left out upload URLs it was asked for")
         return urls
 
-    def blob_urls_ahead(self, inode: UUID, blob_ids: list[UUID]) -> None:
+    def blob_urls_ahead(self, inode: UUID, blob_ids: list[UUID], share: UUID | None = None) -> None:
         """Fetch read URLs of several blobs in one request (a file's next chunks),
         unless the first is known already or the server has no object store."""
         if self._direct is False or not blob_ids or self._read_url(inode, blob_ids[0]):
@@ -304,7 +345,8 @@ class ApiClient:
                 return
             refs = [{"inode": str(inode), "blob_id": str(b)} for b in blob_ids[:_URLS_PER_REQUEST]]
             try:
-                body = self._json("POST", "/blobs/download-urls", json={"blobs": refs}, idempotent=True)
+                body = self._json("POST", "/blobs/download-urls", json={"blobs": refs}, idempotent=True,
+                                  share=share)
             except ServerError as exc:
                 if exc.code != "direct_unavailable":
                     raise
@@ -329,7 +371,8 @@ class ApiClient:
             self._read_urls.pop((inode, blob_id), None)
             return None
 
-    def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None) -> bytes:
+    def get_blob(self, inode: UUID, blob_id: UUID, start: int | None = None, end: int | None = None,
+                 share: UUID | None = None) -> bytes:
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -342,7 +385,7 @@ class ApiClient:
                 self._read_urls.pop((inode, blob_id), None)
         path = f"/blobs/{inode}/{blob_id}"
         for attempt in range(2):
-            resp = self.request("GET", path, headers=headers)
+            resp = self.request("GET", path, headers=headers, share=share)
             if resp.status_code != 307:
                 return resp.content
             resp = self._send("GET", "", url=_checked_url(resp.headers.get("location", "")), idempotent=True,
@@ -406,7 +449,7 @@ class _Coalescer:
         self.pending: list[list] = []        # [key, result or None]
         self.busy = False
 
-    def get(self, key: tuple[UUID, UUID, int]) -> str:
+    def get(self, key: tuple[UUID, UUID, int, UUID | None]) -> str:
         entry = [key, None]
         with self.cond:
             self.pending.append(entry)

@@ -15,13 +15,14 @@ import warnings
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from . import account, links, rotation
+from . import account, links, rotation, sharing
 from .api import ApiClient
-from .crypto import PasswordKeys
+from .crypto import PasswordKeys, fingerprint
 from .errors import CorruptState, NotRegularFile, ServerError, ZkfsError
-from .format import MAX_NAME_BYTES, NameTooLong, encode_name
+from .format import MAX_NAME_BYTES, NameTooLong, b64decode, encode_name
 from .linkformat import LinkUrl, parse_duration
 from .session import open_vault
+from .sharekeys import Pins
 from .state import LocalState, VersionLedger
 from .transfer import (BatchPublisher, check_download_target, download_file, file_sha256, kind_of,
                        prepare_upload, upload_file)
@@ -120,6 +121,7 @@ def _login(api: ApiClient, state: LocalState, username: str, password: str, inse
     keys = derived.keys
     acct = api.account()
     keyring = account.Keyring.unlock(acct, keys.kek)      # proves the keys open the account
+    account.ensure_identity(api, keyring)                 # accounts from before sharing get one now
     for path in state.reset_corrupt():                    # a fresh login is the way out of it
         _warn(f"{path} was corrupt: removed")
     ledger = VersionLedger(state.ledger_path)
@@ -194,6 +196,7 @@ def cmd_rotate_key(args, state: LocalState) -> None:
         account.Keyring.unlock(vault.api.account(), keys.kek)
     except ZkfsError:
         raise ZkfsError("wrong password") from None
+    _owned_shares_unfinished(vault)
     start = time.perf_counter()
     if args.full:
         result = _rotate_full(vault, keys)
@@ -206,6 +209,13 @@ def cmd_rotate_key(args, state: LocalState) -> None:
     vault.ledger.check_key_gen(vault.root, result["generation"])
     print(f"master key rotated to generation {result['generation']}: "
           f"{result['files']} file keys re-wrapped in {time.perf_counter() - start:.2f} s")
+
+
+def _owned_shares_unfinished(vault: Vault) -> None:
+    """rotate-key moves the file keys of a folder being made a share too: finish that first."""
+    for share in vault.domains.shares.values():
+        if share.mine and share.state == "converting":
+            raise ZkfsError(f"sharing {share.name} was interrupted: run `client.py share` for it again first")
 
 
 def _rotate_full(vault: Vault, keys: PasswordKeys):
@@ -588,6 +598,86 @@ def cmd_fetch(args, state: LocalState) -> None:
     print(f"fetched {dest} ({dest.stat().st_size} bytes, sha256 {sha})")
 
 
+# ---------------------------------------------------------------- sharing
+def cmd_whoami(args, state: LocalState) -> None:
+    vault = open_vault(state, insecure_http=args.insecure_http)
+    identity = account.ensure_identity(vault.api, vault.keyring)
+    print(f"{state.keys()['username']} on {vault.api.base_url}")
+    print(f"identity key fingerprint: {fingerprint(identity.public)}")
+
+
+def _shared_folder(vault: Vault, path: str) -> tuple[Node, str]:
+    _check_remote(path)
+    if vault.book is not None and vault.book.problems:      # a tampered share: change none
+        raise ZkfsError(f"refusing to change shares: {vault.book.problems[0]}")
+    parts = split_path(path)
+    if not parts:
+        raise ZkfsError("the root folder cannot be shared: share a folder in it")
+    node = vault.resolve(path)
+    if not node.is_dir:
+        raise ZkfsError(f"{_join(path)}: only folders can be shared")
+    return node, parts[-1]
+
+
+def _sharing_progress():
+    from tqdm import tqdm
+    kw = dict(disable=None, leave=False, file=sys.stderr)
+    names = tqdm(desc="names, attributes and keys", unit=" items", **kw)
+    data = tqdm(desc="files re-encrypted", unit="B", unit_scale=True, unit_divisor=1024, **kw)
+    return names, data, rotation.Progress(entries=names.update, files=lambda n, nbytes: data.update(nbytes))
+
+
+def cmd_share(args, state: LocalState) -> None:
+    vault = open_vault(state, insecure_http=args.insecure_http)
+    node, name = _shared_folder(vault, args.path)
+    pins = Pins(state, vault.api.base_url)
+    start = time.perf_counter()
+    names, data, progress = _sharing_progress()
+    with names, data:
+        out = sharing.share_folder(vault, node, name, args.username, read_only=args.read_only, pins=pins,
+                                   fingerprint=args.fingerprint, progress=progress)
+    member = next(m for m in out.share.members if m["username"].lower() == args.username.lower())
+    if out.pinned_now and not args.fingerprint:
+        print(f"{member['username']}'s key fingerprint: {fingerprint(b64decode(member['public_key']))} "
+              f"(pinned now: compare it with what `client.py whoami` shows {member['username']})")
+    mode = "read-only" if args.read_only else "read-write"
+    print(f"shared {_join(args.path)} with {member['username']} ({mode}): {out.resealed} names and attribute "
+          f"sets re-sealed, {out.files} file keys moved in {time.perf_counter() - start:.2f} s")
+
+
+def cmd_unshare(args, state: LocalState) -> None:
+    vault = open_vault(state, insecure_http=args.insecure_http)
+    node, _name = _shared_folder(vault, args.path)
+    start = time.perf_counter()
+    names, data, progress = _sharing_progress()
+    with names, data:
+        out = sharing.unshare_folder(vault, node, args.username, pins=Pins(state, vault.api.base_url),
+                                     reencrypt=args.reencrypt, progress=progress)
+    took = time.perf_counter() - start
+    done = (f"{out.files} files ({out.bytes} bytes) re-encrypted" if args.reencrypt else
+            "files written before keep their keys until `unshare --reencrypt`")
+    print(f"{args.username} removed from {_join(args.path)}; keys rotated to generation {out.share.current_gen}: "
+          f"{out.resealed} names and attribute sets re-sealed, {done} ({took:.2f} s)")
+
+
+def cmd_shares(args, state: LocalState) -> None:
+    vault = open_vault(state, insecure_http=args.insecure_http)
+    shares = sorted(vault.domains.shares.values(), key=lambda s: (not s.mine, s.owner.lower(), s.name))
+    mine = [s for s in shares if s.mine]
+    theirs = [s for s in shares if not s.mine]
+    print("shared by you:" if mine else "shared by you: nothing")
+    for s in mine:
+        who = ", ".join(f"{m['username']} ({'read-only' if m['read_only'] else 'read-write'})"
+                        for m in s.members) or "nobody"
+        print(f"  {s.name}: with {who}" + ("" if s.state == "ready" else f" [{s.state}: unfinished]"))
+    print("shared with you:" if theirs else "shared with you: nothing")
+    for s in theirs:
+        mode = "read-only" if s.read_only else "read-write"
+        print(f"  /Shared/{s.owner}/{s.name} ({mode}; {s.owner}'s key fingerprint {fingerprint(s.owner_public)})")
+    for problem in vault.book.problems if vault.book is not None else ():
+        _warn(problem)
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="client.py", description=(
@@ -688,6 +778,32 @@ def build_parser() -> argparse.ArgumentParser:
         "after a key may have leaked: new master, namespace and file keys, every name, attribute "
         "and file re-encrypted (run it again to finish after an interruption)"))
     sp.set_defaults(func=cmd_rotate_key)
+
+    sp = sub.add_parser("whoami", parents=[common], help="show this account and its identity key's fingerprint")
+    sp.set_defaults(func=cmd_whoami)
+
+    sp = sub.add_parser("share", parents=[common], help=(
+        "share a folder with another user (its names, attributes and keys move to keys of its own; "
+        "they see it under /Shared/<you>/)"))
+    sp.add_argument("path", help="remote folder, e.g. /Projects")
+    sp.add_argument("username")
+    sp.add_argument("--read-only", action="store_true", help="they may read, not change (the server enforces it)")
+    sp.add_argument("--fingerprint", help=(
+        "their identity key's fingerprint, checked with them out of band (`client.py whoami`): "
+        "refuses any other key, and replaces a pinned one"))
+    sp.set_defaults(func=cmd_share)
+
+    sp = sub.add_parser("unshare", parents=[common], help=(
+        "remove a user from a shared folder at once, and rotate its keys (resumable)"))
+    sp.add_argument("path")
+    sp.add_argument("username")
+    sp.add_argument("--reencrypt", action="store_true", help=(
+        "also re-encrypt every file under a new key, so nothing they could have kept opens what "
+        "the server holds (run it again to finish after an interruption)"))
+    sp.set_defaults(func=cmd_unshare)
+
+    sp = sub.add_parser("shares", parents=[common], help="list what you share, with whom, and what is shared with you")
+    sp.set_defaults(func=cmd_shares)
     return p
 
 

@@ -14,6 +14,7 @@ from uuid import UUID
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -259,3 +260,98 @@ class NamespaceKey:
         (zkfs/entryset.py): unpredictable without the key."""
         msg = parent.bytes + inode.bytes + (b"\1" if is_dir else b"\0") + name
         return int.from_bytes(std_hmac.new(self._entry_key, msg, sha256).digest(), "big")
+
+
+# ---------------------------------------------------------------- sharing
+class IdentityKey:
+    """An account's X25519 key pair (docs/FORMAT.md "Shared folders"): what others wrap a shared
+    folder's keys for. The private half is wrapped under a master key generation."""
+
+    SIZE = 32
+
+    def __init__(self, raw: bytes):
+        if len(raw) != self.SIZE:
+            raise ValueError("identity key must be 32 bytes")
+        self.raw = raw
+        self._key = X25519PrivateKey.from_private_bytes(raw)
+        self.public = self._key.public_key().public_bytes_raw()
+
+    @classmethod
+    def generate(cls) -> "IdentityKey":
+        return cls(X25519PrivateKey.generate().private_bytes_raw())
+
+    def agree(self, peer_public: bytes) -> bytes:
+        """The X25519 shared secret with ``peer_public`` (IntegrityError for a key
+        that is not one: wrong length, or a low-order point giving all zeros)."""
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:
+            raise IntegrityError("not a usable public key") from None
+
+
+def identity_context(gen: int, public: bytes) -> bytes:
+    """Binds the wrapped private key to its public half: a server that pairs the
+    account's public key with another private key makes it fail to unwrap."""
+    return b"identity" + struct.pack(">I", gen) + public
+
+
+def fingerprint(public: bytes) -> str:
+    """What people compare out of band: 96 bits of the public key's hash, in groups."""
+    h = sha256(b"zkfs/v1/identity\0" + public).hexdigest()[:24]
+    return " ".join(h[i:i + 4] for i in range(0, len(h), 4))
+
+
+def grant_context(share: UUID, gen: int, root: UUID, owner_public: bytes, member_public: bytes) -> bytes:
+    """What a share key grant is for: this share, generation and folder, from this
+    owner to this member. Only the owner's and the member's private keys compute
+    its wrapping key, so a grant that opens was made by the owner (or the member)."""
+    return b"share-grant" + share.bytes + struct.pack(">I", gen) + root.bytes + owner_public + member_public
+
+
+def grant_wrapping_key(identity: IdentityKey, peer_public: bytes, context: bytes) -> bytes:
+    """X25519(own private, peer public) through HKDF-SHA256, bound to ``context``:
+    the same on the owner's and the member's side (static-static Diffie-Hellman)."""
+    shared = identity.agree(peer_public)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                info=b"zkfs/v1/share-grant\0" + context).derive(shared)
+
+
+def members_seal(identity: IdentityKey, share: UUID, gen: int, members: list[tuple[str, bytes, bool]]) -> bytes:
+    """The owner's MAC of a share's generation and members (username, public key,
+    read-only), under a key only the owner's identity key gives (members hold the
+    share's keys, so a MAC under those would let them, or a server they gave them to,
+    add a member). The owner grants a new generation only to a list that checks."""
+    msg = bytearray(b"zkfs/v1/share-members\0" + share.bytes + struct.pack(">I", gen))
+    for username, public, read_only in sorted((u.lower(), p, r) for u, p, r in members):
+        name = username.encode()
+        msg += struct.pack(">H", len(name)) + name + public + (b"\1" if read_only else b"\0")
+    return std_hmac.new(_expand(identity.raw, b"share-members"), bytes(msg), sha256).digest()
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """One generation of a shared folder's keys, from its 32-byte secret: the
+    namespace key that seals the folder's names and attributes, and the key that
+    wraps its files' keys (the share's "master key")."""
+    namespace: NamespaceKey
+    files: bytes
+
+    @classmethod
+    def derive(cls, secret: bytes) -> "ShareKeys":
+        if len(secret) != KEY_BYTES:
+            raise IntegrityError("a share secret is 32 bytes")
+        return cls(NamespaceKey(_expand(secret, b"share/namespace", NamespaceKey.SIZE)),
+                   _expand(secret, b"share/files"))
+
+
+def seal_share_name(ns: NamespaceKey, root: UUID, name: str) -> bytes:
+    """The shared folder's name as its members see it, bound to its root folder."""
+    return ns.cipher.encrypt(b"share-name" + root.bytes + name.encode("utf-8", "surrogateescape"))
+
+
+def open_share_name(ns: NamespaceKey, token: bytes, root: UUID) -> str:
+    plain = ns.cipher.decrypt(token)
+    head = b"share-name" + root.bytes
+    if not plain.startswith(head):
+        raise IntegrityError("the share's name belongs to another folder")
+    return plain[len(head):].decode("utf-8", "surrogateescape")

@@ -22,7 +22,7 @@ class ServerError(ZkfsError):
         "exists": E.EEXIST, "conflict": E.EAGAIN, "not_empty": E.ENOTEMPTY,
         "not_dir": E.ENOTDIR, "is_dir": E.EISDIR, "invalid_move": E.EINVAL,
         "in_use": E.EBUSY, "too_large": E.EFBIG, "throttled": E.EAGAIN, "no_space": E.ENOSPC,
-        "stale": E.ESTALE,
+        "stale": E.ESTALE, "read_only": E.EACCES, "cross_share": E.EXDEV,
     }
 
     def __init__(self, status: int, code: str, detail: str, *, op_index: int | None = None):

@@ -8,7 +8,8 @@ compare-and-swap ``setmeta`` in the same transaction. A directory's attributes
 are thus always sealed by a client, together with the change that made them,
 never the server's word (zkfs/entryset.py, docs/FORMAT.md §5).
 
-Pure logic: the directories' current state comes from a callback.
+Pure logic: the directories' current state comes from a callback, and so does the
+namespace key each inode is sealed under (its account's, or its shared folder's).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Op:
     entries: tuple[EntryChange, ...] = ()
     at_ns: int = 0                  # when the call behind it was made
     removes_dir: UUID | None = None   # a directory this op deletes (rmdir, rename over it)
+    scope: UUID | None = None       # sent into this share of another account's (a member's op)
 
     @property
     def kind(self) -> str:
@@ -61,6 +63,7 @@ class Plan:
     wires: list[dict]                               # the ops' (one each, in order), then the folders'
     appended: list[UUID]                            # directories of the setmetas after the ops
     sealed: list[tuple[UUID, int, Attrs]] = field(default_factory=list)   # (dir, version, attrs)
+    scope: UUID | None = None                       # the share it goes into (None: the account's own)
 
     @property
     def count(self) -> int:
@@ -69,9 +72,10 @@ class Plan:
 
 
 DirState = Callable[[UUID], tuple[int, Attrs]]      # a directory's current (version, attrs)
+KeyOf = Callable[[UUID], NamespaceKey]              # the namespace key an inode is sealed under
 
 
-def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
+def plan(ops: list[Op], ns_of: KeyOf, current: DirState) -> Plan:
     dirs: dict[UUID, _Dir] = {}
 
     def work(d: UUID) -> _Dir:
@@ -102,14 +106,14 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
         for ch in op.entries:
             w = work(ch.parent)
             change = w.attrs.entries.add if ch.added else w.attrs.entries.remove
-            w.attrs.entries = change(ns, ch.parent, ch.name, ch.inode, ch.is_dir)
+            w.attrs.entries = change(ns_of(ch.parent), ch.parent, ch.name, ch.inode, ch.is_dir)
             w.entries_ns, w.changed = max(w.entries_ns, op.at_ns), True
         if op.removes_dir is not None:
             work(op.removes_dir).gone = True
 
     wires = [dict(op.wire) for op in ops]
     for index, (base, a) in earlier.items():
-        wires[index]["meta"] = b64encode(a.encrypt(ns, ops[index].inode))
+        wires[index]["meta"] = b64encode(a.encrypt(ns_of(ops[index].inode), ops[index].inode))
         if wires[index]["op"] == "setmeta":
             wires[index]["base_version"] = base
     appended: list[UUID] = []
@@ -130,13 +134,13 @@ def plan(ops: list[Op], ns: NamespaceKey, current: DirState) -> Plan:
         if w.sealed_by is None:
             appended.append(d)
             wires.append({"op": "setmeta", "inode": str(d), "base_version": w.version})
-            wires[-1]["meta"] = b64encode(a.encrypt(ns, d))
+            wires[-1]["meta"] = b64encode(a.encrypt(ns_of(d), d))
         else:
-            wires[w.sealed_by]["meta"] = b64encode(a.encrypt(ns, d))
+            wires[w.sealed_by]["meta"] = b64encode(a.encrypt(ns_of(d), d))
             if wires[w.sealed_by]["op"] == "setmeta":
                 wires[w.sealed_by]["base_version"] = w.version
         sealed.append((d, a.version, a))
     for index, op in enumerate(ops):
         if op.attrs is not None and "meta" not in wires[index]:
-            wires[index]["meta"] = b64encode(op.attrs.encrypt(ns, op.inode))
+            wires[index]["meta"] = b64encode(op.attrs.encrypt(ns_of(op.inode), op.inode))
     return Plan(wires, appended, sealed)

@@ -22,7 +22,7 @@ from typing import Callable
 from uuid import UUID
 
 from . import crypto
-from .account import master_record
+from .account import master_record, rewrap_identity
 from .crypto import BinaryFernet, NamespaceKey, PasswordKeys
 from .errors import ServerError, ZkfsError
 from .format import HOLE_REF, Manifest, b64encode
@@ -31,7 +31,7 @@ from .transfer import IN_FLIGHT, ordered
 from .vault import Vault
 
 BATCH = 200              # ops per request while re-sealing names and attributes
-_PASSES = 5              # rounds of "re-seal what is left" before giving up on a busy account
+PASSES = 5              # rounds of "re-seal what is left" before giving up on a busy account
 
 
 @dataclass
@@ -61,8 +61,9 @@ def rotate_full(vault: Vault, keys: PasswordKeys, progress: Progress | None = No
     vault.refresh_keyring()
     if not unfinished(vault):
         _new_generation(vault, keys)
+    rewrap_identity(vault.api, vault.keyring)      # the same key pair, under the new master key
     result = Result(vault.keyring.current_gen)
-    for _ in range(_PASSES):
+    for _ in range(PASSES):
         if _one_pass(vault, result, progress) == 0 and _drop_old_generations(vault, keys):
             return result
     raise ZkfsError("the account kept changing under rotate-key --full: run it again to finish")
@@ -80,15 +81,20 @@ def _one_pass(vault: Vault, result: Result, progress: Progress) -> int:
     """Re-seal and re-encrypt whatever is still under an old key. Returns how much
     was found (0: nothing is left, whether or not everything found went through)."""
     gen = vault.keyring.current_gen
-    old_keys = [UUID(k["inode"]) for k in vault.api.list_keys() if k["gen"] < gen]
+    old_keys = [UUID(k["inode"]) for k in vault.api.list_keys() if k["gen"] < gen and k.get("share") is None]
     found = _reseal_namespace(vault, set(old_keys), result, progress)
-    return found + _reencrypt_files(vault, old_keys, result, progress)
+    return found + reencrypt_files(vault, old_keys, result, progress)
 
 
 # ---------------------------------------------------------------- names and attributes
 def _reseal_namespace(vault: Vault, old_keys: set[UUID], result: Result, progress: Progress) -> int:
-    """One walk of the tree: every entry name and attribute set still sealed under a
-    retired namespace key is re-sealed (except the attributes of files in
+    return reseal_tree(vault, vault.root, old_keys, result, progress)
+
+
+def reseal_tree(vault: Vault, top: UUID, old_keys: set[UUID], result: Result, progress: Progress) -> int:
+    """One walk of ``top``'s tree, within its domain (the account's, or one shared
+    folder's): every entry name and attribute set still sealed under a key that is
+    not its domain's current one is re-sealed (except the attributes of files in
     ``old_keys``: their re-encryption re-seals them). Returns how many were found."""
     found = 0
 
@@ -99,14 +105,17 @@ def _reseal_namespace(vault: Vault, old_keys: set[UUID], result: Result, progres
         result.resealed += done
         progress.entries(done)
 
-    root = vault.get(vault.root)
-    if root.old_seal:
-        reseal([vault.op_setmeta(root.id, root.version, root.attrs.evolve())])
-    queue = [vault.root]
+    domain = vault.share_of(top)
+    node = vault.get(top)
+    if node.old_seal:
+        reseal([vault.op_setmeta(node.id, node.version, node.attrs.evolve())])
+    queue = [top]
     while queue:
         parent = queue.pop()
         ops: list[Op] = []
         for name, node in vault.listdir(parent):
+            if node.virtual or vault.share_of(node.id) is not domain:
+                continue            # /Shared, or a shared folder: under keys of its own
             if vault.has_old_name(parent, name):
                 ops.append(vault.op_rename(node, parent, name, parent, name))
             if node.old_seal and node.id not in old_keys:
@@ -140,7 +149,7 @@ _CHANGED_MEANWHILE = ("conflict", "not_found", "exists")
 
 
 # ---------------------------------------------------------------- content
-def _reencrypt_files(vault: Vault, todo: list[UUID], result: Result, progress: Progress) -> int:
+def reencrypt_files(vault: Vault, todo: list[UUID], result: Result, progress: Progress) -> int:
     """Every file whose key is wrapped under an older generation gets a new key
     and its content re-encrypted under it. Returns how many files were found."""
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
@@ -151,6 +160,12 @@ def _reencrypt_files(vault: Vault, todo: list[UUID], result: Result, progress: P
                 result.bytes += nbytes
                 progress.files(1, nbytes)
     return len(todo)
+
+
+def reencrypt_file(vault: Vault, inode: UUID) -> int | None:
+    """One file under a new key, now (see ``_reencrypt``)."""
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        return _reencrypt(vault, pool, inode)
 
 
 def _reencrypt(vault: Vault, pool: ThreadPoolExecutor, inode: UUID) -> int | None:

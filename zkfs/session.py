@@ -8,6 +8,7 @@ from . import account
 from .api import ApiClient
 from .crypto import PasswordKeys
 from .errors import ServerError, ZkfsError
+from .sharekeys import Pins, ShareBook
 from .state import LocalState, VersionLedger
 from .vault import Vault
 
@@ -55,11 +56,13 @@ def open_vault(state: LocalState, *, server: str | None = None, password: str | 
             raise ZkfsError("the saved login is no longer valid: run `client.py login` again") from None
         raise
     keyring = account.Keyring.unlock(acct, keys.kek)
+    account.ensure_identity(api, keyring)
     root = UUID(acct["root_inode"])
     ledger = VersionLedger(state.ledger_path)
     try:
         ledger.check_key_gen(root, keyring.current_gen)
-    except ZkfsError:
+        return Vault(api, keyring, root, ledger, unlock=lambda: account.Keyring.unlock(api.account(), keys.kek),
+                     book=ShareBook(api, Pins(state, api.base_url)))
+    except BaseException:
         ledger.close()
         raise
-    return Vault(api, keyring, root, ledger, unlock=lambda: account.Keyring.unlock(api.account(), keys.kek))

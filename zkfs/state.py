@@ -6,6 +6,8 @@
 - uploaded_file.json remote path -> {uuid, sha256, size, version}: makes re-uploads no-ops
 - versions.db        highest version seen per inode, and the highest master key generation
                      per account: detects a server rolling files or keys back
+- pinned_keys.json   server URL -> username -> the public identity key first seen for it
+                     (trust on first use: sharing refuses a key that changed)
 """
 from __future__ import annotations
 
@@ -70,6 +72,11 @@ def _valid_uploads(data: Any) -> bool:
         and type(r.get("size")) is int for r in data.values())
 
 
+def _valid_pins(data: Any) -> bool:
+    return isinstance(data, dict) and all(
+        isinstance(users, dict) and all(isinstance(k, str) for k in users.values()) for users in data.values())
+
+
 def _write_json(path: Path, data: Any) -> None:
     # A temp name of its own: two commands saving at once must not share one.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -91,6 +98,7 @@ class LocalState:
         self.keys_path = self.root / "keys.json"
         self.uploads_path = self.root / "uploaded_file.json"
         self.ledger_path = self.root / "versions.db"
+        self.pins_path = self.root / "pinned_keys.json"
 
     # config.json
     def config(self) -> dict:
@@ -154,7 +162,8 @@ class LocalState:
         Returns the files removed."""
         removed = []
         for path, read in ((self.config_path, self.config), (self.keys_path, self.keys),
-                           (self.uploads_path, self.uploads)):
+                           (self.uploads_path, self.uploads),
+                           (self.pins_path, lambda: _read_json(self.pins_path, {}, _valid_pins))):
             try:
                 read()
             except CorruptState:
@@ -170,6 +179,19 @@ class LocalState:
                     Path(f"{self.ledger_path}{extra}").unlink(missing_ok=True)
                 removed.append(self.ledger_path)
         return removed
+
+    # pinned_keys.json
+    def pinned_key(self, server: str, username: str) -> bytes | None:
+        pins = _read_json(self.pins_path, {}, _valid_pins)
+        found = pins.get(server.rstrip("/"), {}).get(username.lower())
+        return base64.b64decode(found) if found else None
+
+    def pin_key(self, server: str, username: str, public: bytes) -> None:
+        with open(self.root / ".pins.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            pins = _read_json(self.pins_path, {}, _valid_pins)
+            pins.setdefault(server.rstrip("/"), {})[username.lower()] = base64.b64encode(public).decode()
+            _write_json(self.pins_path, pins)
 
     # uploaded_file.json
     def uploads(self) -> dict:

@@ -143,10 +143,16 @@ def _prepare(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progr
     if existing is not None and not existing.attrs.is_reg:
         raise ZkfsError(f"{name}: exists on the server and is not a regular file")
     inode = existing.id if existing else uuid4()
-    if existing:
+    new_key = None
+    if existing and vault.stale_key(existing):
+        # Its key dates from before its share's last key rotation (a member removed
+        # may hold it): the new version gets a new key.
+        cipher, new_key = vault.new_file_key(inode, parent.id)
+        file_key = None
+    elif existing:
         cipher, file_key = vault.file_cipher(inode, existing.attrs.key_id), None
     else:
-        cipher, file_key = vault.new_file_key(inode)
+        cipher, file_key = vault.new_file_key(inode, parent.id)
     sha = hashlib.sha256()
     inline: list[tuple[UUID, bytes]] = []
     size = 0
@@ -184,7 +190,7 @@ def _prepare(vault: Vault, f, st: os.stat_result, parent: Node, name: str, progr
         ops = [vault.op_create(parent.id, name, inode, attrs.evolve(), file_key)]
         base = 1
     attrs.mtime_ns = st.st_mtime_ns
-    ops.append(vault.op_commit(inode, base, attrs, manifest, inline))
+    ops.append(vault.op_commit(inode, base, attrs, manifest, inline, new_key=new_key))
     node = Node(inode, False, base + 1, existing.nlink if existing else 1, attrs)
     return PreparedUpload(ops, node, sha.hexdigest(), sum(len(t) for _, t in inline), name)
 

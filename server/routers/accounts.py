@@ -98,7 +98,7 @@ def _prove(user: UserRecord, auth_key: str, request: Request, db: MetadataStore)
 def account(user: CurrentUser, db: DbDep):
     return AccountResponse(user_id=user.id, username=user.username, kdf=user.kdf,
                            current_gen=user.current_gen, master_keys=db.master_keys(user.id),
-                           root_inode=user.root_inode)
+                           root_inode=user.root_inode, identity=db.identity(user.id))
 
 
 @router.put("/account/password", response_model=TokenResponse,

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from .. import errors as E
-from ..auth import CurrentUser
+from ..auth import CurrentAccess
 from ..models import BlobUrl, BlobUrlsResponse, DownloadUrlsRequest, Error, UploadUrlsRequest
 from ..namespace import check_quota, quota_room
 from ..storage import BlobStore
@@ -58,9 +58,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
                        409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}},
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUser,
+async def put_blob(inode: UUID, blob_id: UUID, request: Request, access: CurrentAccess,
                    db: DbDep, store: StoreDep, settings: SettingsDep):
     """Raw body, streamed to disk (temp file, fsync, rename); 201 when stored."""
+    access.scope.require_write()
+    user = access.owner
     limit = settings.max_blob_bytes
     declared = None
     if request.headers.get("content-length"):
@@ -70,7 +72,7 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
             raise E.invalid("bad Content-Length") from None
         if declared > limit:
             raise E.too_large(f"blob larger than {limit} bytes")
-    used = await run_in_threadpool(db.check_blob_target, user, inode, blob_id)
+    used = await run_in_threadpool(db.check_blob_target, user, inode, blob_id, access.share)
     room = quota_room(used, db.quota_of(user))
     if declared is not None:
         check_quota(used, declared, db.quota_of(user))
@@ -95,7 +97,8 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
     except ClientDisconnect:
         raise E.invalid("client disconnected during upload") from None
     try:
-        await run_in_threadpool(db.add_blob, user, inode, blob_id, staged.size, pre_commit=staged.commit)
+        await run_in_threadpool(db.add_blob, user, inode, blob_id, staged.size, pre_commit=staged.commit,
+                                scope=access.scope)
     except BaseException:
         staged.discard()
         raise
@@ -104,26 +107,28 @@ async def put_blob(inode: UUID, blob_id: UUID, request: Request, user: CurrentUs
 
 @router.post("/upload-urls", response_model=BlobUrlsResponse,
              responses={409: {"model": Error}, 413: {"model": Error}, 507: {"model": Error}})
-def upload_urls(body: UploadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep, settings: SettingsDep):
+def upload_urls(body: UploadUrlsRequest, access: CurrentAccess, db: DbDep, store: StoreDep, settings: SettingsDep):
     """Short-lived URLs to PUT exactly ``size`` bytes of each blob straight into the
     object store (409 ``direct_unavailable`` when the store cannot: then PUT here).
     The blobs are staged from now on, all or none, charged at their declared
     sizes; a commit checks each arrived with its size."""
     if not store.direct:
         raise E.direct_unavailable()
+    access.scope.require_write()
+    user = access.owner
     if any(b.size > settings.max_blob_bytes for b in body.blobs):
         raise E.too_large(f"blob larger than {settings.max_blob_bytes} bytes")
     wanted = {(b.inode, b.blob_id): b.size for b in body.blobs}
     if len(wanted) != len(body.blobs):
         raise E.invalid("a blob is listed twice")
-    db.stage_blobs(user, [(i, b, n) for (i, b), n in wanted.items()], verified=False)
+    db.stage_blobs(user, [(i, b, n) for (i, b), n in wanted.items()], verified=False, scope=access.scope)
     ttl = settings.direct_url_ttl
     return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_put(user.id, i, b, n, ttl))
                                   for (i, b), n in wanted.items()], expires_in=ttl)
 
 
 @router.post("/download-urls", response_model=BlobUrlsResponse, responses={409: {"model": Error}})
-def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store: StoreDep,
+def download_urls(body: DownloadUrlsRequest, access: CurrentAccess, db: DbDep, store: StoreDep,
                   settings: SettingsDep):
     """Short-lived GET URLs for up to 256 blobs at once (a reader asks for the next
     chunks of a file in one request instead of one 307 each); blobs the user does
@@ -131,7 +136,8 @@ def download_urls(body: DownloadUrlsRequest, user: CurrentUser, db: DbDep, store
     if not store.direct:
         raise E.direct_unavailable()
     ttl = settings.direct_url_ttl
-    found = db.existing_blobs(user.id, [(b.inode, b.blob_id) for b in body.blobs])
+    user = access.owner
+    found = db.existing_blobs(user.id, [(b.inode, b.blob_id) for b in body.blobs], access.share)
     return BlobUrlsResponse(urls=[BlobUrl(inode=i, blob_id=b, url=store.presign_get(user.id, i, b, ttl))
                                   for i, b in found], expires_in=ttl)
 
@@ -177,11 +183,13 @@ def blob_response(size: int, rng: tuple[int, int] | None, body: bytes | Iterator
                        206: {"content": {"application/octet-stream": {}}},
                        307: {"description": "fetch the blob from the Location URL (object stores)"},
                        416: {"model": Error}})
-async def get_blob(inode: UUID, blob_id: UUID, user: CurrentUser, db: DbDep, store: StoreDep,
+async def get_blob(inode: UUID, blob_id: UUID, access: CurrentAccess, db: DbDep, store: StoreDep,
                    settings: SettingsDep, range_: Annotated[str | None, Header(alias="range")] = None):
     """The blob's bytes, or (object stores) a 307 to a short-lived URL of it."""
+    user = access.owner
+
     def locate() -> tuple[int, tuple[int, int] | None, bytes | Iterator[bytes] | str]:
-        rec = db.get_blob(user.id, inode, blob_id)
+        rec = db.get_blob(user.id, inode, blob_id, access.share)
         if rec is None:
             raise E.not_found("no such blob")
         if store.direct:

@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Path, Query
 
 from .. import errors as E
-from ..auth import CurrentUser
+from ..auth import CurrentAccess, CurrentUser
 from ..db import EntryRecord, InodeRecord
 from ..models import (ChangesResponse, DirListing, EntryList, EntryOut, Error, InodeOut, ListingsRequest,
                       ListingsResponse, NameHash, OpResult, OpsRequest, OpsResponse, StatfsResponse)
@@ -34,16 +34,16 @@ def _entry_out(rec: EntryRecord) -> EntryOut:
 
 
 @router.get("/inodes/{inode}", response_model=InodeOut)
-def get_inode(inode: UUID, user: CurrentUser, db: DbDep):
-    rec = db.get_inode(user.id, inode)
+def get_inode(inode: UUID, access: CurrentAccess, db: DbDep):
+    rec = db.get_inode(access.owner.id, inode, access.share)
     if rec is None:
         raise E.not_found("no such inode")
     return _inode_out(rec, with_manifest=True)
 
 
 @router.get("/dirs/{inode}/entries", response_model=EntryList)
-def list_entries(inode: UUID, user: CurrentUser, db: DbDep):
-    found = db.list_entries(user.id, inode)
+def list_entries(inode: UUID, access: CurrentAccess, db: DbDep):
+    found = db.list_entries(access.owner.id, inode, access.share)
     if found is None:
         raise E.not_found("no such directory")
     directory, entries = found
@@ -59,18 +59,18 @@ MAX_LISTED_ENTRIES = 10_000
 
 
 @router.post("/listings", response_model=ListingsResponse)
-def list_many(body: ListingsRequest, user: CurrentUser, db: DbDep):
+def list_many(body: ListingsRequest, access: CurrentAccess, db: DbDep):
     """Several directories' listings in one request (the mount reads ahead the
     folders it is about to be asked for). Unknown ids are left out; so are the
     listings after the one that would pass MAX_LISTED_ENTRIES."""
-    found = db.list_entries_many(user.id, body.dirs, MAX_LISTED_ENTRIES)
+    found = db.list_entries_many(access.owner.id, body.dirs, MAX_LISTED_ENTRIES, access.share)
     return ListingsResponse(listings=[DirListing(dir=_inode_out(d), entries=[_entry_out(e) for e in entries])
                                       for d, entries in found])
 
 
 @router.get("/dirs/{inode}/entries/{name_hash}", response_model=EntryOut)
-def lookup_entry(inode: UUID, name_hash: Annotated[NameHash, Path()], user: CurrentUser, db: DbDep):
-    rec = db.lookup_entry(user.id, inode, name_hash)
+def lookup_entry(inode: UUID, name_hash: Annotated[NameHash, Path()], access: CurrentAccess, db: DbDep):
+    rec = db.lookup_entry(access.owner.id, inode, name_hash, access.share)
     if rec is None:
         raise E.not_found("no such entry")
     return _entry_out(rec)
@@ -89,16 +89,22 @@ def statfs(user: CurrentUser, db: DbDep, store: StoreDep):
 
 
 @router.get("/changes", response_model=ChangesResponse)
-def changes(user: CurrentUser, db: DbDep, since: Annotated[int, Query(ge=0, le=2**62)] = 0):
-    seq, changed = db.changes(user.id, since)
+def changes(access: CurrentAccess, db: DbDep, since: Annotated[int, Query(ge=0, le=2**62)] = 0):
+    """The account's feed, or a share's (a member's: seq numbers are the owner's
+    account's; key_gen and shares_seq are 0, they belong to the member's own feed)."""
+    seq, changed, shares_seq = db.changes(access.owner.id, since, access.share)
+    own = access.share is None
     return ChangesResponse(seq=seq, inodes=[i for i, _ in changed], seqs=[n for _, n in changed],
-                           key_gen=user.current_gen)
+                           key_gen=access.user.current_gen if own else 0, shares_seq=shares_seq if own else 0)
 
 
 @router.post("/ops", response_model=OpsResponse,
              responses={400: {"model": Error}, 409: {"model": Error}, 507: {"model": Error}})
-def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep):
-    """All ops in one transaction: all or nothing (see docs/API.md)."""
+def apply_ops(body: OpsRequest, access: CurrentAccess, db: DbDep, store: StoreDep):
+    """All ops in one transaction: all or nothing (see docs/API.md). With the share
+    header: a member's ops, on that share's inodes only (read-only members: 403)."""
+    access.scope.require_write()
+    user = access.owner
     if body.batch_id is not None:
         answer = db.batch_answer(user.id, body.batch_id)
         if answer is not None:                 # sent again: applied once already
@@ -130,7 +136,8 @@ def apply_ops(body: OpsRequest, user: CurrentUser, db: DbDep, store: StoreDep):
         for ino, blob, data in inline:
             staged.append(store.stage_bytes(user.id, ino, blob, data))
         outcome = db.apply_ops(user.id, body.ops, inline_sizes,
-                               pre_commit=commit_all(staged) if staged else None, batch_id=body.batch_id)
+                               pre_commit=commit_all(staged) if staged else None, batch_id=body.batch_id,
+                               scope=access.scope)
     except UniqueViolation:
         discard_all(staged)
         # The same batch_id applied meanwhile (a concurrent retry): its answer stands.

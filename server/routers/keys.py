@@ -6,7 +6,7 @@ from uuid import UUID
 from fastapi import APIRouter, Response
 
 from .. import errors as E
-from ..auth import CurrentUser
+from ..auth import CurrentAccess, CurrentUser
 from ..models import Error, KeyBatchRequest, KeyListResponse, WrappedKeyResponse
 from .common import DbDep, b64decode
 
@@ -15,18 +15,18 @@ router = APIRouter(tags=["keys"], responses={401: {"model": Error}, 404: {"model
 
 
 @router.get("/fs/inodes/{inode}/key", response_model=WrappedKeyResponse)
-def get_key(inode: UUID, user: CurrentUser, db: DbDep):
-    found = db.get_key(user.id, inode)
+def get_key(inode: UUID, access: CurrentAccess, db: DbDep):
+    found = db.get_key(access.owner.id, inode, access.share)
     if found is None:
         raise E.not_found("no file key for this inode")
-    gen, wrapped = found
-    return WrappedKeyResponse(inode=inode, gen=gen, wrapped_key=wrapped)
+    gen, wrapped, share = found
+    return WrappedKeyResponse(inode=inode, gen=gen, wrapped_key=wrapped, share=share)
 
 
 @router.get("/keys", response_model=KeyListResponse)
 def list_keys(user: CurrentUser, db: DbDep):
-    return KeyListResponse(keys=[WrappedKeyResponse(inode=i, gen=g, wrapped_key=k)
-                                 for i, g, k in db.list_keys(user.id)])
+    return KeyListResponse(keys=[WrappedKeyResponse(inode=i, gen=g, wrapped_key=k, share=sh)
+                                 for i, g, k, sh in db.list_keys(user.id)])
 
 
 @router.put("/keys", status_code=204, responses={400: {"model": Error}, 507: {"model": Error}})

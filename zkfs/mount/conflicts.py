@@ -51,7 +51,7 @@ class ConflictCopies:
             parent, name = self.meta.node(self.vault.root), Path(path or str(inode)).name
         copy_name = conflict_name(name, self.hostname)
         new_id = uuid4()
-        cipher, file_key = self.vault.new_file_key(new_id)
+        cipher, file_key = self.vault.new_file_key(new_id, parent.id)
         copy = OpenFile(self.vault, self.blocks, self.spool, self.budget,
                         Node(new_id, False, 0, 1, attrs.evolve(size=0, manifest_digest=None)),
                         cipher, Manifest(new_id), PendingCreate(parent.id, copy_name, file_key, time.time_ns()))

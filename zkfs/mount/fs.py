@@ -34,12 +34,13 @@ from .ops_attrs import AttrOps
 from .ops_files import FileOps
 from .ops_namespace import NamespaceOps
 from .orphans import Orphans
+from .shared import SharedFeeds, SharedOps
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
 
-class ZkfsOperations(FileOps, NamespaceOps, AttrOps, ConflictCopies, Orphans, Operations):
+class ZkfsOperations(FileOps, NamespaceOps, AttrOps, ConflictCopies, Orphans, SharedOps, Operations):
     use_ns = True
 
     def __init__(self, vault: Vault, cache_dir: Path, cache_bytes: int, *, read_only: bool = False,
@@ -64,6 +65,7 @@ class ZkfsOperations(FileOps, NamespaceOps, AttrOps, ConflictCopies, Orphans, Op
         self.writeback.conflicts = self
         self.writeback.uploader.keep_sent = self.blocks.tokens.put
         vault.on_dir_change = self.meta.put_node       # folders our own changes sealed
+        self.meta.after_poll = SharedFeeds(self.meta).poll
         self.hidden: dict[str, Node] = {}               # libfuse's names for unlinked open files
         self.hidden_names: dict[tuple[UUID, str], str] = {}   # (parent, name) -> its hidden path
         self._statfs: dict | None = None                # the server's last answer (for offline)

@@ -58,6 +58,8 @@ class MetaCache:
         self._local_nodes: dict[UUID, tuple[Node, int]] = {}
         self._local_dirs: dict[UUID, int] = {}
         self.journal_last: Callable[[], int] = lambda: 0     # the highest journal record written
+        # Called with every answer of the account's change feed (shares: shared.py).
+        self.after_poll: Callable[[dict], None] = lambda feed: None
         # Listings read ahead, as the server sent them: decoded (and verified)
         # only when asked for, so one never used costs no decryption.
         self._read_ahead: dict[UUID, tuple[dict, float, int, int]] = {}   # + ops_applied, ledger epoch
@@ -407,7 +409,7 @@ class MetaCache:
         since = self.vault.ledger.epoch()
         found = {}
         try:
-            found = self.vault.api.list_dirs(batch)
+            found = self.vault.list_dirs(batch)
         except ZkfsError as exc:
             log.debug("listing read-ahead: %s", exc)
         finally:
@@ -481,6 +483,7 @@ class MetaCache:
         seen = max([self._seq or 0, *list(self.vault.own_seqs)])
         feed = self.vault.api.changes(self._seq or 0)
         self.vault.note_key_gen(feed["key_gen"])
+        self.after_poll(feed)
         if feed["seq"] < seen:
             raise TamperedError(f"the change feed went back from position {seen} to {feed['seq']}")
         if self._seq is None:               # the first poll only sets where to start

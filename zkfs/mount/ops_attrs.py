@@ -174,7 +174,9 @@ class AttrOps:
             if fh is not None:
                 self.table.handle(fh).file.touch_attrs(change)
                 return
-            self._change_attrs(self._resolve(path), change)
+            node = self._resolve(path)
+            self.vault.check_writable(node.id)       # /Shared, a read-only share: EACCES now
+            self._change_attrs(node, change)
 
     def _change_attrs(self, node: Node, change) -> None:
         """(Under the namespace lock.) To whichever holds the inode's unsent changes."""

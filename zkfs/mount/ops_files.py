@@ -43,7 +43,7 @@ class FileOps:
         self._writable()
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, stat.S_IFREG | stat.S_IMODE(mode))
-            cipher, file_key = self.vault.new_file_key(inode)
+            cipher, file_key = self.vault.new_file_key(inode, parent.id)
             node = Node(inode, False, 0, 1, attrs)
             at = time.time_ns()
             of = OpenFile(self.vault, self.blocks, self.spool, self.budget, node, cipher,
@@ -63,6 +63,8 @@ class FileOps:
             node = self._resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                node = self._before_write(node)
             of = self._open_file(node)
             fh = self._new_handle(of, path, append=bool(flags & os.O_APPEND))
         if flags & os.O_TRUNC:
@@ -98,7 +100,7 @@ class FileOps:
             node = self._resolve(path)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            fh = self._new_handle(self._open_file(node), path)
+            fh = self._new_handle(self._open_file(self._before_write(node)), path)
         try:
             of = self.table.handle(fh).file
             of.truncate(length)

@@ -330,7 +330,7 @@ class NamespaceOps:
         self._writable()
         with self.ns_lock:
             parent, name, attrs, inode = self._new_entry(path, mode, rdev=rdev, target=target)
-            file_key = self.vault.new_file_key(inode)[1] if stat.S_ISREG(mode) else None
+            file_key = self.vault.new_file_key(inode, parent.id)[1] if stat.S_ISREG(mode) else None
             if file_key is not None:
                 attrs.key_id = crypto.key_id(file_key)
             self.writeback.record(records.create(parent.id, name, inode, attrs, file_key, attrs.ctime_ns))

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 from uuid import UUID
 
+from ..domains import ShareRefused
 from ..errors import ServerError, TamperedError, Unreachable, ZkfsError
 from ..format import Attrs
 from ..ops import Plan
 from ..vault import Vault
 from . import records
 from .journal import Journal, Record
+from .shared import adopt_record
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,8 @@ class Uploader:
         by_seq = {r.seq: r for r in changes}
         covered = [by_seq[seq] for seq in body["seqs"] if seq in by_seq]      # in the batch's order
         sealed = [(UUID(d), v, Attrs.from_doc(a)) for d, v, a in body["sealed"]]
-        plan = Plan(body["wires"], [UUID(d) for d in body["appended"]], sealed)
+        plan = Plan(body["wires"], [UUID(d) for d in body["appended"]], sealed,
+                    UUID(body["scope"]) if body.get("scope") else None)
         return _Batch(UUID(body["batch"]), covered, plan, [UUID(b) for b in body.get("blobs", [])])
 
     def push(self, record: Record) -> None:
@@ -313,7 +316,21 @@ class Uploader:
             cut = next((i for i, r in enumerate(take) if r.body["t"] == "commit"), len(take))
             take = take[:max(cut, 1)]
         while True:
-            ops = [records.to_op(self.vault, r.body) for r in take]
+            ops = []
+            for r in take:
+                adopt_record(self.vault, r.body)
+                try:
+                    ops.append(records.to_op(self.vault, r.body))
+                except ShareRefused as exc:      # a share left, or made read-only, since
+                    log.error("journal: %s cannot be saved on the server: %s", records.describe(r.body), exc)
+                    with self._lock:
+                        self._queue.remove(r)
+                    self._drop_blobs([r])
+                    self._settled([r.seq])
+                    return None
+            # One transaction is in one account: a member's own files, or one share.
+            same = next((i for i, op in enumerate(ops) if op.scope != ops[0].scope), len(ops))
+            take, ops = take[:same], ops[:same]
             plan = self.vault.plan_batch(ops)
             size = len(json.dumps(plan.wires))
             if (len(plan.wires) <= MAX_BATCH_WIRES and size <= MAX_BATCH_BYTES) or len(take) == 1:
@@ -333,6 +350,7 @@ class Uploader:
                                    "wires": batch.plan.wires,
                                    "appended": [str(d) for d in batch.plan.appended],
                                    "sealed": [[str(d), v, a.to_doc()] for d, v, a in batch.plan.sealed],
+                                   "scope": str(batch.plan.scope) if batch.plan.scope else None,
                                    "blobs": [str(b) for b in batch.blobs]})
         with self._lock:
             self._seen = max(self._seen, seq)
@@ -355,7 +373,7 @@ class Uploader:
         def put(blob: UUID) -> None:
             token = self.journal.blob(blob)
             if token is not None:
-                self.vault.api.put_blob(inode_of[blob], blob, token)
+                self.vault.api.put_blob(inode_of[blob], blob, token, self.vault.scope_of(inode_of[blob]))
 
         for fut in [self._pool.submit(put, b) for b in batch.blobs if b in inode_of]:
             fut.result()

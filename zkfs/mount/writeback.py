@@ -31,6 +31,7 @@ from . import records
 from .conflicts import conflict_name
 from .handles import OpenFileTable
 from .journal import Journal, Record
+from .shared import check_record, stamp_record
 from .namespace import MetaCache
 from .openfile import OpenFile
 from .uploader import Uploader
@@ -54,8 +55,11 @@ class WriteBack:
         """(Under the lock.) Write ``bodies`` to the journal after the creates of new
         files the server has not seen yet (any record may name them); returns the
         last sequence number. Written, not yet on disk: ``wait`` for that."""
+        for body in bodies:
+            check_record(self.vault, body)       # /Shared, a read-only share, across a share's edge
         seq = 0
         for body in [*self._publish_creates(), *bodies]:
+            stamp_record(self.vault, body)
             seq = self.journal.append_nowait(body)
             self.uploader.push(Record(seq, body))
         return seq
