@@ -155,7 +155,7 @@ def test_junk_in_every_id_of_every_route(fuzz_server):
     a = ApiUser(srv)
     spec = httpx.get(srv.url + "/openapi.json").json()
     real = {"inode": str(a.root), "blob_id": str(uuid.uuid4()), "name_hash": nh("x"), "gen": "1",
-            "link_id": "A" * 22}
+            "link_id": "A" * 22, "share": str(uuid.uuid4()), "username": a.username}
     failures, n = [], 0
     for path, methods in spec["paths"].items():
         if "{" not in path:
