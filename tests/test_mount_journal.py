@@ -230,3 +230,27 @@ def test_files_unlinked_right_after_their_close_leave_nothing_on_the_server(shar
     left = shared_server.query("SELECT count(*) FROM inodes i WHERE NOT i.is_dir AND i.user_id = "
                                "(SELECT id FROM users WHERE username = ?)", machine.username)[0][0]
     assert left == 0
+
+
+def test_writing_while_the_server_is_away_does_not_wait_for_it(shared_server, mounts):
+    """With the server gone, a write goes to the journal: the chunks written behind
+    (1 MiB each) are not retried for the 60 s of --retry-seconds first (they were:
+    the first write after an outage hung a minute)."""
+    import threading
+    server = shared_server
+    machine = mounts.machine(server)
+    m = mounts.mount(machine)                        # the default --retry-seconds (60)
+    assert os.listdir(m.path) == []
+    data = os.urandom(3 << 20)
+    server.stop()
+    try:
+        writer = threading.Thread(target=(m.path / "offline.bin").write_bytes, args=(data,), daemon=True)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive(), "a write waited for the absent server"
+    finally:
+        server.start()
+    writer.join(120)
+    m.settle()
+    fresh = mounts.mount(other_machine(mounts, machine, server))
+    assert (fresh.path / "offline.bin").read_bytes() == data

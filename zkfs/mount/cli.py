@@ -24,6 +24,8 @@ from ..state import LocalState
 
 log = logging.getLogger("zkfs.mount")
 
+REQUEST_RETRY_SECONDS = 5.0
+
 
 def _parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -220,7 +222,11 @@ def serve(args) -> None:
     from .fs import ZkfsOperations
 
     state = LocalState()
-    vault = open_vault(state, server=args.server, password=_password(args), retry_seconds=args.retry_seconds,
+    # One request retries a vanished server only briefly: the journal keeps every change
+    # (and waits --retry-seconds where a caller waits for the server), so a lookup or a
+    # write-behind upload need not stall the mount for that long (it did: 60 s per call).
+    vault = open_vault(state, server=args.server, password=_password(args),
+                       retry_seconds=min(args.retry_seconds, REQUEST_RETRY_SECONDS),
                        insecure_http=args.insecure_http)
     cache = _cache_dir(args, state)
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
