@@ -48,8 +48,25 @@ def test_versions_survive_a_restart(tmp_path):
     led.close()
     led = VersionLedger(tmp_path / "v.db")
     try:
+        # (the first older answer is asked again: another process may have written
+        # the version it is held against while it was out; the second is a rollback)
+        assert led.check(inode, 6, led.epoch()) is False
         with pytest.raises(TamperedError):
             led.check(inode, 6, led.epoch())
         assert led.check(inode, 7) is True
     finally:
         led.close()
+
+
+def test_a_version_another_process_recorded_while_a_read_was_out_is_asked_again(tmp_path):
+    """Two commands of one machine (two parallel uploads into one folder): one records
+    version 5 of the folder while the other's read of it, sent before, brings 4. That
+    is stale (ask again), not a rollback; the same answer once more is."""
+    inode = uuid4()
+    first, second = VersionLedger(tmp_path / "v.db"), VersionLedger(tmp_path / "v.db")
+    since = second.epoch()                        # the second's read leaves
+    first.check(inode, 5)
+    first.flush()                                 # the first records its commit
+    assert second.check(inode, 4, since) is False
+    with pytest.raises(TamperedError, match="back from version 5 to 4"):
+        second.check(inode, 4, second.epoch())

@@ -263,6 +263,13 @@ class VersionLedger:
             if known is None:
                 row = self._db.execute("SELECT version FROM versions WHERE inode=?", (inode.bytes,)).fetchone()
                 known = self._seen[inode] = row[0] if row else 0
+                if since is not None and version < known:
+                    # Another process on this machine may have recorded ``known`` after
+                    # this request left (two uploads into one folder): ask once more; a
+                    # second older answer is a rollback.
+                    self._epoch += 1
+                    self._last_raise[inode] = (self._epoch, time.monotonic())
+                    return False
             if version > known:
                 self._epoch += 1
                 self._last_raise[inode] = (self._epoch, time.monotonic())
