@@ -121,6 +121,9 @@ class FakeVault:
     def op_link(self, inode, parent, name, *, at_ns=None) -> Op:
         return Op({"op": "link", "name": name})
 
+    def op_create(self, parent, name, inode, attrs, file_key=None, *, at_ns=None) -> Op:
+        return Op({"op": "create", "name": name})
+
     def plan_batch(self, ops: list[Op]) -> Plan:
         return Plan([op.wire for op in ops], [])
 
@@ -219,3 +222,33 @@ def test_a_batch_whose_answer_was_lost_is_sent_again_as_it_was(tmp_path):
     j3 = journal(tmp_path, keys)
     assert j3.unsent() == []
     j3.close()
+
+
+def test_a_file_removed_while_its_batch_is_planned_is_not_cancelled_under_it(tmp_path):
+    """A removal may cancel a new file's queued records, but not while they are being
+    planned into a batch: that batch sends them (then the removal must be sent too),
+    and the queue loses nothing else (it lost records, and mount.py --wait hung)."""
+    from zkfs.vault import new_attrs
+    j, vault, policy = journal(tmp_path), FakeVault(), RecordingPolicy()
+    planning, go = threading.Event(), threading.Event()
+    plan = vault.plan_batch
+
+    def slow_plan(ops):
+        planning.set()
+        go.wait(5)
+        return plan(ops)
+    vault.plan_batch = slow_plan
+    up = Uploader(vault, j, policy)
+    inode = uuid.uuid4()
+    body = records.create(ROOT, "tmp", inode, new_attrs(0o100644), None, 1)
+    seq = j.append_nowait(body)
+    up.push(Record(seq, body))
+    last = feed(j, up, ["a", "b"])
+    up.start()
+    assert planning.wait(5)
+    assert up.cancel_new(inode) is False          # in the batch being planned: it goes
+    go.set()
+    assert up.wait(last, 30)
+    up.stop()
+    assert [n for _, batch in vault.sent for n in batch] == ["tmp", "a", "b"]
+    j.close()

@@ -84,6 +84,7 @@ class Uploader:
         self._lock = threading.Condition()
         self._batch: _Batch | None = None                # planned and written, not yet answered
         self._waiters = 0                                # callers of wait(): no gathering then
+        self._planning: list[Record] = []                # being planned into the next batch
         self._taken: list[Record] = []                   # versions a conflict copy replaced
         self._tampered: TamperedError | None = None      # the last answer failed its check
         # Inodes whose refused versions' chunks stay: an open file still builds on them.
@@ -156,7 +157,8 @@ class Uploader:
         server has no room for, which must not hold up the removals behind it)."""
         key = str(inode)
         with self._lock:
-            if self._batch is not None and any(key in records.named_inodes(r.body) for r in self._batch.records):
+            busy = (self._batch.records if self._batch is not None else []) + self._planning
+            if any(key in records.named_inodes(r.body) for r in busy):
                 return False
             mine = [r for r in self._queue if key in records.named_inodes(r.body)]
             content = [r for r in mine if r.body["t"] in ("commit", "attrs")]
@@ -308,6 +310,14 @@ class Uploader:
     def _plan_next(self) -> _Batch | None:
         with self._lock:
             take = list(self._queue[:MAX_BATCH_RECORDS])
+            self._planning = take                # cancel_new keeps off these meanwhile
+        try:
+            return self._plan(take)
+        finally:
+            with self._lock:
+                self._planning = []
+
+    def _plan(self, take: list[Record]) -> _Batch | None:
         if not take:
             return None
         if self.status.no_space:
@@ -340,7 +350,8 @@ class Uploader:
         batch = _Batch(uuid.uuid4(), take, plan, blobs)
         self._write_batch(batch)
         with self._lock:
-            del self._queue[:len(take)]
+            planned = {r.seq for r in take}
+            self._queue = [r for r in self._queue if r.seq not in planned]
         return batch
 
     def _write_batch(self, batch: _Batch) -> None:
@@ -442,11 +453,17 @@ class Uploader:
         if single and recs:
             # Send the first alone: the next refusal then names it.
             first = recs[0]
-            ops = [records.to_op(self.vault, first.body)]
-            plan = self.vault.plan_batch(ops)
-            batch = _Batch(uuid.uuid4(), [first], plan, self._local_blobs(first.body)
-                           if first.body["t"] == "commit" else [])
-            self._write_batch(batch)
             with self._lock:
-                self._queue.remove(first)
-            self._batch = batch
+                self._planning = [first]
+            try:
+                ops = [records.to_op(self.vault, first.body)]
+                plan = self.vault.plan_batch(ops)
+                batch = _Batch(uuid.uuid4(), [first], plan, self._local_blobs(first.body)
+                               if first.body["t"] == "commit" else [])
+                self._write_batch(batch)
+                with self._lock:
+                    self._queue = [r for r in self._queue if r.seq != first.seq]
+                    self._batch = batch
+            finally:
+                with self._lock:
+                    self._planning = []
