@@ -209,10 +209,6 @@ class Uploader:
         with self._lock:
             return not self._queue and self._batch is None
 
-    @property
-    def online(self) -> bool:
-        return self.status.online
-
     def snapshot(self) -> Status:
         with self._lock:
             s = self.status
@@ -276,11 +272,6 @@ class Uploader:
                 log.exception("journal: sending failed (will try again)")
                 self._stop.wait(_PAUSES[min(pause, len(_PAUSES) - 1)])
                 pause += 1
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Send everything journaled so far (from a caller's thread: the uploader's
-        own loop does the same); False if the server stayed away."""
-        return self.wait(self.journal.last_change, timeout)
 
     def _step(self) -> None:
         """Send the pending batch, or plan the next one and send it."""
