@@ -6,6 +6,7 @@ the batches it is sent and can be told to be away or to refuse an op."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -251,4 +252,28 @@ def test_a_file_removed_while_its_batch_is_planned_is_not_cancelled_under_it(tmp
     assert up.wait(last, 30)
     up.stop()
     assert [n for _, batch in vault.sent for n in batch] == ["tmp", "a", "b"]
+    j.close()
+
+
+def test_waiting_for_a_refused_record_waits_for_its_conflict_copy(tmp_path):
+    """An unmount or `mount.py --wait` waits for the last change; when the server
+    refuses it, the copy that replaces it comes later in the journal and must be on
+    the server too before the wait ends (else the unmount left it in the journal)."""
+    j, vault, policy = journal(tmp_path), FakeVault(), RecordingPolicy()
+    vault.refuse = "taken"
+    sent = vault.send
+
+    def slow_copies(plan, batch_id):
+        if any("(conflict)" in w["name"] for w in plan.wires):
+            time.sleep(0.5)
+        return sent(plan, batch_id)
+
+    vault.send = slow_copies
+    up = Uploader(vault, j, policy)
+    up.start()
+    assert up.wait(feed(j, up, ["a"]), 30)
+    assert up.wait(feed(j, up, ["taken"]), 30)
+    names = [n for _, batch in vault.sent for n in batch]
+    up.stop()
+    assert names == ["a", "taken (conflict)"]
     j.close()

@@ -86,6 +86,9 @@ class Uploader:
         self._waiters = 0                                # callers of wait(): no gathering then
         self._planning: list[Record] = []                # being planned into the next batch
         self._taken: list[Record] = []                   # versions a conflict copy replaced
+        # (refused seq, last seq of the records that settle it): waiting for a record
+        # means waiting for what took its place too (a conflict copy is made later).
+        self._replaced: list[tuple[int, int]] = []
         self._tampered: TamperedError | None = None      # the last answer failed its check
         # Inodes whose refused versions' chunks stay: an open file still builds on them.
         self.keep_chunks_of: set[str] = set()
@@ -177,6 +180,8 @@ class Uploader:
             for seq in seqs:
                 self._times.pop(seq, None)
             done = min(self._times) - 1 if self._times else self._seen
+            if not self._times:
+                self._replaced.clear()           # nothing left that a waiter could still need
             self._lock.notify_all()
         self.journal.settle(seqs, done)
         try:
@@ -194,7 +199,7 @@ class Uploader:
             self._waiters += 1
             self._lock.notify_all()
             try:
-                while self.journal.done < seq:
+                while self.journal.done < (seq := self._with_replacements(seq)):
                     if self._tampered is not None:
                         return False         # the server's answer failed its check: EIO now
                     left = None if deadline is None else deadline - time.monotonic()
@@ -204,6 +209,17 @@ class Uploader:
             finally:
                 self._waiters -= 1
         return True
+
+    def _with_replacements(self, seq: int) -> int:
+        """(Under the lock.) ``seq``, or past it the last record that settles a refused
+        record up to it (and so on: a copy can be refused in turn)."""
+        grown = True
+        while grown:
+            grown = False
+            for refused, last in self._replaced:
+                if refused <= seq < last:
+                    seq, grown = last, True
+        return seq
 
     def drained(self) -> bool:
         with self._lock:
@@ -429,6 +445,8 @@ class Uploader:
             for r in extra:
                 self._times[r.seq] = time.time()
                 self._seen = max(self._seen, r.seq)
+            if extra:
+                self._replaced.append((bad.seq, extra[-1].seq))
         # What settles it takes its place: a create under a conflict name must come
         # before the records after it that name the same inode.
         self._requeue(batch.records[:index] + extra + batch.records[index + 1:])
