@@ -182,6 +182,18 @@ def storage_bytes(server) -> int:
     return sum(storage_files(server).values())
 
 
+@pytest.fixture
+def mounts(tmp_path_factory, request):
+    """Mounts for one test, all cleaned up after it; a hung one is killed after the
+    test module's ``WATCHDOG_SECONDS`` (300 by default)."""
+    ms = Mounts(tmp_path_factory)
+    try:
+        with ms.watchdog(getattr(request.module, "WATCHDOG_SECONDS", 300)):
+            yield ms
+    finally:
+        ms.close()
+
+
 @pytest.fixture(scope="module")
 def mnt(shared_server, tmp_path_factory):
     """One mount for a test module (import this fixture, and ``watchdog``)."""

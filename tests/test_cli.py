@@ -439,7 +439,6 @@ def populate_in_process(machine, n: int, folder: str) -> dict[str, bytes]:
 def read_all_in_process(machine, folder: str) -> dict[str, bytes]:
     """Decrypt every file of /<folder> through zkfs.vault, as `download` does (the
     file keys come from one GET /keys and are unwrapped with the current keyring)."""
-    from zkfs.crypto import BinaryFernet
     from zkfs.format import b64decode
     from zkfs.session import open_vault
     from zkfs.state import LocalState

@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, Machine
-from mount_helpers import Mounts, wait_until
+from mount_helpers import Mounts, mounts, wait_until  # noqa: F401 (fixture)
 from netem import NetemProxy
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture
-def mounts(tmp_path_factory):
-    ms = Mounts(tmp_path_factory)
-    try:
-        with ms.watchdog(500):
-            yield ms
-    finally:
-        ms.close()
+WATCHDOG_SECONDS = 500   # the mounts fixture kills hung daemons after this
 
 
 def tree(root: Path) -> dict[str, str]:

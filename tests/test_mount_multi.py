@@ -11,18 +11,11 @@ import time
 import pytest
 
 from harness import Machine
-from mount_helpers import Mounts, sha256_file, wait_until
+from mount_helpers import Mounts, mounts, sha256_file, wait_until  # noqa: F401 (fixture)
 from netem import NetemProxy
 
 
-@pytest.fixture
-def mounts(tmp_path_factory):
-    ms = Mounts(tmp_path_factory)
-    try:
-        with ms.watchdog(120):
-            yield ms
-    finally:
-        ms.close()
+WATCHDOG_SECONDS = 120   # the mounts fixture kills hung daemons after this
 
 
 def second_machine(mounts: Mounts, first: Machine, server) -> Machine:

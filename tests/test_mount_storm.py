@@ -14,21 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from mount_helpers import Mounts
+from mount_helpers import Mounts, mounts  # noqa: F401 (fixture)
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.timeout(500)
 WORKERS, CALLS = 4, 800
 
 
-@pytest.fixture
-def mounts(tmp_path_factory):
-    ms = Mounts(tmp_path_factory)
-    try:
-        with ms.watchdog(400):
-            yield ms
-    finally:
-        ms.close()
+WATCHDOG_SECONDS = 400   # the mounts fixture kills hung daemons after this
 
 
 def test_syscall_storm_leaves_the_mount_alive_and_correct(server, mounts):

@@ -18,21 +18,14 @@ import pytest
 from clitools import write_random
 from conftest import TEST_SECRET, ServerProcess
 from loadbalancer import LoadBalancer
-from mount_helpers import Mounts, sha256_file, wait_until
+from mount_helpers import Mounts, mounts, sha256_file, wait_until  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(600)]
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def mounts(tmp_path_factory):
-    ms = Mounts(tmp_path_factory)
-    try:
-        with ms.watchdog(420):
-            yield ms
-    finally:
-        ms.close()
+WATCHDOG_SECONDS = 420   # the mounts fixture kills hung daemons after this
 
 
 @pytest.fixture

@@ -15,20 +15,13 @@ import socket
 import pytest
 
 from clitools import assert_ok, ls_names
-from mount_helpers import Mounts, wait_until
+from mount_helpers import Mounts, mounts, wait_until  # noqa: F401 (fixture)
 from sharetools import assert_nothing_opens, member_keys, stored_tokens
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def mounts(tmp_path_factory):
-    ms = Mounts(tmp_path_factory)
-    try:
-        with ms.watchdog(150):
-            yield ms
-    finally:
-        ms.close()
+WATCHDOG_SECONDS = 150   # the mounts fixture kills hung daemons after this
 
 
 def _errno(fn) -> int:
