@@ -30,6 +30,10 @@ READ_AHEAD_MAX_ENTRIES = 10_000     # ~1 KiB each in memory
 READ_AHEAD_WAIT = 2.0           # a reader waits this long for a listing in flight
 
 
+REFETCH_TRIES = 4              # an answer that crossed a settle of what it returns is asked again
+SETTLED_MARKS_KEPT = 100_000
+
+
 def inode_number(inode: UUID) -> int:
     """st_ino: 63 bits of the inode's id (never 0 or 1)."""
     return (inode.int & 0x7FFF_FFFF_FFFF_FFFF) | 2
@@ -70,24 +74,35 @@ class MetaCache:
         # Bumped by every entry change (ours or the change feed's); our own new
         # versions move vault.ops_applied. A listing read ahead across either is dropped.
         self._changes = 0
+        # An answer the server gave before it applied our records, arriving after they
+        # were settled (the overlay no longer covers them), would put back what our
+        # records changed: a fetch across a settle of what it returns is made again.
+        self._settles = 0
+        self._settled_at: dict[UUID, int] = {}       # inode -> settle count when its overlay went
+        self._settled_floor = 0                      # (older marks were forgotten)
 
     # ------------------------------------------------------------ nodes
     def node(self, inode: UUID, *, fresh: bool = False) -> Node:
         """``fresh``: the server's node, not this mount's unsent version of it."""
-        with self.lock:
-            local = self._local_nodes.get(inode)
-            if local and not fresh:
-                return local[0]
-            hit = self._nodes.get(inode)
-            if hit and not fresh and time.monotonic() - hit[1] < self.ttl:
-                return hit[0]
-        try:
-            node = self.vault.get(inode)
-        except Unreachable:
-            if hit is None or fresh:
-                raise
-            return hit[0]                # offline: what the cache holds answers
-        self.put_node(node)
+        for _ in range(REFETCH_TRIES):
+            with self.lock:
+                local = self._local_nodes.get(inode)
+                if local and not fresh:
+                    return local[0]
+                hit = self._nodes.get(inode)
+                if hit and not fresh and time.monotonic() - hit[1] < self.ttl:
+                    return hit[0]
+                since = self._settles
+            try:
+                node = self.vault.get(inode)
+            except Unreachable:
+                if hit is None or fresh:
+                    raise
+                return hit[0]                # offline: what the cache holds answers
+            with self.lock:
+                if not self._settled_since(since, [inode]):
+                    self.put_node(node)
+                    return node
         return node
 
     def nlink(self, inode: UUID) -> int:
@@ -120,21 +135,41 @@ class MetaCache:
         """The server has every journal record up to ``done``: the overlay's changes
         they cover are the server's now (its answers show them from here on)."""
         with self.lock:
+            gone: list[UUID] = []
             for inode in [i for i, (_, seq) in self._local_nodes.items() if seq <= done]:
                 node = self._local_nodes.pop(inode)[0]
+                gone.append(inode)
                 held = self._nodes.get(inode)
                 # An answer fetched meanwhile may predate our change (the feed never
-                # reports our own): ours is the server's version now.
-                if held is not None and held[0].version < node.version:
+                # reports our own): ours is the server's version now. A folder's
+                # version does not move here (the server counts its changes), so
+                # ours is always the newer one.
+                if held is not None and (node.is_dir or held[0].version <= node.version):
                     self._nodes[inode] = (node, time.monotonic())
             for d in [d for d, seq in self._local_dirs.items() if seq <= done]:
                 del self._local_dirs[d]
+                gone.append(d)
             for parent in list(self._local_entries):
                 names = self._local_entries[parent]
                 for name in [n for n, (_, seq) in names.items() if seq <= done]:
                     del names[name]
+                    gone.append(parent)
                 if not names:
                     del self._local_entries[parent]
+            if gone:
+                self._settles += 1
+                if len(self._settled_at) > SETTLED_MARKS_KEPT:
+                    self._settled_at.clear()
+                    self._settled_floor = self._settles
+                for inode in gone:
+                    self._settled_at[inode] = self._settles
+
+    def _settled_since(self, since: int, inodes) -> bool:
+        """(Under the lock.) Whether the overlay of any of ``inodes`` was settled
+        after settle count ``since`` (an answer asked for before may predate it)."""
+        if since < self._settled_floor:
+            return True
+        return any(self._settled_at.get(i, 0) > since for i in inodes)
 
     def has_local(self, inode: UUID) -> bool:
         return inode in self._local_nodes
@@ -280,23 +315,33 @@ class MetaCache:
             self._local_dirs[inode] = self.journal_last()
 
     def listdir(self, parent: UUID) -> list[tuple[str, Node]]:
-        with self.lock:
-            hit = self._listed.get(parent)
-            if hit and time.monotonic() - hit[1] < self.ttl:
-                out = self._cached_listing(parent)
-                if out is not None:
-                    return out
-            if parent in self._local_dirs:        # made here, unknown to the server yet
-                return self._overlaid(parent, {})
-            held = self._take_read_ahead(parent)
-        try:
-            directory, entries, bad = self.vault.listdir_partial(parent, *(held or (None, None)))
-        except Unreachable:
+        for attempt in range(REFETCH_TRIES):
             with self.lock:
-                out = self._cached_listing(parent) if parent in self._listed else None
-            if out is None:
-                raise
-            return out                           # offline: what the cache holds answers
+                hit = self._listed.get(parent)
+                if hit and time.monotonic() - hit[1] < self.ttl:
+                    out = self._cached_listing(parent)
+                    if out is not None:
+                        return out
+                if parent in self._local_dirs:        # made here, unknown to the server yet
+                    return self._overlaid(parent, {})
+                held = self._take_read_ahead(parent)
+                since = self._settles
+            try:
+                directory, entries, bad = self.vault.listdir_partial(parent, *(held or (None, None)))
+            except Unreachable:
+                with self.lock:
+                    out = self._cached_listing(parent) if parent in self._listed else None
+                if out is None:
+                    raise
+                return out                           # offline: what the cache holds answers
+            with self.lock:
+                raced = self._settled_since(since, [parent, directory.id, *(n.id for _, n in entries)])
+            if not raced:
+                break
+            if attempt == REFETCH_TRIES - 1:
+                # Settles keep crossing it: answer with it, cache nothing of it.
+                with self.lock:
+                    return self._overlaid(parent, dict(entries))
         self.put_node(directory)
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
