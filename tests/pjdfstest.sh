@@ -7,7 +7,8 @@
 # PJDFSTEST_DIR is a checkout of pjdfstest outside this repository (it is not
 # vendored); it is built there if needed (autoconf, automake, gcc). A server and a
 # mount with --allow-other (the tests switch users) are started in a temporary
-# folder and stopped at the end, whatever happens. Exit status: prove's.
+# folder and stopped at the end, whatever happens. Exit status: prove's, or 1 if the
+# mount did not live to the end.
 set -euo pipefail
 PJD=$(realpath "${1:?usage: $0 PJDFSTEST_DIR [PROVE ARGS...]}")
 shift
@@ -48,4 +49,13 @@ printf '%s\n' "$PASSWORD" | "$PY" client.py login pjd --server "http://127.0.0.1
 "$PY" mount.py "$WORK/mnt" --allow-other
 chmod 0755 "$WORK/mnt"
 cd "$WORK/mnt"
-prove -r "$@" "$PJD/tests"
+status=0
+prove -r "$@" "$PJD/tests" || status=$?
+# the mount must have lived through it all
+if ls "$WORK/mnt" >/dev/null && "$PY" "$ROOT/mount.py" --status "$WORK/mnt" >/dev/null; then
+    echo "the mount is alive"
+else
+    echo "the mount died" >&2
+    status=1
+fi
+exit $status
