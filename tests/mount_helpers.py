@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -180,6 +181,67 @@ def blob_files(server) -> dict[Path, int]:
 
 def storage_bytes(server) -> int:
     return sum(storage_files(server).values())
+
+
+class MountCtx:
+    """A module's server, one account and its mount (remounted when a test needs it)."""
+
+    def __init__(self, server, mounts: Mounts):
+        self.server = server
+        self.mounts = mounts
+        self.machine = mounts.machine(server)
+        self.m = mounts.mount(self.machine)
+
+    def remount(self):
+        """Unmount cleanly (commits everything) and mount again at a new path (new cache)."""
+        self.m.unmount()
+        assert not self.m.is_mounted()
+        self.m = self.mounts.mount(self.machine)
+        return self.m
+
+    def alive(self) -> bool:
+        try:
+            os.stat(self.m.path / ".")
+            return self.m.is_mounted() and self.m.pid is not None and os.path.exists(f"/proc/{self.m.pid}")
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def watched(self, seconds: float):
+        """One test: a new mount first if an earlier test killed or hung the daemon,
+        and the daemon killed if this one hangs past ``seconds``."""
+        if not self.alive():
+            self.m.cleanup()
+            self.m = self.mounts.mount(self.machine)
+        with self.mounts.watchdog(seconds):
+            yield
+
+    def fresh_mount(self):
+        """An additional mount of the same account with a cold cache, once the server
+        has everything the first one wrote."""
+        if self.alive():
+            self.m.settle()
+        return self.mounts.mount(self.machine)
+
+    def requests(self, method: str, path: str = "/api/v1/blobs/") -> list[str]:
+        """The server's access-log lines so far for requests of this method whose path
+        starts with ``path``."""
+        text = self.server.log_path.read_text(errors="replace")
+        return re.findall(rf'^.*"{method} {re.escape(path)}.*$', text, re.M)
+
+
+@contextlib.contextmanager
+def one_mount(tmp_path_factory, name: str, **server_kw):
+    """A module's own server (``ServerProcess`` arguments) and one mount of a new account."""
+    from conftest import ServerProcess
+    srv = ServerProcess(tmp_path_factory.mktemp(name), **server_kw)
+    mounts = Mounts(tmp_path_factory)
+    try:
+        srv.start()
+        yield MountCtx(srv, mounts)
+    finally:
+        mounts.close()
+        srv.stop()
 
 
 @pytest.fixture

@@ -11,74 +11,29 @@ import errno
 import hashlib
 import os
 import random
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, backend_kwargs
-from mount_helpers import Mounts, blob_files, drop_caches, run, sha256_file, wait_until
+from conftest import backend_kwargs
+from mount_helpers import blob_files, one_mount, drop_caches, run, sha256_file, wait_until
 
 MiB = 1 << 20
 CS = MiB                      # zkfs.format.CHUNK_SIZE
-
-
-class Ctx:
-    def __init__(self, server: ServerProcess, mounts: Mounts):
-        self.server = server
-        self.mounts = mounts
-        self.machine = mounts.machine(server)
-        self.m = mounts.mount(self.machine)
-
-    def remount(self):
-        """Unmount cleanly (commits everything) and mount again at a new path (new cache)."""
-        self.m.unmount()
-        assert not self.m.is_mounted()
-        self.m = self.mounts.mount(self.machine)
-        return self.m
-
-    def alive(self) -> bool:
-        try:
-            os.stat(self.m.path / ".")
-            return self.m.is_mounted() and self.m.pid is not None and os.path.exists(f"/proc/{self.m.pid}")
-        except OSError:
-            return False
-
-    def fresh_mount(self):
-        """An additional mount of the same account with a cold cache, once the server
-        has everything the first one wrote."""
-        if self.alive():
-            self.m.settle()
-        return self.mounts.mount(self.machine)
-
-    def requests(self, method: str, path: str = "/api/v1/blobs/") -> list[str]:
-        """The server's access-log lines so far for requests of this method whose path
-        starts with ``path``."""
-        text = self.server.log_path.read_text(errors="replace")
-        return re.findall(rf'^.*"{method} {re.escape(path)}.*$', text, re.M)
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, request, backend):
     more = backend_kwargs(request, backend)
     env = {"PYTHONUNBUFFERED": "1", **more.pop("env", {})}
-    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-data-server"), env=env, **more)
-    mounts = Mounts(tmp_path_factory)
-    try:
-        srv.start()
-        yield Ctx(srv, mounts)
-    finally:
-        mounts.close()
-        srv.stop()
+    with one_mount(tmp_path_factory, "zkfs-data-server", env=env, **more) as ctx:
+        yield ctx
 
 
 @pytest.fixture(autouse=True)
 def watchdog(ctx):
-    if not ctx.alive():                 # an earlier test hung and the watchdog killed it
-        ctx.m.cleanup()
-        ctx.m = ctx.mounts.mount(ctx.machine)
-    with ctx.mounts.watchdog(90):
+    with ctx.watched(90):
         yield
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ServerProcess
-from mount_helpers import Mounts, run
+from conftest import REPO
+from mount_helpers import one_mount, run
 from zkfs.format import MAX_FILE_SIZE
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -24,45 +24,15 @@ AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
-class Ctx:
-    def __init__(self, server: ServerProcess, mounts: Mounts):
-        self.server = server
-        self.mounts = mounts
-        self.machine = mounts.machine(server)
-        self.m = mounts.mount(self.machine)
-
-    def remount(self):
-        self.m.unmount()
-        assert not self.m.is_mounted()
-        self.m = self.mounts.mount(self.machine)
-        return self.m
-
-    def alive(self) -> bool:
-        try:
-            os.stat(self.m.path / ".")
-            return self.m.is_mounted() and self.m.pid is not None and os.path.exists(f"/proc/{self.m.pid}")
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("zkfs-disk-server"))
-    mounts = Mounts(tmp_path_factory)
-    try:
-        srv.start()
-        yield Ctx(srv, mounts)
-    finally:
-        mounts.close()
-        srv.stop()
+    with one_mount(tmp_path_factory, "zkfs-disk-server") as ctx:
+        yield ctx
 
 
 @pytest.fixture(autouse=True)
 def watchdog(ctx):
-    if not ctx.alive():                 # an earlier test killed or hung the daemon
-        ctx.m.cleanup()
-        ctx.m = ctx.mounts.mount(ctx.machine)
-    with ctx.mounts.watchdog(180):
+    with ctx.watched(180):
         yield
 
 
@@ -83,6 +53,7 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
 APPENDER = 'for i in $(seq {n}); do echo "{tag} line $i" >> {path}; done'
 
 
+@pytest.mark.slow
 def test_two_processes_appending_to_one_file_lose_nothing(d):
     """Finding 1: two shells appending with >> (O_APPEND) at once, ten runs in a row:
     every line lands in the one file, no conflict copy appears."""
@@ -254,6 +225,7 @@ def dir_times(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow
 def test_directory_mtimes_survive_a_remount(ctx):
     """Finding 4: after rsync -a and git clone, a remount showed other directory
     mtimes (the server's clock), so rsync saw every folder as changed."""
