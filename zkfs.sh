@@ -5,7 +5,8 @@
 #                                 (sqlite + ./storage), log in (or register) and mount the
 #                                 encrypted folder (default ~/zkfs)
 #   ./zkfs.sh down [MOUNTPOINT]   unmount and stop the server started by `up`
-#   ./zkfs.sh test [PYTEST ARGS]  install what is missing and run the test suite
+#   ./zkfs.sh test [PYTEST ARGS]  install what is missing and run the test suite (the quick
+#                                 tier, then the slow one; with arguments: pytest with them)
 #   ./zkfs.sh bench [ARGS]        run the benchmark (bench/run.py) against rclone and gocryptfs
 #   ./zkfs.sh setup               only install
 #
@@ -120,13 +121,23 @@ down() {
     fi
 }
 
+run_tests() {
+    # With arguments: pytest with them. Without: the quick tier first (it stops
+    # there if it fails), then the stress, fault and load tests marked slow.
+    if [ $# -gt 0 ]; then exec "$PY" -m pytest "$@"; fi
+    say "quick tier (-m 'not slow')"
+    "$PY" -m pytest -m "not slow" --durations=10
+    say "slow tier (-m slow): stress, faults, load"
+    exec "$PY" -m pytest -m slow --durations=10
+}
+
 cmd=${1:-up}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     up) up "$@" ;;
     down) down "$@" ;;
     setup) setup ;;
-    test) setup; test_setup; exec "$PY" -m pytest "$@" ;;
+    test) setup; test_setup; run_tests "$@" ;;
     bench) setup; apt_install rclone gocryptfs; exec "$PY" bench/run.py "$@" ;;
     -h|--help|help) sed -n '2,13p' "$0" ;;
     *) up "$cmd" "$@" ;;

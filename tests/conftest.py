@@ -195,6 +195,8 @@ BACKENDS = ("sqlite", "postgres")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends: run on sqlite + folder and on PostgreSQL + S3")
+    config.addinivalue_line("markers", "slow: a stress, fault or load test of 10 s or more (`./zkfs.sh test` runs "
+                                       "them after the quick tier: -m 'not slow', then -m slow)")
     config.addinivalue_line("markers", "sqlite_only: in a `backends` module, about sqlite + folder only")
 
 

@@ -57,6 +57,7 @@ def _problems(resp_status: int, text: str, content_type: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_schemathesis_fuzz_no_5xx(fuzz_server):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings

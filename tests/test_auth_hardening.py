@@ -177,6 +177,7 @@ def _login(srv, username: str, key: str, addr: str, device: str | None = None,
                       | ({"device": device} if device else {}))
 
 
+@pytest.mark.slow
 def test_brute_force_is_throttled_per_user_and_per_address(server):
     victim, bystander, other = (ApiUser(server, login=False) for _ in range(3))
     ghost = "ghost" + uuid.uuid4().hex[:8]

@@ -554,6 +554,7 @@ def test_parallel_uploads_into_a_new_folder_all_land_and_are_recorded(main, tmp_
     assert not list(main.home.glob("*.tmp")) and not list(main.home.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_logout_with_the_server_down_or_hung_says_the_session_was_not_revoked(make_server, tmp_path_factory):
     srv = make_server()
     hung = new_machine(tmp_path_factory, srv).register()

@@ -25,7 +25,7 @@ from faultkit import (Bg, MiB, client_vault, make_pattern_file, pattern_sha, py_
                       sha256_bytes, storage_bytes, temp_leftovers, tmpfs, wait_until, write_pattern)
 from harness import REPO, Mount
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 FAULT_MB = int(os.environ.get("ZKFS_FAULT_MB", "500"))   # the 500 MB
 CONFLICT_SECONDS = float(os.environ.get("ZKFS_CONFLICT_SECONDS", "20"))

@@ -15,7 +15,7 @@ from clitools import assert_ok, new_machine, sha256_file, write_random
 from harness import Machine
 from zkfs.linkformat import LinkUrl, b64url
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 # As this machine's notes prescribe (Playwright adds --headless, --no-sandbox and a new

@@ -273,6 +273,7 @@ def test_link_requests_are_rate_limited_per_address(server, make_machine, tmp_pa
     assert limited.json()["code"] == "throttled"
 
 
+@pytest.mark.slow
 def test_a_lying_server_gets_an_error_never_other_bytes(owner, shared_server, lying_proxy, tmp_path):
     src = write_random(tmp_path / "plan.bin", 3 * 1024 * 1024 + 77)
     assert_ok(owner.run("upload", str(src)))

@@ -34,7 +34,7 @@ RSS_LIMIT_MIB = float(os.environ.get("ZKFS_LOAD_RSS_MIB", "150"))   # per server
 MAX_FILES = 25
 SIZES = [(1_000, 25), (16_000, 20), (100_000, 25), (700_000, 15), (1_500_000, 10), (2_600_000, 5)]
 
-pytestmark = pytest.mark.timeout(int(DURATION) + 240)
+pytestmark = [pytest.mark.timeout(int(DURATION) + 240), pytest.mark.slow]
 
 
 def pct(values: list[float], p: float) -> float:

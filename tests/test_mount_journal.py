@@ -79,6 +79,7 @@ def change_offline(root: Path, rng: random.Random) -> None:
     os.rmdir(root / "d8 gone")
 
 
+@pytest.mark.slow
 def test_offline_writes_survive_a_killed_mount_and_drain_once(shared_server, mounts, tmp_path):
     """Server stopped; 1,000 files written, renamed, some deleted; the mount
     SIGKILLed; server started; mount started: the server ends with exactly the
@@ -225,6 +226,7 @@ def test_files_unlinked_right_after_their_close_leave_nothing_on_the_server(shar
     assert left == 0
 
 
+@pytest.mark.slow
 def test_writing_while_the_server_is_away_does_not_wait_for_it(shared_server, mounts):
     """With the server gone, a write goes to the journal: the chunks written behind
     (1 MiB each) are not retried for the 60 s of --retry-seconds first (they were:

@@ -17,7 +17,7 @@ import pytest
 from mount_helpers import Mounts, mounts  # noqa: F401 (fixture)
 
 HERE = Path(__file__).resolve().parent
-pytestmark = pytest.mark.timeout(500)
+pytestmark = [pytest.mark.timeout(500), pytest.mark.slow]
 WORKERS, CALLS = 4, 800
 
 

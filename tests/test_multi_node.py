@@ -20,7 +20,7 @@ from conftest import TEST_SECRET, ServerProcess
 from loadbalancer import LoadBalancer
 from mount_helpers import Mounts, mounts, sha256_file, wait_until  # noqa: F401 (fixture)
 
-pytestmark = [pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 MiB = 1024 * 1024
 

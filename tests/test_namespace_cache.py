@@ -95,7 +95,7 @@ def test_a_folder_fetched_before_its_chown_was_settled_is_replaced_by_ours_at_th
     """A folder's version does not move on this mount (the server counts its
     changes), so an answer from before our change holds the same version as ours."""
     server, cache, f, d = setup()
-    ours = chown_unsent(server, cache, d)
+    chown_unsent(server, cache, d)
     cache.put_node(server.nodes[d])           # fetched while the chown was unsent
     cache.settled(1)
     assert cache.node(d).attrs.uid == 65534

@@ -22,7 +22,7 @@ from clitools import assert_ok
 from harness import Machine
 from hostile import HostileServer, error_line
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 FILES = {"a/small.txt": b"small and inline\n", "a/b/medium.bin": os.urandom(300_000),
          "a/b/big.bin": os.urandom(2 * (1 << 20) + 12_345), "empty.txt": b"", "top.txt": b"top\n"}

@@ -189,6 +189,7 @@ def test_unshare_removes_at_once_and_nothing_stored_after_opens_with_the_removed
     assert _download(alice, "/Projects/plan.txt", tmp_path) == b"the plans, version 2\n"
 
 
+@pytest.mark.slow
 def test_a_server_that_swaps_a_public_key_is_refused(server, make_machine, lying_proxy, tmp_path):
     proxy = lying_proxy(server)
     alice = make_machine(server)
@@ -286,6 +287,7 @@ def test_identity_keys_whoami_and_trust_on_first_use(server, make_machine, tmp_p
         assert (r.status_code, r.json()["code"]) == (409, "conflict"), r.text
 
 
+@pytest.mark.slow
 def test_unshare_reencrypt_resumes_after_an_interruption(server, make_machine, lying_proxy, tmp_path):
     proxy = lying_proxy(server)
     alice = make_machine(server)

@@ -18,7 +18,7 @@ from clitools import assert_ok, ls_names
 from mount_helpers import Mounts, mounts, wait_until  # noqa: F401 (fixture)
 from sharetools import assert_nothing_opens, member_keys, stored_tokens
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 WATCHDOG_SECONDS = 150   # the mounts fixture kills hung daemons after this
