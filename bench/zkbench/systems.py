@@ -210,7 +210,7 @@ class RcloneSystem(System):
         port = self.proxy.port if self.proxy else self.serve_port
 
         def obscure(pw: str) -> str:
-            return subprocess.run(["rclone", "obscure", pw], capture_output=True, text=True,
+            return subprocess.run(["rclone", "obscure", "--", pw], capture_output=True, text=True,
                                   check=True).stdout.strip()
         self.conf.write_text(
             "[benchdav]\ntype = webdav\n"
