@@ -19,7 +19,7 @@ from uuid import UUID
 import httpx
 import tenacity
 
-from .errors import ServerError, Unreachable, ZkfsError
+from .errors import ServerError, Unreachable, ZkfsError, drop_frames
 from .transport import TlsError, Urllib3Transport
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,16 @@ class ApiClient:
         except _TRANSPORT as exc:
             why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
                    else exc.__class__.__name__)
+            drop_frames(exc)
             where = (f"the server at {self.base_url}" if url is None or url.startswith(self.base_url + "/")
                      else f"the object store at {urlsplit(url).netloc}")
-            raise Unreachable(f"cannot reach {where} ({why})") from None
-        raise AssertionError("unreachable")
+            failure = Unreachable(f"cannot reach {where} ({why})")
+        # Raised outside the handler (no chain to the transport error), and not kept
+        # by this frame (the error's traceback refers back to it).
+        try:
+            raise failure
+        finally:
+            del failure
 
     def _attempt(self, method: str, path: str, headers: dict, kw: dict, idempotent: bool) -> httpx.Response:
         try:

@@ -64,3 +64,16 @@ class StateDirError(ZkfsError):
 
 class NotRegularFile(ZkfsError):
     """A local path is a device, FIFO, socket, symlink or folder where a file was expected."""
+
+
+def drop_frames(exc: BaseException | None) -> None:
+    """Cut a caught error, and the errors it chains to, from their frames. Libraries
+    keep errors in locals of frames those errors' tracebacks hold (urllib3, a retry
+    loop's state): cycles that keep every caller's frame, with its buffers (a
+    chunk's plaintext and ciphertext), until the cycle collector runs; a mount
+    writing with the server away seldom makes it run."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__

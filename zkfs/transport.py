@@ -14,6 +14,8 @@ import httpx
 import urllib3
 from urllib3 import exceptions as u3
 
+from .errors import drop_frames
+
 
 class TlsError(httpx.ConnectError):
     """The TLS handshake failed (an untrusted certificate, most often): said as such,
@@ -34,22 +36,28 @@ class Urllib3Transport(httpx.BaseTransport):
                 request.method, str(request.url), body=request.read() or None,
                 headers=dict(request.headers), redirect=False, retries=False,
                 preload_content=True, decode_content=False)
-        except u3.ConnectTimeoutError as exc:
-            # NewConnectionError (refused, unresolvable) is a subclass: either way the
-            # request never left this machine, which is what makes a retry of a
-            # non-idempotent request safe.
-            kind = httpx.ConnectTimeout if type(exc) is u3.ConnectTimeoutError else httpx.ConnectError
-            raise kind(str(exc), request=request) from exc
-        except u3.SSLError as exc:
-            raise TlsError(str(exc.args[0] if exc.args else exc), request=request) from exc
-        except u3.ReadTimeoutError as exc:
-            raise httpx.ReadTimeout(str(exc), request=request) from exc
-        except u3.ProtocolError as exc:       # reset, closed or truncated mid-exchange
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
         except u3.HTTPError as exc:
-            raise httpx.TransportError(str(exc), request=request) from exc
+            drop_frames(exc)               # (see drop_frames: urllib3 keeps its errors in frames)
+            raise _as_httpx(exc, request) from exc
         return httpx.Response(resp.status, headers=list(resp.headers.items()),
                               content=resp.data, request=request)
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def _as_httpx(exc: u3.HTTPError, request: httpx.Request) -> httpx.TransportError:
+    """urllib3's error as the httpx one api.py's retry rules are written in."""
+    if isinstance(exc, u3.ConnectTimeoutError):
+        # NewConnectionError (refused, unresolvable) is a subclass: either way the
+        # request never left this machine, which is what makes a retry of a
+        # non-idempotent request safe.
+        kind = httpx.ConnectTimeout if type(exc) is u3.ConnectTimeoutError else httpx.ConnectError
+        return kind(str(exc), request=request)
+    if isinstance(exc, u3.SSLError):
+        return TlsError(str(exc.args[0] if exc.args else exc), request=request)
+    if isinstance(exc, u3.ReadTimeoutError):
+        return httpx.ReadTimeout(str(exc), request=request)
+    if isinstance(exc, u3.ProtocolError):       # reset, closed or truncated mid-exchange
+        return httpx.RemoteProtocolError(str(exc), request=request)
+    return httpx.TransportError(str(exc), request=request)
