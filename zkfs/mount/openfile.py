@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from uuid import UUID, uuid4
 
 from .. import crypto
@@ -115,7 +116,6 @@ class OpenFile:
         # commit holds while it waits for them.
         self._unconfirmed: dict[int, tuple[Future, bytes]] = {}
         self._upload_failed = False
-        self._upload_error: BaseException | None = None
 
     # ------------------------------------------------------------ helpers
     @property
@@ -167,11 +167,10 @@ class OpenFile:
     def _settle(self, i: int) -> ChunkRef | None:
         """Wait for chunk i's upload. On failure its plaintext returns to ``dirty``."""
         fut = self.staged[i]
-        try:
-            ref = fut.result()
-        except Exception:
+        # exception(), not result(): raised here, the error's traceback would hold this
+        # frame and with it the future that holds the error (a cycle, see drop_frames).
+        if fut.exception() is not None:
             log.warning("upload of chunk %d of inode %s failed; kept for retry", i, self.id)
-            self._upload_error = fut.exception()
             del self.staged[i]
             with self._confirm_lock:
                 plain = self._unconfirmed.pop(i)[1]
@@ -180,7 +179,7 @@ class OpenFile:
             self._upload_failed = True
             return None
         self._forget_plain(i, fut)
-        return ref
+        return fut.result()
 
     def _forget_plain(self, i: int, fut: Future) -> None:
         with self._confirm_lock:
@@ -422,7 +421,9 @@ class OpenFile:
         base = self.base_manifest
         count = -(-self.size // self.cs)
         refs: list[ChunkRef | None] = [None] * count
-        uploads: dict[int, bytes] = {}
+        # The chunks to store, read one at a time below: all of a big file's at once
+        # would hold it whole in memory (and fragment the heap, offline above all).
+        uploads: dict[int, Callable[[int], bytes]] = {}
         for i in range(count):
             if i in self.staged or i in self.dirty or i in self.spilled:
                 continue
@@ -431,19 +432,19 @@ class OpenFile:
             elif base.chunk_length(i) == self.chunk_len(i) and i * self.cs + base.chunk_length(i) <= self.floor:
                 refs[i] = base.chunks[i]          # unchanged: not uploaded again
             else:
-                uploads[i] = self._base_view(i)   # cut by a truncate or padded by growth
+                uploads[i] = self._base_view      # cut by a truncate or padded by growth
         for i in [*self.dirty, *self.spilled]:
             if i < count:
-                uploads[i] = self._view(i)
+                uploads[i] = self._view
         inline: dict[UUID, bytes] = {}
-        if len(uploads) == 1 and not self.staged and len(next(iter(uploads.values()))) <= INLINE_MAX:
-            (i, plain), = uploads.items()
-            refs[i], token = self._seal_inline(plain)
+        if len(uploads) == 1 and not self.staged and self.chunk_len(next(iter(uploads))) <= INLINE_MAX:
+            (i, view), = uploads.items()
+            refs[i], token = self._seal_inline(view(i))
             if token is not None:
                 inline[refs[i].blob_id] = token
         else:
-            for i, plain in uploads.items():
-                refs[i] = self.blocks.keep_local(self.id, self.cipher, plain)
+            for i, view in uploads.items():
+                refs[i] = self.blocks.keep_local(self.id, self.cipher, view(i))
         for i in list(self.staged):
             ref = self._settle(i)
             if ref is None:                    # its upload failed (server away): the journal keeps it
