@@ -174,3 +174,35 @@ def test_a_members_offline_changes_reach_the_share_after_a_killed_mount(server, 
     assert_ok(alice.run("download", "/Projects/sub/data.bin", "-o", str(got)))
     assert got.read_bytes()[:12] == b"OFFLINE EDIT" and got.read_bytes()[12:] == (src / "sub" / "data.bin").read_bytes()[12:]
     assert "cannot be saved" not in b.log() and "refuses" not in b.log(), b.log()
+
+
+def test_a_members_offline_edit_that_conflicts_becomes_a_copy_in_the_share(server, mounts, tmp_path):
+    """bob edits a file of alice's shared folder with the server away; alice saves
+    another version meanwhile. When bob's mount sends its journal, the server
+    refuses his version and the mount saves it as a conflict copy: in the share,
+    beside alice's (the copy's records are made by the uploader, not by a call)."""
+    alice, src, (bob,) = _shared_projects(server, mounts, tmp_path, ("bob", False))
+    b = mounts.mount(bob, "--retry-seconds", "3")
+    theirs = b.path / "Shared" / alice.username / "Projects"
+    assert (theirs / "plan.txt").read_bytes() == b"the plan\n"
+    server.stop()
+    try:
+        (theirs / "plan.txt").write_bytes(b"bob's plan, written offline\n")
+        b.kill()
+    finally:
+        server.start()
+    b.unmount()                                   # the dead mount goes; its journal stays
+    mine = tmp_path / "alice" / "plan.txt"
+    mine.parent.mkdir()
+    mine.write_bytes(b"alice's plan\n")
+    assert_ok(alice.run("upload", str(mine), "--to", "/Projects"))
+    b = mounts.mount(bob, "--retry-seconds", "30", path=b.path)      # replays before serving
+    names = ls_names(alice, "/Projects")
+    copies = [n for n in names if re.fullmatch(r"plan \(conflict .*\)\.txt", n)]
+    assert len(copies) == 1 and "plan.txt" in names, (names, b.log()[-3000:])
+    got = tmp_path / "got"
+    assert_ok(alice.run("download", "/Projects/plan.txt", "-o", str(got)))
+    assert got.read_bytes() == b"alice's plan\n"
+    assert_ok(alice.run("download", f"/Projects/{copies[0]}", "-o", str(got)))
+    assert got.read_bytes() == b"bob's plan, written offline\n"
+    assert sorted(os.listdir(theirs)) == sorted(n.rstrip("/") for n in names)

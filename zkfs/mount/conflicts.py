@@ -12,7 +12,7 @@ from pathlib import Path
 from uuid import UUID, uuid4
 
 from .. import crypto
-from ..errors import ServerError
+from ..errors import ServerError, ZkfsError
 from ..format import MAX_NAME_BYTES, Attrs, Manifest
 from ..vault import Node
 from . import records
@@ -47,7 +47,10 @@ class ConflictCopies:
         inline = records.inline_of(body)
         try:
             parent, name = self.meta.resolve_parent(path) if path else (self.meta.node(self.vault.root), str(inode))
-        except OSError:
+            self.vault.check_writable(parent.id)
+        except (OSError, ZkfsError):
+            # Its folder is gone, or a share this member may no longer write: the
+            # copy goes to the top of the member's own files.
             parent, name = self.meta.node(self.vault.root), Path(path or str(inode)).name
         copy_name = conflict_name(name, self.hostname)
         new_id = uuid4()

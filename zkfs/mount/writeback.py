@@ -86,6 +86,12 @@ class WriteBack:
             bodies = of.seal()
             if not bodies:
                 return 0
+            if of.last_path:
+                # Where a conflict copy of this version goes, should the server refuse
+                # it after a restart (no open-file state then knows the name).
+                for body in bodies:
+                    if body["t"] == "commit":
+                        body["path"] = of.last_path
             seq = self.record(*bodies)
             of.journaled_seq = seq
             self.meta.put_local(dataclasses.replace(of.base_node, nlink=self.meta.nlink(of.id)))
@@ -145,6 +151,13 @@ class WriteBack:
                         self.table.drop(of)
 
     def refused(self, record: Record, exc: ServerError) -> list[dict]:
+        out = self._settle_refusal(record, exc)
+        for body in out:
+            check_record(self.vault, body)       # a conflict copy is in its folder's share...
+            stamp_record(self.vault, body)       # ...and says so after a restart too
+        return out
+
+    def _settle_refusal(self, record: Record, exc: ServerError) -> list[dict]:
         body = record.body
         t = body["t"]
         with self.lock:
@@ -194,7 +207,8 @@ class WriteBack:
         if body["t"] == "attrs":
             return self._attrs_on_theirs(body, inode, exc)
         latest = self.uploader.take_latest(inode) or body
-        out = self.conflicts.save_copy(latest, of.last_path if of else None, exc) if self.conflicts else []
+        path = (of.last_path if of is not None else None) or latest.get("path")
+        out = self.conflicts.save_copy(latest, path, exc) if self.conflicts else []
         if of is not None and of.handles == 0 and of.sealed:
             try:
                 of.rebase(self.vault.get(inode))     # follows theirs from now on
