@@ -99,3 +99,21 @@ def test_a_folder_fetched_before_its_chown_was_settled_is_replaced_by_ours_at_th
     cache.put_node(server.nodes[d])           # fetched while the chown was unsent
     cache.settled(1)
     assert cache.node(d).attrs.uid == 65534
+
+
+def test_a_listing_that_keeps_crossing_settles_answers_the_call_and_is_not_cached():
+    server, cache, f, d = setup()
+
+    def churn():                                  # every answer crosses a settle of the folder
+        cache.set_entry(server.root, "gone", None)
+        cache.settled(1)
+        server.between = churn
+
+    server.between = churn
+    assert [name for name, _ in cache.listdir(server.root)] == ["d", "f"]
+    server.between = None
+    asked = server.requests
+    cache.listdir(server.root)
+    assert server.requests == asked + 1           # nothing of the raced answers was kept
+    cache.listdir(server.root)
+    assert server.requests == asked + 1           # this one was

@@ -315,7 +315,7 @@ class MetaCache:
             self._local_dirs[inode] = self.journal_last()
 
     def listdir(self, parent: UUID) -> list[tuple[str, Node]]:
-        for attempt in range(REFETCH_TRIES):
+        for _ in range(REFETCH_TRIES):
             with self.lock:
                 hit = self._listed.get(parent)
                 if hit and time.monotonic() - hit[1] < self.ttl:
@@ -338,11 +338,9 @@ class MetaCache:
                 raced = self._settled_since(since, [parent, directory.id, *(n.id for _, n in entries)])
             if not raced:
                 break
-            if attempt == REFETCH_TRIES - 1:
-                # Settles keep crossing it: answer with it, cache nothing of it.
-                with self.lock:
-                    return self._overlaid(parent, dict(entries))
-        self.put_node(directory)
+        # (raced still: settles kept crossing it; it answers this call, the cache keeps nothing of it)
+        if not raced:
+            self.put_node(directory)
         for exc in bad.values():
             log.error("directory %s: an entry failed verification: %s", parent, exc)
         self._fetch_missing(parent, {name for name, _ in entries})
@@ -353,6 +351,8 @@ class MetaCache:
                 self._tampered.pop(parent, None)
             # This mount's unsent changes of the folder stand over what the server said.
             entries = self._overlaid(parent, dict(entries))
+            if raced:
+                return entries
             now = time.monotonic()
             fresh = {name: node.id for name, node in entries}
             stale = False
