@@ -6,6 +6,9 @@ from __future__ import annotations
 import stat
 from uuid import UUID, uuid4
 
+import pytest
+
+from zkfs.errors import TamperedError
 from zkfs.format import Attrs
 from zkfs.mount.namespace import MetaCache
 from zkfs.vault import Node
@@ -28,6 +31,7 @@ class FakeServer:
         self.ops_applied = 0
         self.between = None
         self.requests = 0
+        self.bad: dict[str, Exception] = {}       # entries that fail verification, by name hash
 
     def _answered(self):
         self.requests += 1
@@ -41,7 +45,8 @@ class FakeServer:
         return answer
 
     def listdir_partial(self, parent: UUID, raw=None, epoch=None):
-        answer = (self.nodes[parent], [(n, self.nodes[i]) for n, i in sorted(self.names[parent].items())], {})
+        answer = (self.nodes[parent], [(n, self.nodes[i]) for n, i in sorted(self.names[parent].items())],
+                  dict(self.bad))
         self._answered()
         return answer
 
@@ -110,8 +115,11 @@ def test_a_listing_that_keeps_crossing_settles_answers_the_call_and_is_not_cache
         server.between = churn
 
     server.between = churn
+    server.bad = {"hash": TamperedError("an entry the server edited")}
     assert [name for name, _ in cache.listdir(server.root)] == ["d", "f"]
-    server.between = None
+    with pytest.raises(TamperedError):
+        cache.check_listing(server.root)          # the edited entry is an error, not hidden
+    server.between, server.bad = None, {}
     asked = server.requests
     cache.listdir(server.root)
     assert server.requests == asked + 1           # nothing of the raced answers was kept
