@@ -8,6 +8,7 @@ import pytest
 
 from zkfs.errors import TamperedError
 from zkfs.state import VersionLedger
+from zkfs.vault import record_written_versions
 
 
 @pytest.fixture
@@ -70,3 +71,17 @@ def test_a_version_another_process_recorded_while_a_read_was_out_is_asked_again(
     assert second.check(inode, 4, since) is False
     with pytest.raises(TamperedError, match="back from version 5 to 4"):
         second.check(inode, 4, second.epoch())
+
+
+def test_a_batch_sent_again_after_a_crash_is_not_a_rollback(ledger):
+    """A mount killed after the server applied a batch (and after its answer was
+    recorded here), before the journal marked it done, sends the same batch again
+    and gets the first answer: a file created and given content in it holds
+    versions 1 and 2, and the ledger already holds 2."""
+    inode = str(uuid4())
+    wires = [{"op": "create", "inode": inode}, {"op": "commit", "inode": inode, "base_version": 1}]
+    results = [{"inode": inode, "version": 1}, {"inode": inode, "version": 2}]
+    assert record_written_versions(ledger, wires, results) is None       # the first time
+    assert record_written_versions(ledger, wires, results) is None       # again, same answer
+    with pytest.raises(TamperedError):                                    # a real rollback still is one
+        record_written_versions(ledger, [wires[0]], [results[0]])

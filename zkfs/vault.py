@@ -621,19 +621,7 @@ class Vault:
             self.ops_applied += 1
         (self.own_seqs if batch.scope is None else self.own_share_seqs.setdefault(batch.scope, set())).add(resp["seq"])
         results = resp["results"]
-        # The ledger records the versions this client wrote, never what the answer
-        # says: a server that under-reports one could later serve the one before.
-        wrong = None
-        for wire, res in zip(batch.wires, results):
-            written = written_version(wire)
-            if written is None:
-                continue
-            self.ledger.check(UUID(wire["inode"]), written)
-            if (res.get("inode"), res.get("version")) != (wire["inode"], written):
-                wrong = wrong or (f"the server acknowledged version {res.get('version')} of inode "
-                                  f"{wire['inode']}, but this client wrote version {written}")
-        if len(results) != len(batch.wires):
-            wrong = wrong or f"the server answered {len(results)} results for {len(batch.wires)} ops"
+        wrong = record_written_versions(self.ledger, batch.wires, results)
         # Persist at once: a crash must not forget versions the server acknowledged,
         # or it could roll them back unnoticed.
         self.ledger.flush()
@@ -822,6 +810,30 @@ class Vault:
 
     def op_delete_inode(self, inode: UUID) -> Op:
         return Op({"op": "delete_inode", "inode": str(inode)}, scope=self._scope(self.check_writable(inode)))
+
+
+def record_written_versions(ledger: VersionLedger, wires: list[dict], results: list[dict]) -> str | None:
+    """Record in ``ledger`` the versions a batch's ops wrote (never what the answer
+    says: a server that under-reports one could later serve the one before); what
+    is wrong with the answer, if anything. An inode written twice in one batch (a
+    create and its first content) is recorded at its last version only: the batch
+    is applied as a whole, and a batch sent again after a crash (answered as the
+    first time) must not look like a rollback from the last to the first."""
+    last: dict[str, int] = {}
+    wrong = None
+    for wire, res in zip(wires, results):
+        written = written_version(wire)
+        if written is None:
+            continue
+        last[wire["inode"]] = max(written, last.get(wire["inode"], 0))
+        if (res.get("inode"), res.get("version")) != (wire["inode"], written):
+            wrong = wrong or (f"the server acknowledged version {res.get('version')} of inode "
+                              f"{wire['inode']}, but this client wrote version {written}")
+    for inode, version in last.items():
+        ledger.check(UUID(inode), version)
+    if len(results) != len(wires):
+        wrong = wrong or f"the server answered {len(results)} results for {len(wires)} ops"
+    return wrong
 
 
 def written_version(wire: dict) -> int | None:
