@@ -189,12 +189,15 @@ def test_unshare_removes_at_once_and_nothing_stored_after_opens_with_the_removed
     assert _download(alice, "/Projects/plan.txt", tmp_path) == b"the plans, version 2\n"
 
 
+def _registered_behind(proxy, machine):
+    """``machine`` registered through ``proxy`` (a lying server in front of the real one)."""
+    machine.server_url = proxy.url
+    return proxy, machine.register()
+
+
 @pytest.mark.slow
 def test_a_server_that_swaps_a_public_key_is_refused(server, make_machine, lying_proxy, tmp_path):
-    proxy = lying_proxy(server)
-    alice = make_machine(server)
-    alice.server_url = proxy.url
-    alice.register()
+    proxy, alice = _registered_behind(lying_proxy(server), make_machine(server))
     bob = make_machine(server).register()
     for name in ("A", "B", "C"):
         (tmp_path / name).mkdir()
@@ -289,10 +292,7 @@ def test_identity_keys_whoami_and_trust_on_first_use(server, make_machine, tmp_p
 
 @pytest.mark.slow
 def test_unshare_reencrypt_resumes_after_an_interruption(server, make_machine, lying_proxy, tmp_path):
-    proxy = lying_proxy(server)
-    alice = make_machine(server)
-    alice.server_url = proxy.url
-    alice.register()
+    proxy, alice = _registered_behind(lying_proxy(server), make_machine(server))
     bob, dave = make_machine(server).register(), make_machine(server).register()
     src = tmp_path / "Projects"
     src.mkdir()
