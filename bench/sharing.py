@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rotate_full import MiB, PASSWORD, REPO, client, free_port, make_tree
+from rotate_full import MiB, PASSWORD, client, make_tree
+from zkbench.localzkfs import local_server
 
 
 def requests_in(log: Path, start: int) -> tuple[int, int]:
@@ -34,58 +32,45 @@ def requests_in(log: Path, start: int) -> tuple[int, int]:
 
 def run(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="zkfs-sharebench-", dir=args.workdir))
-    port = free_port()
     log = work / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(work / "server"),
-                                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
-                                  cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        homes = {}
-        for name in ("alice", "bob", "carol"):
-            homes[name] = work / name
-            homes[name].mkdir()
-            client(homes[name], "register", name, "--server", url, "--password-stdin", stdin=PASSWORD + "\n")
-        alice = homes["alice"]
-        make_tree(work / "tree", args.files, args.files * 4096)           # --files files of 4 KiB
-        (work / "big").mkdir()
-        make_tree(work / "big", 1, args.size_mib * MiB)                    # one file of --size-mib
-        up = client(alice, "upload", "-r", str(work / "tree"))[0]
-        client(alice, "upload", "-r", str(work / "big"))
-        sizes = {d: sum(p.stat().st_size for p in (work / d).rglob("*") if p.is_file()) for d in ("tree", "big")}
-        rows = []
-        end = log.stat().st_size
-        for label, cmd in (("share (makes the share)", ("share", "/tree", "bob")),
-                           ("share (a second member)", ("share", "/tree", "carol")),
-                           ("unshare", ("unshare", "/tree", "bob")),
-                           ("unshare --reencrypt", ("unshare", "/tree", "carol", "--reencrypt")),
-                           ("share of one big file", ("share", "/big", "bob")),
-                           ("unshare --reencrypt of it", ("unshare", "/big", "bob", "--reencrypt"))):
-            seconds, rss, out = client(alice, *cmd)
-            count, end = requests_in(log, end)
-            rows.append((label, cmd[1][1:], seconds, count, rss, out.strip().splitlines()[-1]))
-        # what was re-encrypted still reads back for a member
-        for folder, name in (("tree", "d3/f3.bin"), ("big", "big.bin")):
-            client(alice, "share", f"/{folder}", "carol")
-            client(homes["carol"], "download", f"/Shared/alice/{folder}/{name}", "-o", str(work / "back"))
-            if (work / "back").read_bytes() != (work / folder / name).read_bytes():
-                raise SystemExit(f"{folder}/{name} does not read back after --reencrypt")
-            (work / "back").unlink()
-        print(f"/tree: {args.files} files of 4 KiB, upload -r {up:.1f} s; /big: one file of {args.size_mib} MiB")
-        for label, folder, seconds, count, rss, out in rows:
-            extra = f"   {sizes[folder] / seconds / 1e6:6.1f} MB/s" if "reencrypt" in label else ""
-            print(f"{label:26} {seconds:7.1f} s {count:7d} requests   client peak RSS {rss / MiB:5.0f} MiB{extra}"
-                  f"\n    ({out})")
+        with local_server(work / "server", log=log) as (_server, url):
+            homes = {}
+            for name in ("alice", "bob", "carol"):
+                homes[name] = work / name
+                homes[name].mkdir()
+                client(homes[name], "register", name, "--server", url, "--password-stdin", stdin=PASSWORD + "\n")
+            alice = homes["alice"]
+            make_tree(work / "tree", args.files, args.files * 4096)           # --files files of 4 KiB
+            (work / "big").mkdir()
+            make_tree(work / "big", 1, args.size_mib * MiB)                    # one file of --size-mib
+            up = client(alice, "upload", "-r", str(work / "tree"))[0]
+            client(alice, "upload", "-r", str(work / "big"))
+            sizes = {d: sum(p.stat().st_size for p in (work / d).rglob("*") if p.is_file()) for d in ("tree", "big")}
+            rows = []
+            end = log.stat().st_size
+            for label, cmd in (("share (makes the share)", ("share", "/tree", "bob")),
+                               ("share (a second member)", ("share", "/tree", "carol")),
+                               ("unshare", ("unshare", "/tree", "bob")),
+                               ("unshare --reencrypt", ("unshare", "/tree", "carol", "--reencrypt")),
+                               ("share of one big file", ("share", "/big", "bob")),
+                               ("unshare --reencrypt of it", ("unshare", "/big", "bob", "--reencrypt"))):
+                seconds, rss, out = client(alice, *cmd)
+                count, end = requests_in(log, end)
+                rows.append((label, cmd[1][1:], seconds, count, rss, out.strip().splitlines()[-1]))
+            # what was re-encrypted still reads back for a member
+            for folder, name in (("tree", "d3/f3.bin"), ("big", "big.bin")):
+                client(alice, "share", f"/{folder}", "carol")
+                client(homes["carol"], "download", f"/Shared/alice/{folder}/{name}", "-o", str(work / "back"))
+                if (work / "back").read_bytes() != (work / folder / name).read_bytes():
+                    raise SystemExit(f"{folder}/{name} does not read back after --reencrypt")
+                (work / "back").unlink()
+            print(f"/tree: {args.files} files of 4 KiB, upload -r {up:.1f} s; /big: one file of {args.size_mib} MiB")
+            for label, folder, seconds, count, rss, out in rows:
+                extra = f"   {sizes[folder] / seconds / 1e6:6.1f} MB/s" if "reencrypt" in label else ""
+                print(f"{label:26} {seconds:7.1f} s {count:7d} requests   client peak RSS {rss / MiB:5.0f} MiB{extra}"
+                      f"\n    ({out})")
     finally:
-        server.terminate()
-        server.wait(30)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -18,13 +18,16 @@ PASSWORD = "bench password 123"
 
 
 @contextmanager
-def local_server(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A fresh server on a free port (its process and base URL), stopped at the end."""
+def local_server(data_dir: Path, env: dict[str, str] | None = None, *,
+                 log: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A fresh server on a free port (its process and base URL), stopped at the end.
+    ``log``: its output, with an access log line per request, goes there."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(data_dir),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") if log else open(os.devnull, "wb") as out:
+        server = subprocess.Popen(argv + (["--log-level", "info"] if log else []), cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                  stdout=out, stderr=subprocess.STDOUT)
     try:
         for _ in range(200):
             try:
