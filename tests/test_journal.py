@@ -277,3 +277,43 @@ def test_waiting_for_a_refused_record_waits_for_its_conflict_copy(tmp_path):
     up.stop()
     assert names == ["a", "taken (conflict)"]
     j.close()
+
+
+# ---------------------------------------------------------------- the write-back front
+class SealedFile:
+    """An open file whose content is all journaled already (what a release finds
+    after close() returned)."""
+    sealed = True
+
+    def settle_uploads(self) -> None:
+        pass
+
+
+def test_a_release_with_nothing_to_journal_does_not_wait_for_the_namespace_lock(tmp_path):
+    # A utimens holds the namespace lock and waits for the file's lock, which the
+    # release holds: a release that then waited for the namespace lock deadlocked.
+    from types import SimpleNamespace
+
+    from zkfs.mount.writeback import WriteBack
+    ns_lock = threading.RLock()
+    j = journal(tmp_path)
+    wb = WriteBack(FakeVault(), SimpleNamespace(), None, ns_lock, "host", j)
+    held, done = threading.Event(), threading.Event()
+
+    def utimens_holding_the_namespace_lock():
+        with ns_lock:
+            held.set()
+            done.wait(30)
+
+    other = threading.Thread(target=utimens_holding_the_namespace_lock)
+    other.start()
+    assert held.wait(10)
+    answer: list[int] = []
+    release = threading.Thread(target=lambda: answer.append(wb.seal(SealedFile())), daemon=True)
+    release.start()
+    release.join(5)
+    finished = not release.is_alive()
+    done.set()
+    other.join()
+    j.close()
+    assert finished and answer == [0]
