@@ -67,8 +67,12 @@ test_setup() {
     apt_install chromium
 }
 
+healthy() {
+    "$PY" -c "import sys, urllib.request as u; sys.exit(u.urlopen('$SERVER_URL/api/v1/health', timeout=1).status != 200)" 2>/dev/null
+}
+
 server_up() {
-    if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$SERVER_URL/api/v1/health', timeout=1).status_code != 200)" 2>/dev/null; then
+    if healthy; then
         say "server already running at $SERVER_URL"
         return
     fi
@@ -77,7 +81,7 @@ server_up() {
     nohup "$PY" -m server --host 127.0.0.1 --port "${port%%/*}" >> server/server.log 2>&1 &
     echo $! > "$SERVER_PID"
     for _ in $(seq 100); do
-        "$PY" -c "import httpx,sys; sys.exit(httpx.get('$SERVER_URL/api/v1/health', timeout=1).status_code != 200)" 2>/dev/null && return
+        healthy && return
         sleep 0.1
     done
     die "the server did not start; see server/server.log"

@@ -16,15 +16,14 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import httpx
 import tenacity
 
 from .errors import ServerError, Unreachable, ZkfsError, drop_frames
-from .transport import TlsError, Urllib3Transport
+from .transport import ConnectError, Response, TlsError, TransportError, Urllib3Transport
 
 log = logging.getLogger(__name__)
 
-class _Unavailable(httpx.TransportError):
+class _Unavailable(TransportError):
     """A 503 ``unavailable`` from the server (its database away: nothing was
     applied), or a gateway error from a load balancer in front of it for an
     idempotent request (the node behind it died): tried again like a lost connection."""
@@ -38,8 +37,8 @@ def _scoped(share: UUID | None) -> dict[str, str]:
     return {SHARE_HEADER: str(share)} if share is not None else {}
 
 
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _Unavailable)
-_TRANSPORT = (httpx.TransportError,)
+_NEVER_SENT = (ConnectError, _Unavailable)
+_TRANSPORT = (TransportError,)
 _GATEWAY = (502, 503, 504)
 
 
@@ -74,9 +73,6 @@ class ApiClient:
         self.token = token
         self.reauth = reauth
         self.retry_seconds = retry_seconds
-        # The transport (connection pool) is used directly: httpx.Client's layers
-        # (cookies, redirects, auth flows, URL merging) are unused here and were half
-        # the client's CPU per chunk request.
         self._transport = Urllib3Transport(max_connections=32, connect_timeout=5.0, read_timeout=timeout)
         self._reauth_lock = threading.Lock()
         self._down_since: float | None = None
@@ -92,7 +88,7 @@ class ApiClient:
 
     # ------------------------------------------------------------ plumbing
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict | None = None,
-              url: str | None = None, **kw) -> httpx.Response:
+              url: str | None = None, **kw) -> Response:
         """``url``: an absolute URL the server handed out (an object store's), sent
         without this client's credentials; otherwise ``path`` under the API."""
         headers = (self._headers() if url is None else {}) | (headers or {})
@@ -102,7 +98,7 @@ class ApiClient:
             if self._down_since is None:
                 # The usual case: one attempt, no retry machinery set up for it.
                 try:
-                    return self._attempt(method, path, headers, kw, idempotent)
+                    return self._attempt(method, headers, kw, idempotent)
                 except retryable:
                     pass
             # One retry budget per outage, not per request: requests that start while
@@ -115,7 +111,7 @@ class ApiClient:
                     wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
                     stop=tenacity.stop_after_delay(window), reraise=True):
                 with attempt:
-                    return self._attempt(method, path, headers, kw, idempotent)
+                    return self._attempt(method, headers, kw, idempotent)
         except _TRANSPORT as exc:
             why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
                    else exc.__class__.__name__)
@@ -130,11 +126,11 @@ class ApiClient:
         finally:
             del failure
 
-    def _attempt(self, method: str, path: str, headers: dict, kw: dict, idempotent: bool) -> httpx.Response:
+    def _attempt(self, method: str, headers: dict, kw: dict, idempotent: bool) -> Response:
         try:
-            resp = self._exchange(method, path, headers, **kw)
+            resp = self._transport.send(method, headers=headers, **kw)
             if resp.status_code in _GATEWAY and (idempotent or self._error(resp).code == "unavailable"):
-                raise _Unavailable(f"HTTP {resp.status_code}", request=resp.request)
+                raise _Unavailable(f"HTTP {resp.status_code}")
         except _TRANSPORT:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -142,15 +138,11 @@ class ApiClient:
         self._down_since = None
         return resp
 
-    def _exchange(self, method: str, path: str, headers: dict, *, url: str, **kw) -> httpx.Response:
-        req = httpx.Request(method, url, headers=headers, **kw)
-        return self._transport.handle_request(req)     # the body is read in full
-
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, *, idempotent: bool | None = None, share: UUID | None = None,
-                **kw) -> httpx.Response:
+                **kw) -> Response:
         """``share``: a request into that share of another account's (a member's)."""
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
@@ -168,14 +160,14 @@ class ApiClient:
         return resp
 
     @staticmethod
-    def _is_token_error(resp: httpx.Response) -> bool:
+    def _is_token_error(resp: Response) -> bool:
         try:
             return resp.json().get("code") in ("token_expired", "token_invalid")
         except ValueError:
             return False
 
     @staticmethod
-    def _error(resp: httpx.Response) -> ServerError:
+    def _error(resp: Response) -> ServerError:
         try:
             body = resp.json()
             if isinstance(body, dict) and "code" in body:
@@ -436,7 +428,7 @@ class ApiClient:
 LINK_THROTTLE_WAIT = 120.0
 
 
-def _retry_after(resp: httpx.Response) -> float:
+def _retry_after(resp: Response) -> float:
     try:
         return max(1.0, float(resp.headers.get("retry-after", "1")))
     except ValueError:
@@ -505,6 +497,6 @@ def _checked_url(url: str) -> str:
     return url
 
 
-def _store_error(resp: httpx.Response, what: str) -> ServerError:
+def _store_error(resp: Response, what: str) -> ServerError:
     return ServerError(resp.status_code, "object_store",
                        f"the object store refused the {what} (HTTP {resp.status_code})")

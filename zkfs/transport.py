@@ -1,28 +1,59 @@
-"""An httpx transport that moves bytes with urllib3 (the pattern httpx's "Custom
-transports" documentation points to).
+"""The client's wire: one HTTP exchange over urllib3's connection pool, and the
+few failure kinds api.py's retry rules are written in.
 
-Why: httpx's own transport (httpcore + h11) cost 1-1.7 ms of client CPU per 1 MiB
-chunk GET here, in Python-level copies of every 64 KiB the socket returns;
-urllib3 reads a known-length body through http.client in one C-level loop
-(0.36 ms). A mount reading sequentially is CPU-bound, so that was most of the
-gap to the peers. api.py keeps httpx's Request/Response and exception types
-(its retry rules are written in them); only this class knows urllib3.
+Why urllib3 alone: httpx's own transport (httpcore + h11) cost 1-1.7 ms of client
+CPU per 1 MiB chunk GET here, in Python-level copies of every 64 KiB the socket
+returns, where urllib3 reads a known-length body through http.client in one
+C-level loop (0.36 ms); and importing httpx (which loads its command line's
+click, rich and pygments) was ~0.13 s of every CLI command's 0.5 s start.
 """
 from __future__ import annotations
 
-import httpx
+import json as jsonlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlencode
+
 import urllib3
 from urllib3 import exceptions as u3
 
 from .errors import drop_frames
 
 
-class TlsError(httpx.ConnectError):
+class TransportError(Exception):
+    """No complete answer: the exchange failed below HTTP."""
+
+
+class ConnectError(TransportError):
+    """No connection was made (refused, unresolvable, timed out): the request never
+    left this machine, which is what makes a retry of a non-idempotent request safe."""
+
+
+class TlsError(ConnectError):
     """The TLS handshake failed (an untrusted certificate, most often): said as such,
     since "cannot reach the server" alone would hide the reason."""
 
 
-class Urllib3Transport(httpx.BaseTransport):
+class ReadTimeout(TransportError):
+    """Connected and sent, but no answer in time."""
+
+
+class ConnectionCut(TransportError):
+    """Reset, closed or cut short in the middle of the exchange."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status_code: int
+    headers: Mapping[str, str]         # case-insensitive (urllib3's HTTPHeaderDict)
+    content: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError if it is not."""
+        return jsonlib.loads(self.content)
+
+
+class Urllib3Transport:
     def __init__(self, *, max_connections: int, connect_timeout: float, read_timeout: float):
         # block=False: a burst beyond the pool size opens extra connections (not
         # kept) rather than waiting; retries and redirects belong to the caller.
@@ -30,34 +61,35 @@ class Urllib3Transport(httpx.BaseTransport):
             maxsize=max_connections, block=False, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def send(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+             params: Mapping[str, Any] | None = None, json: Any = None,
+             content: bytes | None = None) -> Response:
+        """One exchange, the answer's body read in full."""
+        headers = dict(headers or {})
+        if params:
+            url += "?" + urlencode(params)
+        if json is not None:
+            content = jsonlib.dumps(json, separators=(",", ":")).encode()
+            headers.setdefault("Content-Type", "application/json")
         try:
-            resp = self._pool.urlopen(
-                request.method, str(request.url), body=request.read() or None,
-                headers=dict(request.headers), redirect=False, retries=False,
-                preload_content=True, decode_content=False)
+            resp = self._pool.urlopen(method, url, body=content, headers=headers, redirect=False,
+                                      retries=False, preload_content=True, decode_content=False)
         except u3.HTTPError as exc:
             drop_frames(exc)               # (see drop_frames: urllib3 keeps its errors in frames)
-            raise _as_httpx(exc, request) from exc
-        return httpx.Response(resp.status, headers=list(resp.headers.items()),
-                              content=resp.data, request=request)
+            raise _failure(exc) from exc
+        return Response(resp.status, resp.headers, resp.data)
 
     def close(self) -> None:
         self._pool.clear()
 
 
-def _as_httpx(exc: u3.HTTPError, request: httpx.Request) -> httpx.TransportError:
-    """urllib3's error as the httpx one api.py's retry rules are written in."""
-    if isinstance(exc, u3.ConnectTimeoutError):
-        # NewConnectionError (refused, unresolvable) is a subclass: either way the
-        # request never left this machine, which is what makes a retry of a
-        # non-idempotent request safe.
-        kind = httpx.ConnectTimeout if type(exc) is u3.ConnectTimeoutError else httpx.ConnectError
-        return kind(str(exc), request=request)
+def _failure(exc: u3.HTTPError) -> TransportError:
+    if isinstance(exc, u3.ConnectTimeoutError):    # NewConnectionError is one too
+        return ConnectError(str(exc))
     if isinstance(exc, u3.SSLError):
-        return TlsError(str(exc.args[0] if exc.args else exc), request=request)
+        return TlsError(str(exc.args[0] if exc.args else exc))
     if isinstance(exc, u3.ReadTimeoutError):
-        return httpx.ReadTimeout(str(exc), request=request)
-    if isinstance(exc, u3.ProtocolError):       # reset, closed or truncated mid-exchange
-        return httpx.RemoteProtocolError(str(exc), request=request)
-    return httpx.TransportError(str(exc), request=request)
+        return ReadTimeout(str(exc))
+    if isinstance(exc, u3.ProtocolError):
+        return ConnectionCut(str(exc))
+    return TransportError(str(exc))

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         if args.unmount:
             unmount(args.mountpoint, keep_pending=args.keep_pending)
