@@ -118,12 +118,23 @@ class FakeVault:
         self.away = False
         self.refuse: str | None = None            # a name whose op the server refuses
         self.answers: dict[uuid.UUID, list] = {}
+        self.no_room: set[str] = set()            # names of ops the server has no room for
+        self.found_no_room = threading.Event()
+        self.sending = threading.Event()          # set while a send is held (``hold``)
+        self.hold = threading.Event()             # cleared: the next send waits for it
+        self.hold.set()
 
     def op_link(self, inode, parent, name, *, at_ns=None) -> Op:
         return Op({"op": "link", "name": name})
 
     def op_create(self, parent, name, inode, attrs, file_key=None, *, at_ns=None) -> Op:
         return Op({"op": "create", "name": name})
+
+    def op_unlink(self, parent, name, inode, *, keep_orphan=False, at_ns=None) -> Op:
+        return Op({"op": "unlink", "name": name})
+
+    def op_commit(self, inode, base, attrs, manifest, inline, *, token) -> Op:
+        return Op({"op": "commit", "name": f"commit {inode}"})
 
     def plan_batch(self, ops: list[Op]) -> Plan:
         return Plan([op.wire for op in ops], [])
@@ -134,7 +145,13 @@ class FakeVault:
     def send(self, plan: Plan, batch_id: uuid.UUID) -> list[dict]:
         if self.away:
             raise Unreachable("the server is away")
+        if not self.hold.is_set():
+            self.sending.set()
+            assert self.hold.wait(10)
         names = [w["name"] for w in plan.wires]
+        if self.no_room & set(names):
+            self.found_no_room.set()
+            raise ServerError(507, "no_space", "server storage is full")
         if self.refuse in names:
             raise ServerError(409, "exists", "taken", op_index=names.index(self.refuse))
         if batch_id in self.answers:              # the server applies a batch id once
@@ -276,6 +293,60 @@ def test_waiting_for_a_refused_record_waits_for_its_conflict_copy(tmp_path):
     names = [n for _, batch in vault.sent for n in batch]
     up.stop()
     assert names == ["a", "taken (conflict)"]
+    j.close()
+
+
+def test_a_file_removed_while_its_version_finds_no_room_does_not_hold_up_what_follows(tmp_path):
+    # rm of a file whose upload the full server is refusing, made while that upload is
+    # in flight: its version must not stay queued before the removals that make room
+    # (the mount then kept retrying it for ever, and `rm` freed nothing).
+    import stat
+
+    from zkfs.format import Attrs, Manifest
+    j, vault, policy = journal(tmp_path), FakeVault(), RecordingPolicy()
+    huge = uuid.uuid4()
+    vault.no_room = {f"commit {huge}"}
+    vault.hold.clear()
+    up = Uploader(vault, j, policy)
+    up.start()
+    version = records.commit(huge, 1, Attrs(mode=stat.S_IFREG | 0o644, version=2), Manifest(huge), {}, b"token")
+    up.push(Record(j.append_nowait(version), version))
+    assert vault.sending.wait(10)                 # its batch is out
+    assert not up.cancel_new(huge)                # (so the removal is sent)
+    removal = records.unlink(ROOT, "huge.bin", huge, False, 1)
+    up.push(Record(j.append_nowait(removal), removal))
+    last = feed(j, up, ["after"])
+    vault.hold.set()
+    assert up.wait(last, 10), "the removal and what came after it wait behind a version with no room"
+    up.stop()
+    assert [n for _, batch in vault.sent for n in batch] == ["huge.bin", "after"]
+    j.close()
+
+
+def test_removing_a_file_the_full_server_refused_sends_the_removals_at_once(tmp_path, monkeypatch):
+    # After "no room", the uploader waits before trying again (up to 30 s); the rm
+    # that takes the refused file out of the line must not wait for that pause (a
+    # --sync create behind it gave ENOSPC after 10 s, the room freed just after).
+    import stat
+
+    from zkfs.format import Attrs, Manifest
+    from zkfs.mount import uploader as uploader_module
+    monkeypatch.setattr(uploader_module, "_PAUSES", (30,))
+    j, vault, policy = journal(tmp_path), FakeVault(), RecordingPolicy()
+    huge = uuid.uuid4()
+    vault.no_room = {f"commit {huge}"}
+    up = Uploader(vault, j, policy)
+    up.start()
+    version = records.commit(huge, 1, Attrs(mode=stat.S_IFREG | 0o644, version=2), Manifest(huge), {}, b"token")
+    up.push(Record(j.append_nowait(version), version))
+    assert vault.found_no_room.wait(10)
+    time.sleep(0.2)                               # in its pause now
+    assert not up.cancel_new(huge)
+    removal = records.unlink(ROOT, "huge.bin", huge, False, 1)
+    up.push(Record(j.append_nowait(removal), removal))
+    assert up.wait(j.last_change, 5), "the removal waited for the pause after the refusal"
+    up.stop()
+    assert [n for _, batch in vault.sent for n in batch] == ["huge.bin"]
     j.close()
 
 

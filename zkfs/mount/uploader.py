@@ -90,6 +90,10 @@ class Uploader:
         # means waiting for what took its place too (a conflict copy is made later).
         self._replaced: list[tuple[int, int]] = []
         self._tampered: TamperedError | None = None      # the last answer failed its check
+        # Inodes whose last name went while their records were being sent: their
+        # content, if that comes back unsent (no room), is not sent (see cancel_new).
+        self._gone_while_busy: set[str] = set()
+        self._no_room_for: int | None = None             # the seq of the record a full server refused
         # Inodes whose refused versions' chunks stay: an open file still builds on them.
         self.keep_chunks_of: set[str] = set()
         self._stop = threading.Event()
@@ -162,6 +166,10 @@ class Uploader:
         with self._lock:
             busy = (self._batch.records if self._batch is not None else []) + self._planning
             if any(key in records.named_inodes(r.body) for r in busy):
+                # Not under a request that may be applied; but should the server have
+                # no room for it, its content comes back to the queue, and must not
+                # stand there before the removals that would make room.
+                self._gone_while_busy.add(key)
                 return False
             mine = [r for r in self._queue if key in records.named_inodes(r.body)]
             content = [r for r in mine if r.body["t"] in ("commit", "attrs")]
@@ -172,6 +180,16 @@ class Uploader:
         self._drop_blobs(gone)
         self._settled([r.seq for r in gone])
         return whole
+
+    def _drop_content_of_gone(self) -> None:
+        """(A batch came back unsent.) The queued versions and attribute changes of
+        files whose last name went meanwhile: their removal is queued after them."""
+        with self._lock:
+            gone_keys, self._gone_while_busy = self._gone_while_busy, set()
+            gone = [r for r in self._queue if r.body["t"] in ("commit", "attrs") and r.body["inode"] in gone_keys]
+            self._queue = [r for r in self._queue if r not in gone]
+        self._drop_blobs(gone)
+        self._settled([r.seq for r in gone])
 
     def _settled(self, seqs: list[int]) -> None:
         """These records are on the server (or settled): the journal's done mark moves
@@ -281,13 +299,26 @@ class Uploader:
             except Unreachable as exc:
                 self.status.online, self.status.last_error = False, str(exc)
                 log.warning("journal: the server is away, %d change(s) wait (%s)", self.snapshot().pending, exc)
-                self._stop.wait(_PAUSES[min(pause, len(_PAUSES) - 1)])
-                pause += 1
+                if self._pause(_PAUSES[min(pause, len(_PAUSES) - 1)]):
+                    pause += 1
             except Exception as exc:    # noqa: BLE001 - the uploader must outlive any one failure
                 self.status.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.exception("journal: sending failed (will try again)")
                 self._stop.wait(_PAUSES[min(pause, len(_PAUSES) - 1)])
                 pause += 1
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait before trying again; False if the wait ended early because the record
+        a full server refused is no longer first in line (its file was removed: the
+        removals behind it may make room, and someone may be waiting for them)."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if self._no_room_for is not None and (not self._queue or self._queue[0].seq != self._no_room_for):
+                    self._no_room_for = None
+                    return False
+                self._lock.wait(left)
+        return True
 
     def _step(self) -> None:
         """Send the pending batch, or plan the next one and send it."""
@@ -305,6 +336,8 @@ class Uploader:
                 # still cancel a new file that does not fit (see cancel_new), and again later.
                 self._batch = None
                 self._requeue(batch.records)
+                self._drop_content_of_gone()
+                self._no_room_for = batch.records[0].seq
                 self.status.no_space = True
                 raise Unreachable(f"the server has no room for it: {exc}") from None
             if exc.status >= 500 or exc.code in ("throttled", "unavailable"):
@@ -312,6 +345,7 @@ class Uploader:
             self._refused(batch, exc)
             return
         self.status.no_space = False
+        self._no_room_for = None
         self._done(batch, results)
 
     def _plan_next(self) -> _Batch | None:
@@ -412,6 +446,8 @@ class Uploader:
 
     def _done(self, batch: _Batch, results: list[dict]) -> None:
         self._batch = None
+        with self._lock:
+            self._gone_while_busy.clear()        # what they named went to the server
         self._drop_blobs(batch.records, sent=True)
         self._settled([r.seq for r in batch.records])
         with self._lock:
