@@ -114,7 +114,7 @@ class ApiClient:
                     return self._attempt(method, headers, kw, idempotent)
         except _TRANSPORT as exc:
             why = (f"TLS: {exc}" if isinstance(exc, TlsError) else str(exc) if isinstance(exc, _Unavailable)
-                   else exc.__class__.__name__)
+                   else exc.reason)
             drop_frames(exc)
             where = (f"the server at {self.base_url}" if url is None or url.startswith(self.base_url + "/")
                      else f"the object store at {urlsplit(url).netloc}")

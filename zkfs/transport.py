@@ -22,11 +22,13 @@ from .errors import drop_frames
 
 class TransportError(Exception):
     """No complete answer: the exchange failed below HTTP."""
+    reason = "no complete answer"         # for the user's one line
 
 
 class ConnectError(TransportError):
     """No connection was made (refused, unresolvable, timed out): the request never
     left this machine, which is what makes a retry of a non-idempotent request safe."""
+    reason = "no connection: refused or timed out"
 
 
 class TlsError(ConnectError):
@@ -36,10 +38,12 @@ class TlsError(ConnectError):
 
 class ReadTimeout(TransportError):
     """Connected and sent, but no answer in time."""
+    reason = "no answer in time"
 
 
 class ConnectionCut(TransportError):
     """Reset, closed or cut short in the middle of the exchange."""
+    reason = "the connection broke off"
 
 
 @dataclass(frozen=True)
