@@ -120,7 +120,7 @@ def test_tree_listing_reads_folders_ahead(ctx):
     (root / "d07" / "deeper" / "deepest").mkdir(parents=True)
     (root / "d07" / "deeper" / "deepest" / "leaf").write_text("leaf")
     os.fsync(os.open(root, os.O_RDONLY))      # written-back attributes are on the server
-    # (Folder mtimes are left out: the server's clock sets them, see README.)
+    # (Folder mtimes: test_mount_local_disk.py::test_directory_mtimes_survive_a_remount.)
     listing = ["find", ".", "-printf", r"%p %y %m %U %G %s %n\n", "-type", "f", "-printf", r"%p %T@\n"]
     expected = run(*listing, cwd=root).stdout
     fresh = ctx.fresh_mount()
